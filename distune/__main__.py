@@ -1,0 +1,3 @@
+from distune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""`distune` command line: validate, run. Errors are one line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from distune.config import ConfigError
+    from distune.data import DataError
+
+    return (ConfigError, DataError, FileNotFoundError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distune", description="Ray + DeepSpeed ZeRO fine-tuning and distillation.")
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate", help="check a config (files, model, data, batch arithmetic) without training")
+    v.add_argument("config")
+    v.add_argument("overrides", nargs="*", help="key.path=value")
+    r = sub.add_parser("run", help="validate, then train on a local embedded Ray cluster or --address")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", help="key.path=value")
+    r.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting one")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--verbose", action="store_true", help="forward every worker's log lines to this terminal")
+    return p
+
+
+def _project_local_caches() -> None:
+    # DeepSpeed JIT-compiles ops per machine; a shared ~/.cache/torch_extensions gets rebuilt by every venv.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _project_local_caches()
+    from distune.config import load_config
+    from distune.validate import validate
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        print(f"validating {args.config} ...", flush=True)
+        summary = validate(cfg, local_cluster=not getattr(args, "address", None))
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}
+    print("ok: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    if args.command == "validate":
+        return 0
+
+    from distune.cluster.trainer import fit
+    from distune.config import dump_config
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+    from distune.tracking import run_id
+
+    if cfg.wandb.mode != "disabled":
+        run_id(cfg.run_dir)  # fixed before any worker starts: every restart logs to the same W&B run
+    fit(cfg, summary["model_source"], address=args.address, show_progress=not args.no_progress,
+        verbose=args.verbose)
+    print(f"run directory: {cfg.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

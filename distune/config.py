@@ -1,0 +1,314 @@
+"""The run config: YAML -> typed pydantic models, strict.
+
+Owns: the schema of every YAML key, `a.b.c=value` overrides, and error messages that name the key path
+(and, for unknown keys, the closest valid one). Checks that need the filesystem or the model live in
+`validate.py`. Imports neither ray nor deepspeed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: names the key path or the file."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Strict):
+    name: str = Field("run", description="Run name; the run directory is output_dir/name.")
+    output_dir: str = Field("runs", description="Parent folder of run directories (checkpoints, export, W&B).")
+    seed: int = Field(0, description="Seeds model init, data order, dropout; restored exactly on resume.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return v
+
+
+class ModelSection(Strict):
+    path: str = Field(..., description="Hub id, local folder, or .gguf file (pkg:<package>/<file> is allowed).")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp16 needs a GPU).")
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+class DataSection(Strict):
+    path: str = Field(..., description="JSONL or CSV file (pkg:<package>/<file> is allowed).")
+    format: Literal["prompt_response", "messages"] = "prompt_response"
+    prompt: str = Field("{prompt}", description="Template over the row's columns, e.g. 'Review: {text}'.")
+    response: str = Field("{response}", description="Template over the row's columns for the target.")
+    system: str | None = Field(None, description="Optional system message when the chat template is used.")
+    use_chat_template: bool = Field(True, description="Render with the tokenizer's chat template if it has one.")
+    train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: response only).")
+    max_length: int = Field(512, gt=1, description="Samples longer than this are truncated (from the right).")
+    limit: int | None = Field(None, gt=0, description="Use only this many rows (after a seeded shuffle).")
+    eval_size: int | float = Field(0.1, description="Held-out rows: a count, or a fraction in (0, 1).")
+    encoding: str = "utf-8"
+    encoding_errors: Literal["strict", "replace"] = Field(
+        "strict", description="replace: undecodable bytes become U+FFFD instead of an error.")
+
+    @field_validator("eval_size")
+    @classmethod
+    def _eval_size(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError("a fraction must lie in (0, 1); give an int for a row count")
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+
+class TrainSection(Strict):
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; default: epochs over the data.")
+    epochs: float = Field(1.0, gt=0)
+    global_batch_size: int = Field(8, gt=0, description="Samples per optimizer step, all workers together.")
+    micro_batch_size: int = Field(1, gt=0, description="Samples per forward pass per worker.")
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    grad_clip: float | None = Field(1.0, gt=0)
+    log_every: int = Field(1, gt=0)
+    stop_after_steps: int | None = Field(
+        None, gt=0, description="End this invocation after N total steps with a checkpoint (schedule still "
+        "spans max_steps); run again to continue. For time-boxed allocations.")
+
+
+class EvalSection(Strict):
+    every: int | None = Field(None, gt=0, description="Evaluate every N steps (and always at the end).")
+    before_training: bool = Field(True, description="Also evaluate once before the first step.")
+    choices: list[str] | None = Field(
+        None, description="Candidate responses; enables accuracy = the choice the model scores highest.")
+    micro_batch_size: int = Field(8, gt=0)
+
+
+class CheckpointSection(Strict):
+    every: int | None = Field(None, gt=0, description="Checkpoint every N steps (and at the end).")
+    keep: int = Field(2, gt=0, description="How many recent checkpoints to keep.")
+
+
+class DeepSpeedSection(Strict):
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_param: bool = Field(False, description="ZeRO-3 only.")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed keys, merged last.")
+
+    @model_validator(mode="after")
+    def _offload_param_needs_stage3(self) -> DeepSpeedSection:
+        if self.offload_param and self.stage != 3:
+            raise ValueError("offload_param needs stage: 3")
+        return self
+
+
+class ClusterSection(Strict):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPUs if the driver sees CUDA.")
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for workers.")
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        # Configs get copied into run folders, W&B and manifests: secrets must never live in them.
+        for key in v:
+            if any(word in key.upper() for word in ("KEY", "TOKEN", "SECRET", "PASSWORD")):
+                raise ValueError(f"{key} looks like a secret; set it in the environment, not in the config")
+        return v
+
+
+class WandbSection(Strict):
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "distune"
+    entity: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class MethodSection(BaseModel):
+    """`name` picks the plugin; the other keys are validated by that plugin's own Config."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "full"
+
+
+class RunConfig(Strict):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection
+    method: MethodSection = Field(default_factory=MethodSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    wandb: WandbSection = Field(default_factory=WandbSection)
+
+    def method_config(self) -> BaseModel:
+        """The plugin's typed config (validated when the RunConfig was loaded)."""
+        from distune.methods import get_method
+
+        plugin = get_method(self.method.name)
+        return plugin.Config(**(self.method.model_extra or {}))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir).absolute() / self.run.name
+
+    def grad_accum_steps(self) -> int:
+        per_step = self.train.micro_batch_size * self.cluster.num_workers
+        if self.train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size x cluster.num_workers = {self.train.micro_batch_size} x "
+                f"{self.cluster.num_workers} = {per_step}")
+        return self.train.global_batch_size // per_step
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(source: str | Path | dict, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML (or a dict), apply `a.b.c=value` overrides, validate; raise ConfigError on any problem."""
+    if isinstance(source, dict):
+        raw, where = source, "config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        where = str(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {_describe(e, RunConfig)}") from None
+    _validate_method(cfg, where)
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`train.lr=1e-4` sets raw['train']['lr'] = 1e-4; values are parsed as YAML (numbers, lists, bools)."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return raw
+
+
+def _validate_method(cfg: RunConfig, where: str) -> None:
+    from distune.methods import get_method, known_methods
+
+    try:
+        plugin = get_method(cfg.method.name)
+    except KeyError:
+        names = known_methods()
+        close = difflib.get_close_matches(cfg.method.name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: method.name: unknown method {cfg.method.name!r}{hint}; "
+                          f"known: {', '.join(names)}") from None
+    try:
+        plugin.Config(**(cfg.method.model_extra or {}))
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {_describe(e, plugin.Config, prefix=('method',))}") from None
+
+
+# Names other frameworks use for our keys: spelling is not the only way to miss a key.
+_SYNONYMS = {
+    "learning_rate": "lr", "batch_size": "global_batch_size", "train_batch_size": "global_batch_size",
+    "per_device_train_batch_size": "micro_batch_size", "gradient_accumulation_steps": "global_batch_size",
+    "num_train_epochs": "epochs", "num_epochs": "epochs", "steps": "max_steps", "zero_stage": "stage",
+    "num_gpus": "num_workers", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "max_seq_length": "max_length", "seq_len": "max_length", "warmup": "warmup_steps",
+    "max_grad_norm": "grad_clip", "gradient_clipping": "grad_clip",
+}
+
+
+def closest_key(key: str, valid: list[str]) -> str | None:
+    if _SYNONYMS.get(key) in valid:
+        return _SYNONYMS[key]
+    close = difflib.get_close_matches(key, valid, n=1)
+    return close[0] if close else None
+
+
+def _describe(err: ValidationError, root: type[BaseModel], prefix: tuple = ()) -> str:
+    """First error as one line: `train.lr: Input should be greater than 0 (got -1)`."""
+    first = err.errors()[0]
+    loc = tuple(str(p) for p in first["loc"])
+    # Union members show up as extra loc entries ("int", "float"); keep only real field names.
+    loc = _field_path(root, loc)
+    path = ".".join(prefix + loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        parent = _model_at(root, loc[:-1])
+        valid = sorted(parent.model_fields) if parent else []
+        close = closest_key(loc[-1], valid)
+        hint = f"did you mean {'.'.join(prefix + loc[:-1] + (close,))!r}? " if close else ""
+        return f"{path}: unknown key; {hint}valid keys here: {', '.join(valid)}"
+    if first["type"] == "missing":
+        return f"{path}: required key is missing"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{path}: {first['msg']}{shown}"
+
+
+def _field_path(root: type[BaseModel], loc: tuple[str, ...]) -> tuple[str, ...]:
+    out: list[str] = []
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if model is not None and part in model.model_fields:
+            out.append(part)
+            ann = model.model_fields[part].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        elif model is not None and not model.model_fields.get(part) and (model.model_config.get("extra") == "forbid"):
+            out.append(part)  # an unknown key: keep it so the message names it
+            model = None
+        elif model is None and part.isdigit():
+            out.append(part)  # list index
+    return tuple(out)
+
+
+def _model_at(root: type[BaseModel], loc: tuple[str, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = root
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def dump_config(cfg: RunConfig) -> dict:
+    """Plain dict of the resolved config (for W&B and the run directory). Holds no secrets by construction:
+    keys are read from the environment, never from the config."""
+    return cfg.model_dump(mode="json")

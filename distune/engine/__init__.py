@@ -1,0 +1,1 @@
+"""The DeepSpeed layer: the only package that imports deepspeed. Never imports ray or distune.methods."""

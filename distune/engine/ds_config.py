@@ -1,0 +1,42 @@
+"""Our config -> a DeepSpeed config dict. `deepspeed.extra` is merged last (raw DeepSpeed keys win)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+
+def build_ds_config(cfg, grad_accum: int) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if ds.stage == 3:
+        # Export gathers parameters itself; DeepSpeed need not consolidate a 16-bit copy on every save.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.model.dtype == "bf16"},
+        "fp16": {"enabled": cfg.model.dtype == "fp16"},
+        # We pass a torch optimizer; with offload DeepSpeed would otherwise insist on its own CPU Adam.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if cfg.train.grad_clip is not None:
+        out["gradient_clipping"] = cfg.train.grad_clip
+    return _merge(out, cfg.deepspeed.extra)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,80 @@
+"""Start the process group and wrap a model with DeepSpeed ZeRO (training or inference-only).
+
+The optimizer is built here from the parameters that require grad (the method set them); the
+schedule is linear warmup then cosine decay to lr * min_lr_ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")  # torch 2.13 under ZeRO-3, per step
+warnings.filterwarnings("ignore", category=FutureWarning, module="deepspeed")
+
+import deepspeed  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group Ray / torchrun prepared, or make a world of one. Returns (rank, world)."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if get_accelerator().device_name() == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    return torch.device(get_accelerator().current_device_name())
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the method left no parameter with requires_grad=True: nothing would train")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # biases and norms: no weight decay
+    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr, betas=train_cfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(train_cfg.warmup_steps, total_steps, train_cfg.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, dist_init_required=False)
+    return engine
+
+
+def grad_norm(engine) -> torch.Tensor | None:
+    """Global gradient norm of the last step (before clipping), as a tensor, or None if unknown."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return norm if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))

@@ -1,0 +1,119 @@
+"""The method plugin interface and its registry.
+
+A method decides *what trains* and *what loss* is minimised. It sees `nn.Module`s and batches only:
+it must not import ray, deepspeed, or anything in distune.cluster / distune.engine.
+Third-party methods register through the entry-point group `distune.methods`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+ENTRY_POINT_GROUP = "distune.methods"
+
+
+class MethodConfig(BaseModel):
+    """Base for a plugin's own YAML keys (the `method:` section minus `name`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached; stay tensors until logged
+
+
+class Method(ABC):
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig):
+        self.config = config
+
+    @abstractmethod
+    def adapt(self, model: nn.Module) -> nn.Module:
+        """Add adapters/heads and set requires_grad: the one source of truth for what trains."""
+
+    def frozen_models(self) -> dict[str, object]:
+        """Extra frozen models the runner must build and shard (e.g. a teacher). None by default."""
+        return {}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], frozen: dict[str, nn.Module]) -> LossOutput:
+        """Token-level cross-entropy on the positions whose label is not -100 (the default objective)."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss, n_tokens = causal_lm_loss(out.logits, batch["labels"])
+        return LossOutput(loss, {"ce": loss.detach(), "trained_tokens": n_tokens})
+
+    def export_keys(self, model: nn.Module) -> set[str] | None:
+        """Names of the parameters the export needs (None: all of them). Under ZeRO-3 only these are gathered."""
+        return None
+
+    @abstractmethod
+    def export(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """Write a Hugging Face native artifact from a full (gathered, CPU) state dict. Rank 0 only."""
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token CE over trained positions; returns (loss, number of trained tokens)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    n_tokens = (shift_labels != -100).sum()
+    loss = nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+    # A batch with no trained tokens is refused by the data layer; clamp keeps a stray one finite anyway.
+    return loss / n_tokens.clamp(min=1), n_tokens.detach()
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(name: str):
+    """Class decorator: `@register_method("lora")`."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__module__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _entry_points() -> dict[str, object]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def get_method(name: str) -> type[Method]:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    ep = _entry_points().get(name)
+    if ep is None:
+        raise KeyError(name)
+    obj = ep.load()  # a Method subclass, or a module that registers one on import
+    if isinstance(obj, type) and issubclass(obj, Method):
+        _REGISTRY.setdefault(name, obj)
+        obj.name = obj.name or name
+    if name not in _REGISTRY:
+        raise KeyError(f"entry point {ep.value} did not provide a Method named {name!r}")
+    return _REGISTRY[name]
+
+
+def known_methods() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_entry_points()))
+
+
+def build_method(name: str, options: dict) -> Method:
+    cls = get_method(name)
+    return cls(cls.Config(**options))

@@ -1,0 +1,40 @@
+"""`lora`: PEFT LoRA adapters (rsLoRA / DoRA switches); export is a PEFT adapter folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from distune.methods.base import Method, MethodConfig, register_method
+
+
+class LoraOptions(MethodConfig):
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"  # PEFT's shorthand: every linear layer but the output head
+    use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+    use_dora: bool = False  # weight-decomposed LoRA
+    bias: str = "none"
+
+
+@register_method("lora")
+class Lora(Method):
+    Config = LoraOptions
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        c = self.config
+        peft_cfg = LoraConfig(
+            r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=c.target_modules,
+            use_rslora=c.use_rslora, use_dora=c.use_dora, bias=c.bias, task_type="CAUSAL_LM")
+        return get_peft_model(model, peft_cfg)  # freezes the base, adapters require grad
+
+    def export_keys(self, model: nn.Module) -> set[str]:
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def export(self, model, state_dict, out_dir: Path) -> None:
+        # state_dict holds the gathered adapter tensors: saving from it (not from the possibly ZeRO-3
+        # partitioned module) is what makes the "empty adapter" bug impossible.
+        model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)

@@ -1,0 +1,29 @@
+"""Where user-given paths point: plain paths, and `pkg:<package>/<file>` inside an installed package.
+
+`pkg:` exists so shipped configs can name data and models that come as PyPI packages (offline demo data)
+without hard-coding a site-packages path. The package is located, never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+PKG_PREFIX = "pkg:"
+
+
+def resolve_path(value: str) -> Path:
+    """Expand `pkg:name/rel/path` and `~`; return an absolute Path (which may not exist)."""
+    if value.startswith(PKG_PREFIX):
+        package, _, rel = value[len(PKG_PREFIX):].partition("/")
+        spec = importlib.util.find_spec(package) if package else None
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"{value}: package {package!r} is not installed")
+        return Path(list(spec.submodule_search_locations)[0]) / rel
+    return Path(value).expanduser().absolute()
+
+
+def looks_local(value: str) -> bool:
+    """A local path (vs a hub id like `org/name`): pkg:, absolute, ./, ~, or something that exists."""
+    return (value.startswith((PKG_PREFIX, "/", ".", "~")) or value.endswith(".gguf")
+            or Path(value).expanduser().exists())

@@ -1,0 +1,77 @@
+"""How a worker talks to whatever launched it: checkpoints, progress, results.
+
+`Reporter` is the seam between the per-rank program and the launcher. `LocalReporter` serves plain
+processes (single process or torchrun): checkpoints go to `<run_dir>/checkpoints/step_N`, published by
+an atomic rename once every rank has written. The Ray implementation lives in distune.cluster.
+Imports neither ray nor deepspeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch.distributed as dist
+
+
+class Reporter(Protocol):
+    def restore(self) -> contextlib.AbstractContextManager[Path | None]:
+        """Context giving the latest complete checkpoint directory, or None for a fresh start."""
+
+    def checkpoint(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
+        """Collective: every rank calls it; `write(dir)` writes this rank's part of the checkpoint."""
+
+    def progress(self, event: dict) -> None:
+        """Rank 0: a step or eval event for the user's terminal ({'kind': 'step'|'eval'|'info', ...})."""
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Published local checkpoints, oldest first (temp dirs start with '.' and are never listed)."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+class LocalReporter:
+    def __init__(self, run_dir: Path, keep: int, rank: int, show_progress: bool = True):
+        self.root = run_dir / "checkpoints"
+        self.keep, self.rank = keep, rank
+        self._bar = None
+        self._show = show_progress and rank == 0
+
+    @contextlib.contextmanager
+    def restore(self) -> Iterator[Path | None]:
+        dirs = checkpoint_dirs(self.root)
+        yield dirs[-1] if dirs else None
+
+    def checkpoint(self, step: int, metrics: dict, write: Callable[[Path], None]) -> None:
+        final = self.root / f"step_{step}"
+        tmp = self.root / f".tmp-step_{step}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        write(tmp)
+        dist.barrier()  # every rank has written its part
+        if self.rank == 0:
+            if final.exists():  # same step saved before (e.g. a re-run): the new one replaces it
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in checkpoint_dirs(self.root)[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def progress(self, event: dict) -> None:
+        if not self._show:
+            return
+        from distune.progress import ProgressPrinter
+
+        if self._bar is None:
+            self._bar = ProgressPrinter()
+        self._bar.handle(event)
+        if event.get("kind") == "done":
+            self._bar.close()
+            sys.stdout.flush()

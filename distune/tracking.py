@@ -1,0 +1,63 @@
+"""Weights & Biases from rank 0; a null tracker with the same methods everywhere else.
+
+The run id lives in `<run_dir>/wandb_run_id`, so every restart and every resumed invocation continues
+the same W&B run. The API key is read by wandb from the environment; distune never reads, prints or
+stores it. Imports neither ray nor deepspeed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+
+def run_id(run_dir: Path) -> str:
+    """The W&B run id of this run directory, created once (atomically) and then reused."""
+    path = run_dir / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    new = uuid.uuid4().hex[:12]
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".wandb_run_id.")
+    with os.fdopen(fd, "w") as f:
+        f.write(new)
+    try:
+        os.link(tmp, path)  # fails if another process won the race: then theirs is the id
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return path.read_text().strip()
+
+
+class NullTracker:
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbTracker:
+    def __init__(self, wandb_cfg, run_dir: Path, name: str, config: dict):
+        import wandb
+
+        (run_dir / "wandb").mkdir(parents=True, exist_ok=True)  # wandb needs its dir to exist
+        self._run = wandb.init(
+            project=wandb_cfg.project, entity=wandb_cfg.entity, mode=wandb_cfg.mode, dir=str(run_dir),
+            id=run_id(run_dir), resume="allow", name=name, tags=wandb_cfg.tags, config=config,
+            settings=wandb.Settings(console="off", silent=True))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self._run.finish()
+
+
+def make_tracker(cfg, rank: int, config: dict):
+    if rank != 0 or cfg.wandb.mode == "disabled":
+        return NullTracker()
+    return WandbTracker(cfg.wandb, cfg.run_dir, cfg.run.name, config)

@@ -1,0 +1,63 @@
+"""Everything that can be checked before any worker is scheduled.
+
+Files exist, the model's config loads, the dtype suits the hardware (fp16 is refused on CPU), the
+batch arithmetic divides, every sample has trained tokens, eval choices cover the eval labels.
+Raises ConfigError / DataError with a one-line message. Imports neither ray nor deepspeed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from distune.config import ConfigError, RunConfig
+from distune.data import load_splits
+from distune.models import load_model_config, load_tokenizer, resolve_model_source
+
+
+def target_uses_gpu(cfg: RunConfig) -> bool | None:
+    """True/False when known on this machine; None when the workers' hardware is not visible from here."""
+    if cfg.cluster.use_gpu == "auto":
+        return torch.cuda.is_available() or None
+    return bool(cfg.cluster.use_gpu)
+
+
+def validate(cfg: RunConfig, local_cluster: bool = True) -> dict:
+    """Check `cfg`; return a summary (and the resolved model source) for printing."""
+    uses_gpu = target_uses_gpu(cfg)
+    if cfg.model.dtype == "fp16" and uses_gpu is not True:
+        raise ConfigError("model.dtype: fp16 is not supported on CPU workers; use bf16 or fp32")
+    if uses_gpu and local_cluster:
+        if not torch.cuda.is_available():
+            raise ConfigError("cluster.use_gpu: true, but this machine has no CUDA device")
+        if torch.cuda.device_count() < cfg.cluster.num_workers:
+            raise ConfigError(f"cluster.num_workers={cfg.cluster.num_workers} needs as many GPUs; "
+                              f"this machine has {torch.cuda.device_count()}")
+        if cfg.model.dtype == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("model.dtype: bf16 is not supported by this GPU; use fp16 or fp32")
+    grad_accum = cfg.grad_accum_steps()
+
+    try:
+        source = resolve_model_source(cfg.model.path)
+        model_config = load_model_config(source, cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.path: cannot load {cfg.model.path!r}: {first}") from None
+    if len(tokenizer) > getattr(model_config, "vocab_size", len(tokenizer)):
+        raise ConfigError(f"model.path: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                          f"{model_config.vocab_size}")
+
+    splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices)
+    world, micro = cfg.cluster.num_workers, cfg.train.micro_batch_size
+    per_epoch = (len(splits.train) // world) // micro
+    if per_epoch < grad_accum:
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
+                          f"{len(splits.train)} training samples can fill once")
+    if (cfg.eval.every or cfg.eval.choices or cfg.eval.before_training) and not splits.eval:
+        raise ConfigError("data.eval_size: evaluation is configured but the eval split is empty")
+    steps_per_epoch = per_epoch // grad_accum
+    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    return {"model_source": source, "model_type": model_config.model_type, "grad_accum": grad_accum,
+            "total_steps": total, "steps_per_epoch": steps_per_epoch, **splits.stats}

@@ -1,0 +1,164 @@
+"""The per-rank program, one screen: build -> wrap -> loop -> export.
+
+Runs the same under Ray (distune.cluster calls `run` in every worker) and without it:
+
+    python -m distune.worker CFG [key=value ...]                       # one process
+    torchrun --nproc-per-node 2 -m distune.worker CFG [key=value ...]  # several, no Ray
+
+Imports no ray; deepspeed only through distune.engine (imported after DS_ACCELERATOR is set).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from distune.config import RunConfig, dump_config, load_config
+from distune.data import load_splits, ShardedBatches
+from distune.loop import Cadence, TrainState, train
+from distune.methods import build_method
+from distune.models import load_model, load_tokenizer, resolve_model_source
+from distune.reporting import LocalReporter, Reporter
+from distune.tracking import make_tracker
+
+
+def select_accelerator(cfg: RunConfig) -> bool:
+    """Decide CPU vs GPU before deepspeed is imported (it picks its accelerator at import)."""
+    use_gpu = torch.cuda.is_available() if cfg.cluster.use_gpu == "auto" else bool(cfg.cluster.use_gpu)
+    if not use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    return use_gpu
+
+
+def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None) -> dict:
+    select_accelerator(cfg)
+    from distune.engine import checkpoint, export
+    from distune.engine.ds_config import build_ds_config
+    from distune.engine.runtime import build_training_engine, device, init_distributed
+
+    rank, world = init_distributed()
+    dev = device()
+    source = model_source or resolve_model_source(cfg.model.path)
+
+    # Build: same seed on every rank so adapters start identical; per-rank seed afterwards for dropout.
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices)
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    method = build_method(cfg.method.name, cfg.method.model_extra or {})
+    model = method.adapt(load_model(source, cfg.model.dtype, cfg.model.trust_remote_code))
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(cfg.run.seed + rank)
+
+    # Wrap
+    grad_accum = cfg.grad_accum_steps()
+    batches = ShardedBatches(splits.train, cfg.train.micro_batch_size, rank, world, cfg.run.seed,
+                             tokenizer.pad_token_id)
+    steps_per_epoch = max(1, batches.per_epoch // grad_accum)
+    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    engine = build_training_engine(model, build_ds_config(cfg, grad_accum), cfg.train, total)
+
+    state = TrainState()
+    with reporter.restore() as ckpt_dir:
+        if ckpt_dir is not None:
+            state = TrainState.from_client_state(checkpoint.load(engine, ckpt_dir))
+    tracker = make_tracker(cfg, rank, dump_config(cfg))
+    emit = reporter.progress if rank == 0 else (lambda event: None)
+    if rank == 0:
+        emit({"kind": "info", "text": f"data: {splits.stats}"})
+
+    choice_ids = None
+    if cfg.eval.choices:
+        from distune.data import Renderer
+
+        renderer = Renderer(tokenizer, cfg.data, cfg.data.path)
+        choice_ids = [renderer.pair("", c)[1] for c in cfg.eval.choices]
+
+    def evaluate() -> dict:
+        from distune.evaluation import evaluate as run_eval
+
+        if not splits.eval:
+            return {}
+        return run_eval(engine, splits.eval, cfg.eval.micro_batch_size, tokenizer.pad_token_id, dev, rank, world,
+                        cfg.eval.choices, choice_ids)
+
+    def save(s: TrainState) -> None:
+        reporter.checkpoint(s.step, {"step": s.step},
+                            lambda d: checkpoint.save(engine, d, s.as_client_state()))
+
+    results: dict = {}
+    if cfg.eval.before_training and state.step == 0:
+        results["before"] = evaluate()
+        tracker.log(results["before"], 0)
+        emit({"kind": "eval", "step": 0, "metrics": results["before"], "text": _eval_line("before", 0, results["before"])})
+
+    stop = min(total, cfg.train.stop_after_steps or total)
+    emit({"kind": "start", "step": state.step, "total_steps": stop})
+    cadence = Cadence(total, stop, grad_accum, cfg.train.log_every, cfg.eval.every, cfg.checkpoint.every)
+    state = train(engine, method, {}, batches.iterate(state.epoch, state.batch), batches.per_epoch, state, cadence,
+                  dev, evaluate, save, tracker.log, emit)
+
+    if state.step >= total:
+        results["after"] = evaluate()
+        tracker.log(results["after"], state.step)
+        emit({"kind": "eval", "step": state.step, "metrics": results["after"],
+              "text": _eval_line("after", state.step, results["after"])})
+        keys = method.export_keys(engine.module)
+        state_dict = export.gather_state_dict(engine.module, keys)
+        if rank == 0:
+            results["export"] = str(_publish_export(cfg.run_dir / "export", method, engine.module, state_dict, tokenizer))
+    tracker.finish()
+    results["step"] = state.step
+    emit({"kind": "done", "step": state.step, "metrics": {"step": state.step},
+          "text": f"done at step {state.step}/{total}" + (f"; export: {results['export']}" if "export" in results else "")})
+    return results
+
+
+def _eval_line(when: str, step: int, metrics: dict) -> str:
+    shown = "  ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items())
+    return f"eval {when} training (step {step}): {shown}"
+
+
+def _publish_export(target: Path, method, module, state_dict: dict, tokenizer) -> Path:
+    """Write the artifact into a temp folder and rename it into place: complete or absent."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-export-"))
+    try:
+        method.export(module, state_dict, tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            old = target.with_name(f".old-{target.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point without Ray: one process, or one per rank under torchrun."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m distune.worker CFG [key=value ...]", file=sys.stderr)
+        return 2
+    cfg = load_config(args[0], args[1:])
+    rank = int(os.environ.get("RANK", "0"))
+    reporter = LocalReporter(cfg.run_dir, cfg.checkpoint.keep, rank)
+    run(cfg, reporter)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Tiny real artifacts for fast tests: a BPE tokenizer with a chat template, a 2-layer Llama, toy data.
+
+Built from configs on the fly (no downloads), saved as ordinary Hugging Face folders so the code under
+test loads them through its real local-folder path.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WORDS = {
+    "positive": ["great", "happy", "love", "wonderful", "good", "nice", "excellent", "fun"],
+    "negative": ["awful", "sad", "hate", "terrible", "bad", "poor", "boring", "ugly"],
+}
+FILLER = ["the", "movie", "was", "day", "food", "trip", "really", "so", "a", "it", "this", "very"]
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["positive", "negative"])
+        words = rng.sample(FILLER, 3) + [rng.choice(WORDS[label])]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build_tokenizer(out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [f"{r['text']} {r['label']}" for r in sentiment_rows(400, seed=1)]
+    corpus += ["Classify the sentiment: positive or negative. Answer with one word.", "user assistant system"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<pad>", "<s>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="<|end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_model_dir(out: Path, hidden: int = 64, layers: int = 2) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=False,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def base_config(model_dir: Path, data_file: Path, run_dir: Path, **sections) -> dict:
+    """A small, fast run config as a dict; `sections` override whole sections' keys."""
+    cfg = {
+        "run": {"name": "t", "output_dir": str(run_dir), "seed": 0},
+        "model": {"path": str(model_dir)},
+        "method": {"name": "full"},
+        "data": {"path": str(data_file), "prompt": "Sentiment: {text}", "response": "{label}",
+                 "max_length": 64, "eval_size": 8},
+        "train": {"max_steps": 4, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
+        "eval": {"before_training": False, "micro_batch_size": 4},
+        "deepspeed": {"stage": 0},
+        "cluster": {"num_workers": 1, "use_gpu": False},
+        "wandb": {"mode": "disabled"},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
