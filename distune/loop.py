@@ -49,6 +49,7 @@ def train(engine, method, frozen: dict, batch_iter, per_epoch: int, state: Train
     t_last, steps_since = time.perf_counter(), 0
     last_saved = state.step
     while state.step < cadence.stop_step:
+        lr = float(engine.get_lr()[0])  # the rate this step uses (the scheduler moves it after the step)
         for _ in range(cadence.grad_accum):
             epoch, index, batch = next(batch_iter)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -71,7 +72,7 @@ def train(engine, method, frozen: dict, batch_iter, per_epoch: int, state: Train
             world = dist.get_world_size()
             metrics = {
                 "train/loss": packed[0].item() / world,
-                "train/lr": float(engine.get_lr()[0]),
+                "train/lr": lr,
                 "train/tokens_per_s": packed[1].item() / (now - t_last),
                 "train/step_time_s": (now - t_last) / steps_since,
                 "train/epoch": state.epoch + state.batch / per_epoch,

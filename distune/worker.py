@@ -10,6 +10,7 @@ Imports no ray; deepspeed only through distune.engine (imported after DS_ACCELER
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -117,6 +118,8 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None) -> 
             results["export"] = str(_publish_export(cfg.run_dir / "export", method, engine.module, state_dict, tokenizer))
     tracker.finish()
     results["step"] = state.step
+    if rank == 0:
+        _write_json(cfg.run_dir / "results.json", results)
     emit({"kind": "done", "step": state.step, "metrics": {"step": state.step},
           "text": f"done at step {state.step}/{total}" + (f"; export: {results['export']}" if "export" in results else "")})
     return results
@@ -125,6 +128,12 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None) -> 
 def _eval_line(when: str, step: int, metrics: dict) -> str:
     shown = "  ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items())
     return f"eval {when} training (step {step}): {shown}"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 def _publish_export(target: Path, method, module, state_dict: dict, tokenizer) -> Path:

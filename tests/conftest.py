@@ -20,6 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ["DS_ACCELERATOR"] = "cpu"
+# A sentinel key, visible to every worker: tests check it never lands in logs, configs or run files.
+SECRET = "distune-test-secret-9f3a7c"
+os.environ["WANDB_API_KEY"] = SECRET
 for d in ("torch_extensions", "ray", "distune"):
     (CACHE / d).mkdir(parents=True, exist_ok=True)
 sys.path.insert(0, str(Path(__file__).parent))

@@ -55,4 +55,6 @@ def logged(run_dir: Path) -> dict:
                     config[item.key] = json.loads(item.value_json)
             elif which == "run":
                 run_ids.append(rec.run.run_id)
+                for item in rec.run.config.update:
+                    config[item.key] = json.loads(item.value_json)
     return {"history": history, "config": config, "run_ids": run_ids}

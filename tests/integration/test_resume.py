@@ -1,0 +1,66 @@
+"""Stop a run part-way, run it again: it resumes from the checkpoint and ends exactly where an
+uninterrupted run ends (weights, losses, data order, dropout RNG), logging into the same W&B run."""
+
+import json
+import subprocess
+
+import pytest
+from safetensors.torch import load_file
+
+import wandb_records
+from conftest import SECRET
+from distune.cluster.trainer import fit
+
+
+def _cfg(make_config, name, extra=()):
+    return make_config(
+        list(extra), run={"name": name}, method={"name": "lora", "dropout": 0.1}, deepspeed={"stage": 2},
+        cluster={"num_workers": 2}, checkpoint={"every": 2, "keep": 2}, wandb={"mode": "offline"},
+        train={"max_steps": 6, "lr": 1e-2, "warmup_steps": 2, "min_lr_ratio": 0.1}, eval={"every": 3})
+
+
+def _losses(run_dir):
+    return {row["_step"]: row["train/loss"] for row in wandb_records.logged(run_dir)["history"] if "train/loss" in row}
+
+
+def test_stop_and_resume_matches_uninterrupted_run(ray_cluster, make_config, tiny_model):
+    straight = _cfg(make_config, "straight")
+    fit(straight, str(tiny_model), show_progress=False)
+
+    resumed = _cfg(make_config, "resumed", ["train.stop_after_steps=4"])
+    fit(resumed, str(tiny_model), show_progress=False)
+    first = json.loads((resumed.run_dir / "results.json").read_text())
+    assert first["step"] == 4 and "export" not in first
+    assert sorted(p.name for p in resumed.run_dir.glob("step_*")) == ["step_2", "step_4"]
+
+    fit(_cfg(make_config, "resumed"), str(tiny_model), show_progress=False)
+    second = json.loads((resumed.run_dir / "results.json").read_text())
+    assert second["step"] == 6 and "before" not in second  # resumed at step 4, no second "before" eval
+
+    # Same end point as the uninterrupted run.
+    a = load_file(straight.run_dir / "export" / "adapter_model.safetensors")
+    b = load_file(resumed.run_dir / "export" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-6, k
+    straight_res = json.loads((straight.run_dir / "results.json").read_text())
+    assert second["after"]["eval/loss"] == pytest.approx(straight_res["after"]["eval/loss"], abs=1e-6)
+    la, lb = _losses(straight.run_dir), _losses(resumed.run_dir)
+    assert sorted(la) == sorted(lb) == [1, 2, 3, 4, 5, 6]
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], abs=1e-6), step
+
+    # One W&B run across both invocations, with what the spine promises to log.
+    logged = wandb_records.logged(resumed.run_dir)
+    run_id = (resumed.run_dir / "wandb_run_id").read_text().strip()
+    assert len(logged["run_ids"]) == 2 and set(logged["run_ids"]) == {run_id}
+    keys = set().union(*logged["history"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s",
+            "eval/loss"} <= keys
+    assert logged["config"]["train"]["lr"] == 1e-2
+    lrs = [row["train/lr"] for row in logged["history"] if "train/lr" in row]
+    assert lrs[0] < lrs[1] and lrs[-1] < lrs[1]  # warmup, then cosine decay
+
+    # The W&B key (present in every worker's environment) is written nowhere.
+    leaked = subprocess.run(["grep", "-rl", SECRET, str(resumed.run_dir)], capture_output=True, text=True)
+    assert leaked.stdout == ""
