@@ -28,6 +28,12 @@ class RunSection(Strict):
     output_dir: str = Field("runs", description="Parent folder of run directories (checkpoints, export, W&B).")
     seed: int = Field(0, description="Seeds model init, data order, dropout; restored exactly on resume.")
 
+    @field_validator("output_dir")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        # Resolved where the config is loaded (the driver): Ray workers run in another working directory.
+        return str(Path(v).expanduser().absolute())
+
     @field_validator("name")
     @classmethod
     def _plain_name(cls, v: str) -> str:
@@ -163,7 +169,7 @@ class RunConfig(Strict):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.output_dir).absolute() / self.run.name
+        return Path(self.run.output_dir) / self.run.name
 
     def grad_accum_steps(self) -> int:
         per_step = self.train.micro_batch_size * self.cluster.num_workers

@@ -25,19 +25,27 @@ def evaluate(model, samples: list[Sample], micro_batch: int, pad_id: int, device
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for start in range(0, len(shard), micro_batch):
         chunk = shard[start:start + micro_batch]
-        batch = {k: v.to(device) for k, v in collate([s for s, _ in chunk], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        per_token = _token_logprobs(logits, batch["labels"])
+        rows = [s for s, _ in chunk]
         weights = torch.tensor([w for _, w in chunk], device=device, dtype=torch.float64)
-        trained = (batch["labels"][:, 1:] != IGNORE)
-        totals[0] -= (per_token.sum(1).double() * weights).sum()
-        totals[1] += (trained.sum(1).double() * weights).sum()
-        if choice_ids:
-            pred = _best_choice(model, [s for s, _ in chunk], choice_ids, pad_id, device)
+        gold = None
+        if choices:
             stripped = [c.strip() for c in choices]
-            truth = torch.tensor([stripped.index(s.response.strip()) for s, _ in chunk], device=device)
-            totals[2] += ((pred == truth).double() * weights).sum()
+            gold = torch.tensor([stripped.index(s.response.strip()) for s in rows], device=device)
+            scores, counts = _choice_scores(model, rows, choice_ids, pad_id, device)
+            totals[2] += ((scores.argmax(1) == gold).double() * weights).sum()
             totals[3] += weights.sum()
+        if gold is not None and all(_is_gold_row(s, choice_ids[g]) for s, g in zip(rows, gold.tolist())):
+            # Each sample *is* its gold-choice row: its loss is already computed, skip a forward.
+            picked = torch.arange(len(rows), device=device)
+            totals[0] -= (scores[picked, gold].double() * weights).sum()
+            totals[1] += (counts[picked, gold].double() * weights).sum()
+        else:
+            batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            per_token = _token_logprobs(logits, batch["labels"])
+            trained = batch["labels"][:, 1:] != IGNORE
+            totals[0] -= (per_token.sum(1).double() * weights).sum()
+            totals[1] += (trained.sum(1).double() * weights).sum()
     dist.all_reduce(totals)
     model.train(was_training)
     out = {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item()}
@@ -46,19 +54,28 @@ def evaluate(model, samples: list[Sample], micro_batch: int, pad_id: int, device
     return out
 
 
+def _is_gold_row(s: Sample, gold_ids: list[int]) -> bool:
+    n = len(s.prompt_ids)
+    return s.input_ids == s.prompt_ids + gold_ids and s.labels == [IGNORE] * n + gold_ids
+
+
 def _token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(label_t | <t) at trained positions, 0 elsewhere; shape [batch, seq-1]."""
     labels = labels[:, 1:]
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * (labels != IGNORE)
+    trained = labels != IGNORE
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    picked = torch.log_softmax(logits[:, :-1][trained].float(), dim=-1)  # only trained positions
+    out[trained] = picked.gather(-1, labels[trained].unsqueeze(-1)).squeeze(-1)
+    return out
 
 
-def _best_choice(model, samples: list[Sample], choice_ids: list[list[int]], pad_id: int,
-                 device: torch.device) -> torch.Tensor:
+def _choice_scores(model, samples: list[Sample], choice_ids: list[list[int]], pad_id: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each choice's tokens after each prompt, and their counts: [samples, choices]."""
     rows = [Sample(s.prompt_ids + c, [IGNORE] * len(s.prompt_ids) + c, s.line)
             for s in samples for c in choice_ids]
     batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     scores = _token_logprobs(logits, batch["labels"]).sum(1)
-    return scores.view(len(samples), len(choice_ids)).argmax(1)
+    counts = (batch["labels"][:, 1:] != IGNORE).sum(1)
+    return scores.view(len(samples), len(choice_ids)), counts.view(len(samples), len(choice_ids))

@@ -49,9 +49,11 @@ def convert_gguf(gguf: Path) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.config.quantization_config = None  # the weights are dequantised now
+        # The weights are dequantised fp32 now: drop the GGUF quantizer so the folder is a plain model.
+        model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model.is_quantized = False
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         try:

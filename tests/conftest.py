@@ -61,3 +61,13 @@ def ray_cluster():
     start_ray(None, num_cpus=4)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def world_of_one():
+    """A real gloo process group of size 1 in the test process (for code that all-reduces)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    yield

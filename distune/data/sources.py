@@ -46,9 +46,16 @@ def _jsonl(path: Path, encoding: str, errors: str) -> Iterator[tuple[int, dict]]
             yield line_no, row
 
 
+def _lines(f, encoding: str, errors: str) -> Iterator[str]:
+    # Split on b"\n" only, like editors and `sed -n`: text mode would also split on a lone "\r" inside a
+    # quoted field and shift every later line number.
+    for raw in f:
+        yield raw.decode(encoding, errors)
+
+
 def _csv(path: Path, encoding: str, errors: str, delimiter: str) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding=encoding, errors=errors, newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+    with path.open("rb") as f:
+        reader = csv.DictReader(_lines(f, encoding, errors), delimiter=delimiter)
         if not reader.fieldnames:
             raise DataError(f"{path}: empty file or no header row")
         start = 2  # line of the first data row

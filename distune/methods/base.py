@@ -64,11 +64,13 @@ class Method(ABC):
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token CE over trained positions; returns (loss, number of trained tokens)."""
-    shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    n_tokens = (shift_labels != -100).sum()
-    loss = nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+    trained = shift_labels != -100
+    # Select trained positions before the fp32 upcast and softmax: with loss on responses only they are
+    # often a few percent of all positions, and [positions x vocab] is the largest tensor of the step.
+    picked = logits[:, :-1][trained].float()
+    n_tokens = trained.sum()
+    loss = nn.functional.cross_entropy(picked, shift_labels[trained], reduction="sum")
     # A batch with no trained tokens is refused by the data layer; clamp keeps a stray one finite anyway.
     return loss / n_tokens.clamp(min=1), n_tokens.detach()
 

@@ -37,3 +37,22 @@ def test_zero_stage_x_method(ray_cluster, make_config, tiny_model, stage, method
         merged = PeftModel.from_pretrained(base, export)
         ids = torch.tensor([[5, 6, 7, 8]])
         assert not torch.allclose(merged(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits)
+
+
+@pytest.mark.parametrize("variant", [
+    {"method": {"name": "full"}, "deepspeed": {"stage": 2, "offload_optimizer": True}},
+    {"method": {"name": "lora"}, "deepspeed": {"stage": 3, "offload_optimizer": True, "offload_param": True},
+     "model": {"dtype": "bf16"}},
+    {"method": {"name": "lora", "use_dora": True}, "deepspeed": {"stage": 2},
+     "model": {"gradient_checkpointing": True}, "train": {"global_batch_size": 8}},
+], ids=["full-z2-offload", "lora-z3-offload-bf16", "dora-z2-gradckpt-accum2"])
+def test_offload_bf16_checkpointing_accumulation(ray_cluster, make_config, tiny_model, variant):
+    sections = {"cluster": {"num_workers": 2}, "train": {"max_steps": 4, "lr": 1e-2},
+                "eval": {"before_training": True}}
+    for key, value in variant.items():
+        sections[key] = {**sections.get(key, {}), **value}
+    cfg = make_config(**sections)
+    fit(cfg, str(tiny_model), show_progress=False)
+    results = json.loads((cfg.run_dir / "results.json").read_text())
+    assert results["step"] == 4 and results["after"]["eval/loss"] < results["before"]["eval/loss"]
+    assert any((cfg.run_dir / "export").glob("*.safetensors"))
