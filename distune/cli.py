@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -35,8 +36,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _project_local_caches() -> None:
-    # DeepSpeed JIT-compiles ops per machine; a shared ~/.cache/torch_extensions gets rebuilt by every venv.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    # DeepSpeed JIT-compiles ops per machine; a shared ~/.cache/torch_extensions gets rebuilt by every venv,
+    # so keep them per environment (inside the venv when it is writable).
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        from distune.models import cache_root
+
+        own = Path(sys.prefix) / "torch_extensions"
+        writable = os.access(sys.prefix, os.W_OK)
+        key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(own if writable else cache_root() / "torch_extensions" / key)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 
 from distune.config import RunConfig, dump_config, load_config
 from distune.data import load_splits, ShardedBatches
@@ -46,6 +47,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None) -> 
 
     rank, world = init_distributed()
     dev = device()
+    transformers.utils.logging.disable_progress_bar()  # per-rank loading bars only clutter the terminal
     source = model_source or resolve_model_source(cfg.model.path)
 
     # Build: same seed on every rank so adapters start identical; per-rank seed afterwards for dropout.

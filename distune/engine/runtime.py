@@ -59,11 +59,14 @@ def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, to
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the method left no parameter with requires_grad=True: nothing would train")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]  # biases and norms: no weight decay
-    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    if train_cfg.weight_decay:
+        # Biases and norms take no weight decay.
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train_cfg.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+    else:
+        # One group: every extra group is another set of flat buffers and kernels in ZeRO's optimizer.
+        groups = [{"params": params, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr, betas=train_cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(train_cfg.warmup_steps, total_steps, train_cfg.min_lr_ratio))
