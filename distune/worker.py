@@ -76,7 +76,11 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None) -> 
     tracker = make_tracker(cfg, rank, dump_config(cfg))
     emit = reporter.progress if rank == 0 else (lambda event: None)
     if rank == 0:
-        emit({"kind": "info", "text": f"data: {splits.stats}"})
+        st = splits.stats
+        emit({"kind": "info", "text": f"data: {st['train_rows']} train / {st['eval_rows']} eval samples, "
+                                      f"{st['mean_tokens']:.1f} tokens mean (max {st['max_tokens']}), "
+                                      f"{100 * st['trained_token_fraction']:.1f}% of tokens trained, "
+                                      f"{st['truncated']} truncated"})
 
     choice_ids = None
     if cfg.eval.choices:
