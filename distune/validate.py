@@ -16,17 +16,17 @@ from distune.data import load_splits
 from distune.models import load_model_config, load_tokenizer, resolve_model_source
 
 
-def target_uses_gpu(cfg: RunConfig) -> bool | None:
-    """True/False when known on this machine; None when the workers' hardware is not visible from here."""
+def target_uses_gpu(cfg: RunConfig) -> bool:
+    """Whether workers will use GPUs: `auto` means "if this (driver) machine sees CUDA", as in cluster.fit."""
     if cfg.cluster.use_gpu == "auto":
-        return torch.cuda.is_available() or None
+        return torch.cuda.is_available()
     return bool(cfg.cluster.use_gpu)
 
 
 def validate(cfg: RunConfig, local_cluster: bool = True) -> dict:
     """Check `cfg`; return a summary (and the resolved model source) for printing."""
     uses_gpu = target_uses_gpu(cfg)
-    if cfg.model.dtype == "fp16" and uses_gpu is not True:
+    if cfg.model.dtype == "fp16" and not uses_gpu:
         raise ConfigError("model.dtype: fp16 is not supported on CPU workers; use bf16 or fp32")
     if uses_gpu and local_cluster:
         if not torch.cuda.is_available():

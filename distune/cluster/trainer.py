@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from distune.progress import ProgressPrinter
+from distune.validate import target_uses_gpu
 
 # Before ray is imported: keep an embedded cluster on loopback, and make ray.train.report cheap
 # (each report waits for a health-check tick; the default 2 s tick costs ~2 s per checkpoint).
@@ -64,11 +65,7 @@ def start_ray(address: str | None, num_cpus: int | None = None, verbose: bool = 
 
 def fit(cfg, model_source: str, address: str | None = None, show_progress: bool = True, verbose: bool = False):
     """Train `cfg` on Ray; returns Ray's Result. Resumes from the run's latest checkpoint if it has one."""
-    use_gpu = cfg.cluster.use_gpu
-    if use_gpu == "auto":
-        import torch
-
-        use_gpu = torch.cuda.is_available()
+    use_gpu = target_uses_gpu(cfg)
     start_ray(address, num_cpus=None if address else max(os.cpu_count() or 1,
                                                          int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker)),
               verbose=verbose)
