@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from distune.config import RunConfig, dump_config, load_config
-from distune.data import load_splits, ShardedBatches
+from distune.data import Renderer, ShardedBatches, load_splits
 from distune.loop import Cadence, TrainState, train
 from distune.methods import build_method
 from distune.models import load_model, load_tokenizer, resolve_model_source
@@ -84,8 +84,6 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None) -> 
 
     choice_ids = None
     if cfg.eval.choices:
-        from distune.data import Renderer
-
         renderer = Renderer(tokenizer, cfg.data, cfg.data.path)
         choice_ids = [renderer.pair("", c)[1] for c in cfg.eval.choices]
 
@@ -94,6 +92,8 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None) -> 
 
         if not splits.eval:
             return {}
+        choices_note = f" x {len(cfg.eval.choices)} choices" if cfg.eval.choices else ""
+        emit({"kind": "info", "text": f"evaluating {len(splits.eval)} held-out samples{choices_note} ..."})
         return run_eval(engine, splits.eval, cfg.eval.micro_batch_size, tokenizer.pad_token_id, dev, rank, world,
                         cfg.eval.choices, choice_ids)
 
