@@ -11,8 +11,6 @@ from pathlib import Path
 import yaml
 
 
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from distune.config import ConfigError
     from distune.data import DataError
