@@ -56,6 +56,10 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None) -> 
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     method = build_method(cfg.method.name, cfg.method.model_extra or {})
+    if method.frozen_models():
+        # The runner does not build frozen models (teachers) yet: refuse rather than train without them.
+        raise ValueError(f"method {cfg.method.name!r} asks for frozen models {sorted(method.frozen_models())}; "
+                         "building and sharding frozen models is not supported yet")
     model = method.adapt(load_model(source, cfg.model.dtype, cfg.model.trust_remote_code))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

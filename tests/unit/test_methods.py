@@ -65,3 +65,28 @@ def test_third_party_method_found_through_entry_point(tmp_path, monkeypatch, tin
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         n for n, _ in model.named_parameters() if "norm" in n}
     sys.modules.pop("throwaway_norm_method", None)
+
+
+def test_worker_refuses_a_method_that_needs_frozen_models(world_of_one, tiny_model, tiny_data, tmp_path):
+    import os
+
+    import tiny
+    from distune.config import load_config
+    from distune.reporting import LocalReporter
+    from distune.worker import run
+
+    @register_method("needs_teacher_test")
+    class NeedsTeacher(Method):
+        def adapt(self, model):
+            return model
+
+        def frozen_models(self):
+            return {"teacher": str(tiny_model)}
+
+        def export(self, model, state_dict, out_dir):
+            pass
+
+    cfg = load_config(tiny.base_config(tiny_model, tiny_data, tmp_path, method={"name": "needs_teacher_test"}))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with pytest.raises(ValueError, match=r"asks for frozen models \['teacher'\].*not supported yet"):
+        run(cfg, LocalReporter(cfg.run_dir, 1, 0, show_progress=False))
