@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import os
 import sys
+from importlib import import_module
 from pathlib import Path
 
 import yaml
@@ -30,7 +31,24 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting one")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--verbose", action="store_true", help="forward every worker's log lines to this terminal")
+    for name, (module, help_text) in EXTRA_COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("config")
+        sp.add_argument("overrides", nargs="*", help="key.path=value")
+        import_module(module).add_arguments(sp)
     return p
+
+
+# Commands that take a validated config and live in their own module: `add_arguments(parser)` and
+# `command(cfg, summary, args) -> exit code`. Those modules import ray / torch inside `command` only, so
+# building this parser stays fast.
+EXTRA_COMMANDS = {
+    "plan": ("distune.plan", "print the memory each teacher placement and ZeRO stage needs per rank"),
+    "cache-teacher": ("distune.cluster.cache_job", "run the teacher once over the data (Ray tasks) and write "
+                                                   "its top-k log-probs to method.cache_dir"),
+    "generate": ("distune.generate", "have the teacher write responses into a dataset (sequence-level "
+                                     "distillation)"),
+}
 
 
 def _project_local_caches() -> None:
@@ -54,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         print(f"validating {args.config} ...", flush=True)
-        summary = validate(cfg, local_cluster=not getattr(args, "address", None))
+        summary = validate(cfg, local_cluster=not getattr(args, "address", None),
+                           check_cache=args.command != "cache-teacher")
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -62,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     print("ok: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     if args.command == "validate":
         return 0
+    if args.command in EXTRA_COMMANDS:
+        try:
+            return import_module(EXTRA_COMMANDS[args.command][0]).command(cfg, summary, args)
+        except _user_errors() as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     from distune.cluster.trainer import fit
     from distune.config import dump_config

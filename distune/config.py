@@ -47,10 +47,27 @@ class ModelSection(Strict):
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp16 needs a GPU).")
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    layers: int | list[int] | None = Field(
+        None, description="Keep only these decoder blocks: k = every k-th (0, k, 2k, ...) or a list. With "
+        "model.path set to the teacher, this initialises a student from the teacher's layers.")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("every k-th layer needs k >= 1")
+        if isinstance(v, list) and (not v or sorted(set(v)) != v or v[0] < 0):
+            raise ValueError("must be a non-empty increasing list of block indices")
+        return v
 
 
 class DataSection(Strict):
     path: str = Field(..., description="JSONL or CSV file (pkg:<package>/<file> is allowed).")
+
+    @field_validator("path")
+    @classmethod
+    def _anchor(cls, v: str) -> str:
+        return v if v.startswith("pkg:") else str(Path(v).expanduser().absolute())
     format: Literal["prompt_response", "messages"] = "prompt_response"
     prompt: str = Field("{prompt}", description="Template over the row's columns, e.g. 'Review: {text}'.")
     response: str = Field("{response}", description="Template over the row's columns for the target.")
@@ -257,7 +274,9 @@ _SYNONYMS = {
     "num_train_epochs": "epochs", "num_epochs": "epochs", "steps": "max_steps", "zero_stage": "stage",
     "num_gpus": "num_workers", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
     "max_seq_length": "max_length", "seq_len": "max_length", "warmup": "warmup_steps",
-    "max_grad_norm": "grad_clip", "gradient_clipping": "grad_clip",
+    "max_grad_norm": "grad_clip", "gradient_clipping": "grad_clip", "init": "layers", "teacher_layers": "layers",
+    "alpha_kd": "kd_weight", "kd_alpha": "kd_weight", "kd_ratio": "kd_weight", "distillation_weight": "kd_weight",
+    "loss_type": "divergence", "kd_temperature": "temperature", "teacher_model": "teacher", "student_method": "student",
 }
 
 

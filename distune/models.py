@@ -67,6 +67,10 @@ def convert_gguf(gguf: Path) -> Path:
 
 
 def load_model_config(source: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    if is_adapter_folder(source):  # the architecture is the base model's
+        import json
+
+        source = json.loads((Path(source) / "adapter_config.json").read_text())["base_model_name_or_path"]
     return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
@@ -78,7 +82,48 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTo
     return tok
 
 
-def load_model(source: str, dtype: str = "fp32", trust_remote_code: bool = False) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+def is_adapter_folder(source: str) -> bool:
+    return (Path(source) / "adapter_config.json").is_file()
+
+
+def load_model(source: str, dtype: str = "fp32", trust_remote_code: bool = False,
+               layers: int | list[int] | None = None) -> torch.nn.Module:
+    """A causal LM. A PEFT adapter folder loads its base and merges the adapter in (e.g. a fine-tuned
+    teacher exported by a `lora` run). `layers` keeps a subset of the decoder blocks (see `keep_layers`)."""
+    if is_adapter_folder(source):
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
+                                                         trust_remote_code=trust_remote_code).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if layers is not None:
+        keep_layers(model, layers)
     model.config.use_cache = False  # no KV cache while training
     return model
+
+
+def layer_indices(layers: int | list[int], total: int) -> list[int]:
+    """`k` -> every k-th block starting at 0 (0, k, 2k, ...); a list is taken as given (checked)."""
+    picked = list(range(0, total, layers)) if isinstance(layers, int) else list(layers)
+    if not picked or any(not 0 <= i < total for i in picked) or sorted(set(picked)) != picked:
+        raise ValueError(f"model.layers: {layers!r} must pick increasing block indices within 0..{total - 1}")
+    return picked
+
+
+def keep_layers(model: torch.nn.Module, layers: int | list[int]) -> None:
+    """Keep only the chosen decoder blocks, weights included: a student initialised from a subset of
+    the teacher's layers (DistilBERT's recipe; every 5th of SmolLM2's 30 blocks gives a 49.5M model)."""
+    blocks = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise ValueError(f"model.layers: {type(model).__name__} has no model.layers block list to subset")
+    picked = layer_indices(layers, len(blocks))
+    model.model.layers = torch.nn.ModuleList(blocks[i] for i in picked)
+    for new_index, block in enumerate(model.model.layers):
+        attn = getattr(block, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_index  # KV-cache slot during generation
+    cfg = model.config
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [cfg.layer_types[i] for i in picked]
+    cfg.num_hidden_layers = len(picked)

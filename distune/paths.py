@@ -27,3 +27,11 @@ def looks_local(value: str) -> bool:
     """A local path (vs a hub id like `org/name`): pkg:, absolute, ./, ~, or something that exists."""
     return (value.startswith((PKG_PREFIX, "/", ".", "~")) or value.endswith(".gguf")
             or Path(value).expanduser().exists())
+
+
+def anchor(value: str) -> str:
+    """A local path made absolute where the config is loaded (Ray workers run in another working
+    directory); `pkg:` paths and hub ids are left as they are."""
+    if value.startswith(PKG_PREFIX) or not looks_local(value):
+        return value
+    return str(Path(value).expanduser().absolute())

@@ -13,7 +13,9 @@ import torch
 
 from distune.config import ConfigError, RunConfig
 from distune.data import load_splits
-from distune.models import load_model_config, load_tokenizer, resolve_model_source
+from distune.frozen import preflight
+from distune.methods import build_method
+from distune.models import layer_indices, load_model_config, load_tokenizer, resolve_model_source
 
 
 def target_uses_gpu(cfg: RunConfig) -> bool:
@@ -23,7 +25,7 @@ def target_uses_gpu(cfg: RunConfig) -> bool:
     return bool(cfg.cluster.use_gpu)
 
 
-def validate(cfg: RunConfig, local_cluster: bool = True) -> dict:
+def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = True) -> dict:
     """Check `cfg`; return a summary (and the resolved model source) for printing."""
     uses_gpu = target_uses_gpu(cfg)
     if cfg.model.dtype == "fp16" and not uses_gpu:
@@ -49,6 +51,14 @@ def validate(cfg: RunConfig, local_cluster: bool = True) -> dict:
         raise ConfigError(f"model.path: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                           f"{model_config.vocab_size}")
 
+    if cfg.model.layers is not None:
+        try:
+            layer_indices(cfg.model.layers, model_config.num_hidden_layers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    method = build_method(cfg.method.name, cfg.method.model_extra or {})
+    prepared = preflight(method.frozen_models(), tokenizer, model_config, check_cache)
+
     splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices)
     world, micro = cfg.cluster.num_workers, cfg.train.micro_batch_size
     per_epoch = (len(splits.train) // world) // micro
@@ -59,5 +69,6 @@ def validate(cfg: RunConfig, local_cluster: bool = True) -> dict:
         raise ConfigError("data.eval_size: evaluation is configured but the eval split is empty")
     steps_per_epoch = per_epoch // grad_accum
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    return {"model_source": source, "model_type": model_config.model_type, "grad_accum": grad_accum,
+    teachers = {f"{name}_vocab": p.vocab_size for name, p in prepared.items()}
+    return {"model_source": source, "model_type": model_config.model_type, **teachers, "grad_accum": grad_accum,
             "total_steps": total, "steps_per_epoch": steps_per_epoch, **splits.stats}

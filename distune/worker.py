@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from distune import frozen as frozen_models
 from distune.config import RunConfig, dump_config, load_config
 from distune.data import Renderer, ShardedBatches, load_splits
 from distune.loop import Cadence, TrainState, train
@@ -39,7 +40,7 @@ def select_accelerator(cfg: RunConfig) -> bool:
     return use_gpu
 
 
-def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None) -> dict:
+def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, remote: dict | None = None) -> dict:
     select_accelerator(cfg)
     from distune.engine import checkpoint, export
     from distune.engine.ds_config import build_ds_config
@@ -56,11 +57,11 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None) -> 
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     method = build_method(cfg.method.name, cfg.method.model_extra or {})
-    if method.frozen_models():
-        # The runner does not build frozen models (teachers) yet: refuse rather than train without them.
-        raise ValueError(f"method {cfg.method.name!r} asks for frozen models {sorted(method.frozen_models())}; "
-                         "building and sharding frozen models is not supported yet")
-    model = method.adapt(load_model(source, cfg.model.dtype, cfg.model.trust_remote_code))
+    method.seed = cfg.run.seed
+    student = load_model(source, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.layers)
+    prepared = frozen_models.preflight(method.frozen_models(), tokenizer, student.config)
+    method.see_frozen_configs({name: p.config for name, p in prepared.items()})
+    model = method.adapt(student)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.run.seed + rank)
@@ -71,7 +72,9 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None) -> 
                              tokenizer.pad_token_id)
     steps_per_epoch = max(1, batches.per_epoch // grad_accum)
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    engine = build_training_engine(model, build_ds_config(cfg, grad_accum), cfg.train, total)
+    ds_config = build_ds_config(cfg, grad_accum)
+    engine = build_training_engine(model, ds_config, cfg.train, total)
+    frozen = frozen_models.build(prepared, ds_config, splits.train, remote)
 
     state = TrainState()
     with reporter.restore() as ckpt_dir:
@@ -114,7 +117,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None) -> 
     stop = min(total, cfg.train.stop_after_steps or total)
     emit({"kind": "start", "step": state.step, "total_steps": stop})
     cadence = Cadence(total, stop, grad_accum, cfg.train.log_every, cfg.eval.every, cfg.checkpoint.every)
-    state = train(engine, method, {}, batches.iterate(state.epoch, state.batch), batches.per_epoch, state, cadence,
+    state = train(engine, method, frozen, batches.iterate(state.epoch, state.batch), batches.per_epoch, state, cadence,
                   dev, evaluate, save, tracker.log, emit)
 
     if state.step >= total:

@@ -36,6 +36,12 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A wider, deeper model with the same tokenizer as tiny_model: a teacher for distillation tests."""
+    return tiny.build_teacher_dir(tmp_path_factory.mktemp("tiny") / "teacher")
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return tiny.write_jsonl(tmp_path_factory.mktemp("data") / "sentiment.jsonl", tiny.sentiment_rows(96))
 

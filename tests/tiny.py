@@ -73,6 +73,22 @@ def build_model_dir(out: Path, hidden: int = 64, layers: int = 2) -> Path:
     return out
 
 
+def build_teacher_dir(out: Path, sharpen: float = 40.0, pad_rows: int = 0) -> Path:
+    """A 4-layer, 96-wide model with tiny_model's tokenizer and confident (low-entropy) predictions, so
+    distillation has a clear target; `pad_rows` extra output rows mimic a padded embedding matrix."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    build_model_dir(out, hidden=96, layers=4)
+    model = LlamaForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpen)
+    if pad_rows:
+        model.resize_token_embeddings(model.config.vocab_size + pad_rows, mean_resizing=False)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def base_config(model_dir: Path, data_file: Path, run_dir: Path, **sections) -> dict:
     """A small, fast run config as a dict; `sections` override whole sections' keys."""
     cfg = {

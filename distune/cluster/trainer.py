@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from distune.frozen import preflight, teacher_specs
 from distune.progress import ProgressPrinter
 from distune.validate import target_uses_gpu
 
@@ -33,7 +34,10 @@ def _train_fn(loop_config: dict) -> None:
     from distune.worker import run
 
     cfg = load_config(loop_config["config"])
-    run(cfg, RayReporter(loop_config["sink"]), model_source=loop_config["model_source"])
+    from distune.cluster.teachers import RemoteTeacher
+
+    remote = {name: RemoteTeacher(actors, vocab) for name, (actors, vocab) in loop_config["remote"].items()}
+    run(cfg, RayReporter(loop_config["sink"]), model_source=loop_config["model_source"], remote=remote)
 
 
 def _token_auth_if_available() -> None:
@@ -66,16 +70,19 @@ def start_ray(address: str | None, num_cpus: int | None = None, verbose: bool = 
 def fit(cfg, model_source: str, address: str | None = None, show_progress: bool = True, verbose: bool = False):
     """Train `cfg` on Ray; returns Ray's Result. Resumes from the run's latest checkpoint if it has one."""
     use_gpu = target_uses_gpu(cfg)
-    start_ray(address, num_cpus=None if address else max(os.cpu_count() or 1,
-                                                         int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker)),
-              verbose=verbose)
+    remote_specs = {n: s for n, s in teacher_specs(cfg).items() if s.signal == "remote"}
+    actor_cpus = sum(s.remote["actors"] * s.remote["cpus_per_actor"] for s in remote_specs.values())
+    wanted = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + actor_cpus + 0.999)
+    start_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, wanted), verbose=verbose)
+    remote = _start_remote_teachers(cfg, model_source, remote_specs, use_gpu)
     env = dict(cfg.cluster.env)
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     sink = ProgressSink.remote() if show_progress else None
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "model_source": model_source, "sink": sink},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "model_source": model_source, "sink": sink,
+                           "remote": remote},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=RunConfig(
@@ -85,9 +92,26 @@ def fit(cfg, model_source: str, address: str | None = None, show_progress: bool 
             worker_runtime_env={"env_vars": env} if env else None,
         ),
     )
-    if sink is None:
-        return trainer.fit()
-    return _fit_with_progress(trainer, sink)
+    try:
+        if sink is None:
+            return trainer.fit()
+        return _fit_with_progress(trainer, sink)
+    finally:
+        for actors, _ in remote.values():
+            for actor in actors:
+                ray.kill(actor)
+
+
+def _start_remote_teachers(cfg, model_source: str, specs: dict, use_gpu: bool) -> dict:
+    """name -> (actor handles, aligned vocab size) for every teacher served remotely."""
+    if not specs:
+        return {}
+    from distune.cluster.teachers import start_teachers
+    from distune.models import load_model_config, load_tokenizer
+
+    tokenizer = load_tokenizer(model_source, cfg.model.trust_remote_code)
+    prepared = preflight(specs, tokenizer, load_model_config(model_source, cfg.model.trust_remote_code))
+    return {name: (start_teachers(prep, use_gpu), prep.vocab_size) for name, prep in prepared.items()}
 
 
 def _fit_with_progress(trainer, sink):

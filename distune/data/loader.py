@@ -28,7 +28,30 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     if not (labels[:, 1:] != IGNORE).any():
         lines = ", ".join(str(s.line) for s in samples)
         raise DataError(f"a batch has no trained tokens (source lines {lines}); check the loss mask settings")
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if samples[0].extras:
+        batch.update(_scatter_extras(samples, labels))
+    return batch
+
+
+def _scatter_extras(samples: list[Sample], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """[B, W, ...] tensors: row p of a sample holds its extra for the position predicting token p+1."""
+    out = {}
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE
+    for key, first in samples[0].extras.items():
+        first = torch.as_tensor(first)
+        dtype = torch.long if not first.is_floating_point() else torch.float32
+        full = torch.zeros((len(samples), labels.shape[1], *first.shape[1:]), dtype=dtype)
+        for i, s in enumerate(samples):
+            rows = torch.as_tensor(s.extras[key]).to(dtype)
+            where = predicts[i].nonzero().squeeze(1)
+            if len(where) != len(rows):
+                raise DataError(f"source line {s.line}: {key} has {len(rows)} rows for {len(where)} trained "
+                                "positions")
+            full[i, where] = rows
+        out[key] = full
+    return out
 
 
 class ShardedBatches:

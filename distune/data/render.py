@@ -24,6 +24,9 @@ class Sample:
     line: int  # source line, for error messages
     prompt_ids: list[int] | None = None  # prompt_response only: for choice scoring
     response: str | None = None
+    # Per-trained-position rows attached after rendering (e.g. a cached teacher's top-k): key -> [n_trained, ...]
+    # in the order of the trained positions; `collate` scatters them onto those positions.
+    extras: dict | None = None
 
 
 def template_fields(template: str) -> set[str]:

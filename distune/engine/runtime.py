@@ -81,3 +81,29 @@ def grad_norm(engine) -> torch.Tensor | None:
     if norm is None:
         return None
     return norm if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
+
+
+def build_frozen_engine(model: torch.nn.Module, train_ds_config: dict, dtype: str):
+    """A frozen model (a teacher) for forward passes next to the training engine.
+
+    Under ZeRO-3 it becomes a DeepSpeed engine without optimizer, its parameters partitioned across the
+    ranks like the student's (every rank must then run its forward every step: the gathers are
+    collective). Below stage 3 it is replicated: a plain module on this rank's device.
+    """
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if train_ds_config["zero_optimization"]["stage"] != 3:
+        return model.to(device())
+    config = {
+        "train_micro_batch_size_per_gpu": train_ds_config["train_micro_batch_size_per_gpu"],
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False,
+                              **({"offload_param": train_ds_config["zero_optimization"]["offload_param"]}
+                                 if "offload_param" in train_ds_config["zero_optimization"] else {})},
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16"},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    engine.eval()
+    return engine

@@ -38,14 +38,18 @@ class Method(ABC):
 
     def __init__(self, config: MethodConfig):
         self.config = config
+        self.seed = 0  # the run's seed; the runner sets it (for methods that draw random numbers)
 
     @abstractmethod
     def adapt(self, model: nn.Module) -> nn.Module:
         """Add adapters/heads and set requires_grad: the one source of truth for what trains."""
 
     def frozen_models(self) -> dict[str, object]:
-        """Extra frozen models the runner must build and shard (e.g. a teacher). None by default."""
+        """Extra frozen models the runner must build and shard (e.g. {"teacher": TeacherSpec}). None by default."""
         return {}
+
+    def see_frozen_configs(self, configs: dict[str, object]) -> None:
+        """Called before `adapt` with the frozen models' HF configs (e.g. a teacher's width). No-op by default."""
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], frozen: dict[str, nn.Module]) -> LossOutput:
         """Token-level cross-entropy on the positions whose label is not -100 (the default objective)."""

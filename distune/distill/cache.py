@@ -1,0 +1,129 @@
+"""The offline teacher cache: top-k token ids + log-probs per trained position, compressed, sharded.
+
+`distune cache-teacher CFG` runs the teacher once over the training split (as Ray tasks, one per shard,
+see distune.cluster.jobs; `write_shard` is the per-shard work and runs anywhere). Training with
+`signal: cached` then reads the cache instead of running the teacher.
+
+Layout of `cache_dir`:
+    shard-00000-of-00004.npz   keys [S] (sample hash), offsets [S+1], ids [N, k], logp [N, k] (float16)
+    meta.json                  written last: a cache is complete exactly when it exists
+Only trained positions are stored (with loss on responses, a few percent of all tokens). Ids are uint16
+when the vocabulary fits (else int32), log-probs float16 at the distillation temperature; numpy's zip
+deflate on top. A sample is keyed by a hash of its token ids and labels, so a cache built for other data,
+another template or another tokenizer is detected sample by sample, never silently misread.
+Imports neither ray nor deepspeed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distune.data import DataError, Sample, collate
+from distune.distill.teacher import OnlineTeacher, TeacherSpec, trained_positions
+
+FORMAT = 1
+
+
+class CacheError(ValueError):
+    pass
+
+
+def sample_key(s: Sample) -> str:
+    h = hashlib.sha256(np.asarray(s.input_ids, dtype=np.int64).tobytes())
+    h.update(np.asarray(s.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:20]
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"shard-{index:05d}-of-{count:05d}.npz"
+
+
+def write_shard(samples: list[Sample], teacher: OnlineTeacher, out_dir: Path, index: int, count: int,
+                micro_batch: int, pad_id: int, device: torch.device, progress=None) -> dict:
+    """Run the teacher over `samples[index::count]` and write one shard atomically. Returns its stats."""
+    mine = samples[index::count]
+    keys, offsets, ids_parts, logp_parts = [], [0], [], []
+    t0 = time.perf_counter()
+    for start in range(0, len(mine), micro_batch):
+        chunk = mine[start:start + micro_batch]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        positions = trained_positions(batch["labels"])
+        out = teacher(batch, positions)
+        per_sample = positions.sum(1).tolist()
+        ids, logp = out.topk_ids.cpu(), out.topk_logp.cpu()
+        at = 0
+        for s, n in zip(chunk, per_sample):
+            keys.append(sample_key(s))
+            ids_parts.append(ids[at:at + n])
+            logp_parts.append(logp[at:at + n])
+            offsets.append(offsets[-1] + n)
+            at += n
+        if progress is not None:
+            progress(len(chunk))
+    id_dtype = np.uint16 if teacher.vocab_size <= 2**16 else np.int32
+    ids_all = torch.cat(ids_parts).numpy().astype(id_dtype)
+    logp_all = torch.cat(logp_parts).numpy().astype(np.float16)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / shard_name(index, count)
+    tmp = out_dir / f".tmp-{os.getpid()}-{target.name}"
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, keys=np.asarray(keys), offsets=np.asarray(offsets, dtype=np.int64), ids=ids_all,
+                            logp=logp_all)
+    os.replace(tmp, target)
+    return {"shard": target.name, "samples": len(keys), "positions": int(offsets[-1]),
+            "bytes": target.stat().st_size, "seconds": time.perf_counter() - t0}
+
+
+def write_meta(out_dir: Path, spec: TeacherSpec, vocab_size: int, shards: list[dict], data_path: str) -> dict:
+    positions = sum(s["positions"] for s in shards)
+    size = sum(s["bytes"] for s in shards)
+    meta = {"format": FORMAT, "teacher": spec.path, "top_k": spec.top_k, "temperature": spec.temperature,
+            "vocab_size": vocab_size, "data": data_path, "samples": sum(s["samples"] for s in shards),
+            "positions": positions, "bytes": size, "bytes_per_token": size / max(1, positions),
+            "dense_fp32_bytes_per_token": 4 * vocab_size, "shards": [s["shard"] for s in shards]}
+    tmp = out_dir / ".meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out_dir / "meta.json")
+    return meta
+
+
+def read_meta(cache_dir: str | Path) -> dict:
+    meta_file = Path(cache_dir) / "meta.json"
+    if not meta_file.is_file():
+        raise CacheError(f"method.cache_dir: {cache_dir} holds no complete teacher cache (no meta.json); "
+                         "build it with `distune cache-teacher CFG`")
+    return json.loads(meta_file.read_text())
+
+
+def check_meta(meta: dict, spec: TeacherSpec, vocab_size: int, cache_dir) -> None:
+    """The cache must come from this teacher at this temperature and top-k: else the loss would differ."""
+    wanted = {"format": FORMAT, "teacher": spec.path, "top_k": spec.top_k, "temperature": spec.temperature,
+              "vocab_size": vocab_size}
+    for key, value in wanted.items():
+        if meta.get(key) != value:
+            raise CacheError(f"method.cache_dir: {cache_dir} was built with {key}={meta.get(key)!r}, this run "
+                             f"needs {value!r}; rebuild it with `distune cache-teacher CFG`")
+
+
+def attach(samples: list[Sample], cache_dir: str | Path) -> None:
+    """Give every sample its cached rows (`extras`); a sample absent from the cache is an error naming it."""
+    meta = read_meta(cache_dir)
+    index: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in meta["shards"]:
+        with np.load(Path(cache_dir) / name) as z:
+            keys, offsets, ids, logp = z["keys"], z["offsets"], z["ids"], z["logp"]
+        for i, key in enumerate(keys.tolist()):
+            index[key] = (ids[offsets[i]:offsets[i + 1]], logp[offsets[i]:offsets[i + 1]])
+    for s in samples:
+        rows = index.get(sample_key(s))
+        if rows is None:
+            raise DataError(f"data line {s.line}: this sample is not in the teacher cache {cache_dir} (built for "
+                            "other data, template, limit or tokenizer); rebuild it with `distune cache-teacher CFG`")
+        s.extras = {"teacher_topk_ids": rows[0].astype(np.int64), "teacher_topk_logp": rows[1].astype(np.float32)}

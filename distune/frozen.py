@@ -1,0 +1,118 @@
+"""Build the frozen models a method asks for (teachers) and turn them into teacher signals.
+
+`preflight` runs on the driver before scheduling (from validate) and again in every worker: it resolves
+the teacher, checks the vocabularies align (distune.distill.vocab) and that a cache matches. `build`
+runs in the worker after the student: online -> the teacher on this rank (replicated, or ZeRO-3
+partitioned by distune.engine); cached -> the cache attached to the training samples; remote -> the
+client the cluster layer passed in. Imports no ray; deepspeed only through distune.engine, lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distune.config import ConfigError
+from distune.distill import cache
+from distune.distill.teacher import CachedTeacher, OnlineTeacher, TeacherSpec
+from distune.distill.vocab import VocabMismatch, aligned_vocab_size
+from distune.models import load_model, load_model_config, load_tokenizer, resolve_model_source
+
+
+@dataclass
+class Prepared:
+    spec: TeacherSpec
+    source: str
+    config: object  # transformers PretrainedConfig
+    vocab_size: int  # logit columns shared with the student
+
+
+def preflight(specs: dict[str, TeacherSpec], student_tok, student_config, check_cache: bool = True
+              ) -> dict[str, Prepared]:
+    out = {}
+    for name, spec in specs.items():
+        if not isinstance(spec, TeacherSpec):
+            raise ConfigError(f"method asks for a frozen model {name!r} of unknown kind {type(spec).__name__}")
+        try:
+            source = resolve_model_source(spec.path)
+            config = load_model_config(source, spec.trust_remote_code)
+            tok = load_tokenizer(source, spec.trust_remote_code)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"method.{name}.path: cannot load {spec.path!r}: {first}") from None
+        try:
+            vocab = aligned_vocab_size(student_tok, tok, student_config.vocab_size, config.vocab_size)
+        except VocabMismatch as e:
+            raise ConfigError(f"method.{name}: {e}") from None
+        if spec.signal == "cached" and check_cache:
+            try:
+                cache.check_meta(cache.read_meta(spec.cache_dir), spec, vocab, spec.cache_dir)
+            except cache.CacheError as e:
+                raise ConfigError(str(e)) from None
+        out[name] = Prepared(spec, source, config, vocab)
+    return out
+
+
+def load_teacher(prep: Prepared):
+    return load_model(prep.source, prep.spec.dtype, prep.spec.trust_remote_code)
+
+
+def build(prepared: dict[str, Prepared], ds_config: dict, train_samples: list, remote: dict | None = None) -> dict:
+    """name -> teacher signal, ready for `method.loss(..., frozen)`."""
+    from distune.engine.runtime import build_frozen_engine
+
+    frozen = {}
+    for name, prep in prepared.items():
+        spec = prep.spec
+        if spec.signal == "online":
+            engine = build_frozen_engine(load_teacher(prep), ds_config, spec.dtype)
+            frozen[name] = OnlineTeacher(engine, prep.vocab_size, spec.top_k, spec.temperature, spec.hidden_states)
+        elif spec.signal == "cached":
+            cache.attach(train_samples, spec.cache_dir)
+            frozen[name] = CachedTeacher()
+        elif spec.signal == "remote":
+            if not remote or name not in remote:
+                raise ConfigError(f"method.signal: remote needs the Ray actor group `distune run` starts; "
+                                  f"running without Ray, use signal online or cached")
+            frozen[name] = remote[name]
+        else:
+            raise ConfigError(f"method.signal: unknown teacher signal {spec.signal!r}")
+    return frozen
+
+
+def teacher_specs(cfg) -> dict[str, TeacherSpec]:
+    """The frozen models `cfg`'s method asks for (for the cluster layer, which must not import methods)."""
+    from distune.methods import build_method
+
+    return build_method(cfg.method.name, cfg.method.model_extra or {}).frozen_models()
+
+
+def cache_shard(cfg_dict: dict, model_source: str, index: int, count: int) -> dict:
+    """Run the teacher over shard `index` of the training split and write it to method.cache_dir.
+
+    Runs anywhere (a Ray task from `distune cache-teacher`, or in-process); the same samples as training
+    sees, since every process renders and splits the data identically (seeded).
+    """
+    import torch
+
+    from distune.config import load_config
+    from distune.data import load_splits
+
+    cfg = load_config(cfg_dict)
+    spec = teacher_specs(cfg)["teacher"]
+    tokenizer = load_tokenizer(model_source, cfg.model.trust_remote_code)
+    student_config = load_model_config(model_source, cfg.model.trust_remote_code)
+    prep = preflight({"teacher": _uncached(spec)}, tokenizer, student_config)["teacher"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices)
+    teacher = OnlineTeacher(load_teacher(prep).to(device).eval(), prep.vocab_size, spec.top_k, spec.temperature)
+    from pathlib import Path
+
+    return cache.write_shard(splits.train, teacher, Path(spec.cache_dir), index, count, cfg.eval.micro_batch_size,
+                             tokenizer.pad_token_id, device)
+
+
+def _uncached(spec: TeacherSpec) -> TeacherSpec:
+    """The same teacher, as an online signal (a cache being built cannot be checked against itself)."""
+    from dataclasses import replace
+
+    return replace(spec, signal="online")

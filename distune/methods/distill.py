@@ -1,0 +1,289 @@
+"""`distill`: a student method (full, lora, ...) trained towards a frozen teacher.
+
+loss = (1 - kd_weight) * CE(labels) + kd_weight * D(student || teacher) [+ hidden.weight * hidden MSE]
+
+The wrapped student method decides what trains and what is exported; this class only adds the teacher
+terms. The teacher arrives in `frozen["teacher"]` as a signal (distune.distill.teacher): the method does
+not know whether it runs on the same ranks, comes from a cache, or from a remote actor group.
+On-policy (GKD): with probability `gkd.lmbda` the student samples the continuation of the prompt, and the
+loss is computed on the student's own tokens (CE then has no labels: only the KD term is used).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from distune.distill.divergences import DIVERGENCES, distill_loss
+from distune.distill.teacher import TeacherSpec, trained_positions
+from distune.paths import anchor
+from distune.methods.base import LossOutput, Method, MethodConfig, build_method, causal_lm_loss, register_method
+
+PROJECTION = "distill_projection"  # submodule name of the learned hidden-state projections
+
+
+class TeacherOptions(MethodConfig):
+    path: str = Field(..., description="Hub id, local folder, .gguf, or a PEFT adapter folder (merged on load).")
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    trust_remote_code: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _anchor(cls, v: str) -> str:
+        return anchor(v)  # workers run in another directory
+
+
+class HiddenOptions(MethodConfig):
+    weight: float = Field(0.0, ge=0, description="Weight of the hidden-state MSE term (0: off).")
+    layers: dict[int, int] | None = Field(
+        None, description="student hidden-state index -> teacher index (0 = embeddings); default: evenly spaced.")
+
+
+class GkdOptions(MethodConfig):
+    lmbda: float = Field(0.0, ge=0, le=1, description="Probability a batch is the student's own samples.")
+    max_new_tokens: int = Field(16, gt=0)
+    temperature: float = Field(1.0, gt=0, description="Student sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class RemoteOptions(MethodConfig):
+    actors: int = Field(1, gt=0, description="Teacher actors (each holds a full teacher replica).")
+    cpus_per_actor: float = Field(1, gt=0)
+    gpus_per_actor: float = Field(0, ge=0)
+
+
+class DistillOptions(MethodConfig):
+    student: dict = Field(default_factory=lambda: {"name": "full"},
+                          description="The wrapped student method: {name: lora, r: 16, ...}.")
+    teacher: TeacherOptions
+    signal: Literal["online", "cached", "remote"] = "online"
+    top_k: int | None = Field(None, gt=0, description="Teacher top-k (None: dense, online only; cached/remote "
+                                                      "default 64).")
+    cache_dir: str | None = Field(None, description="Where `distune cache-teacher` writes / training reads.")
+    divergence: str = "forward_kl"
+    divergence_params: dict[str, float] = Field(default_factory=dict, description="e.g. {beta: 0.5} for jsd.")
+    temperature: float = Field(1.0, gt=0)
+    kd_weight: float = Field(0.5, ge=0, le=1)
+    hidden: HiddenOptions = Field(default_factory=HiddenOptions)
+    gkd: GkdOptions = Field(default_factory=GkdOptions)
+    remote: RemoteOptions = Field(default_factory=RemoteOptions)
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        return None if v is None else str(Path(v).expanduser().absolute())
+
+    @field_validator("divergence")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {v!r}; known: {', '.join(sorted(DIVERGENCES))}")
+        return v
+
+    @field_validator("student")
+    @classmethod
+    def _student(cls, v: dict) -> dict:
+        name = v.get("name", "full")
+        if name == "distill":
+            raise ValueError("a distillation student cannot itself be 'distill'")
+        build_method(name, {k: x for k, x in v.items() if k != "name"})  # the student's own keys, validated
+        return {"name": name, **v}
+
+    @model_validator(mode="after")
+    def _combinations(self) -> DistillOptions:
+        if self.signal != "online" and self.top_k is None:
+            self.top_k = 64
+        if self.signal == "cached" and not self.cache_dir:
+            raise ValueError("signal 'cached' needs cache_dir (written by `distune cache-teacher`)")
+        if self.signal == "cached" and self.gkd.lmbda > 0:
+            raise ValueError("gkd.lmbda > 0 scores the student's own samples: it needs signal online or remote")
+        if self.signal != "online" and self.hidden.weight > 0:
+            raise ValueError("hidden-state distillation needs signal 'online' (hidden states are not cached "
+                             "or served remotely)")
+        return self
+
+
+@register_method("distill")
+class Distill(Method):
+    Config = DistillOptions
+
+    def __init__(self, config: DistillOptions):
+        super().__init__(config)
+        student = dict(config.student)
+        self.student = build_method(student.pop("name"), student)
+        self.teacher_width = self.teacher_layers = None  # from see_frozen_configs (hidden distillation)
+
+    def frozen_models(self) -> dict[str, TeacherSpec]:
+        c = self.config
+        return {"teacher": TeacherSpec(path=c.teacher.path, dtype=c.teacher.dtype,
+                                       trust_remote_code=c.teacher.trust_remote_code, signal=c.signal,
+                                       top_k=c.top_k, temperature=c.temperature, hidden_states=c.hidden.weight > 0,
+                                       cache_dir=c.cache_dir, remote=c.remote.model_dump())}
+
+    def see_frozen_configs(self, configs) -> None:
+        teacher = configs["teacher"]
+        self.teacher_width, self.teacher_layers = teacher.hidden_size, teacher.num_hidden_layers
+
+    # -- what trains: the student's method, plus projections for hidden-state distillation ---------
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        model = self.student.adapt(model)
+        if self.config.hidden.weight > 0:
+            if self.teacher_width is None:
+                raise ValueError("hidden-state distillation: the runner did not give the teacher's width")
+            width = model.config.hidden_size
+            layers = self.layer_map(model.config.num_hidden_layers, self.teacher_layers)
+            model.add_module(PROJECTION, nn.ModuleDict(
+                {str(s): nn.Linear(width, self.teacher_width, bias=False) for s in layers}))
+        return model
+
+    def layer_map(self, student_layers: int, teacher_layers: int) -> dict[int, int]:
+        """Hidden-state indices (0 = embeddings, i = after block i): configured, or evenly spaced."""
+        if self.config.hidden.layers:
+            for s, t in self.config.hidden.layers.items():
+                if not (0 <= s <= student_layers and 0 <= t <= teacher_layers):
+                    raise ValueError(f"method.hidden.layers: {s}->{t} is outside the student's 0..{student_layers} "
+                                     f"or the teacher's 0..{teacher_layers} hidden states")
+            return dict(self.config.hidden.layers)
+        return {s: round(s * teacher_layers / student_layers) for s in range(1, student_layers + 1)}
+
+    def export_keys(self, model: nn.Module) -> set[str]:
+        keys = self.student.export_keys(model)
+        if keys is None:
+            keys = {n for n, _ in model.named_parameters()}
+        return {k for k in keys if PROJECTION not in k}
+
+    def export(self, model, state_dict, out_dir: Path) -> None:
+        self.student.export(model, {k: v for k, v in state_dict.items() if PROJECTION not in k}, out_dir)
+
+    # -- the objective ------------------------------------------------------------------------------
+
+    def loss(self, model, batch, frozen) -> LossOutput:
+        c = self.config
+        teacher = frozen["teacher"]
+        on_policy = c.gkd.lmbda > 0 and self._coin(batch) < c.gkd.lmbda
+        if on_policy:
+            batch = self._student_samples(model, batch)
+        hidden = c.hidden.weight > 0
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
+        positions = trained_positions(batch["labels"])
+        t = teacher(batch, positions)
+        vocab = getattr(teacher, "vocab_size", None) or out.logits.shape[-1]
+        student_logits = out.logits[:, :-1, :vocab][positions]
+        kd = distill_loss(c.divergence, student_logits, teacher_logits=t.logits, mask=None,
+                          temperature=c.temperature,
+                          teacher_topk=None if t.logits is not None else (t.topk_ids, t.topk_logp),
+                          **c.divergence_params)
+        if on_policy:
+            ce, n_tokens = torch.zeros((), device=kd.device), positions.sum()  # no gold labels on own samples
+            total = kd
+        else:
+            ce, n_tokens = causal_lm_loss(out.logits, batch["labels"])
+            total = (1 - c.kd_weight) * ce + c.kd_weight * kd
+        metrics = {"ce": ce.detach(), "kd": kd.detach(), "trained_tokens": n_tokens,
+                   "on_policy": torch.tensor(float(on_policy), device=kd.device)}
+        if hidden:
+            h = self._hidden_loss(model, out.hidden_states, t.hidden, batch["attention_mask"])
+            total = total + c.hidden.weight * h
+            metrics["hidden_mse"] = h.detach()
+        metrics.update(teacher_metrics(student_logits.detach(), t, c.temperature))
+        return LossOutput(total, metrics)
+
+    def _hidden_loss(self, model, student_h, teacher_h, attention_mask) -> torch.Tensor:
+        proj = _find(model, PROJECTION)
+        keep = attention_mask.bool()
+        losses = []
+        for s, t in self.layer_map(len(student_h) - 1, len(teacher_h) - 1).items():
+            mapped = proj[str(s)](student_h[s][keep].to(proj[str(s)].weight.dtype))
+            losses.append(nn.functional.mse_loss(mapped.float(), teacher_h[t][keep].float()))
+        return torch.stack(losses).mean()
+
+    # -- on-policy samples ---------------------------------------------------------------------------
+
+    def _coin(self, batch) -> float:
+        """One draw per micro-batch, equal on every rank (so all ranks generate together, which ZeRO-3's
+        collective gathers require) and a function of the data alone (so a resumed run draws the same)."""
+        key = batch["input_ids"].sum().to(torch.float64).reshape(1)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(key)
+        return random.Random(int(key.item()) * 7919 + self.seed).random()
+
+    @torch.no_grad()
+    def _student_samples(self, model, batch) -> dict[str, torch.Tensor]:
+        """Prompts of the batch (tokens before the first trained one), continued by the student's sampling."""
+        g = self.config.gkd
+        labels, ids = batch["labels"], batch["input_ids"]
+        starts = [(row != -100).nonzero()[0].item() if (row != -100).any() else int(m.sum())
+                  for row, m in zip(labels, batch["attention_mask"])]
+        width = max(starts)
+        pad = _pad_id(model)
+        prompts = torch.full((len(starts), width), pad, dtype=ids.dtype, device=ids.device)
+        prompt_mask = torch.zeros_like(prompts)
+        for i, n in enumerate(starts):  # left padding: generation continues from the last column
+            prompts[i, width - n:] = ids[i, :n]
+            prompt_mask[i, width - n:] = 1
+        module = getattr(model, "module", model)
+        was_training = module.training
+        module.eval()
+        try:
+            seqs = module.generate(input_ids=prompts, attention_mask=prompt_mask, do_sample=True,
+                                   temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                                   min_new_tokens=1, pad_token_id=pad,
+                                   synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
+        finally:
+            module.train(was_training)
+        new = seqs[:, width:]
+        eos = _eos_ids(module)
+        # Tokens after the first end-of-sequence are padding, not part of the sample.
+        done = torch.zeros_like(new, dtype=torch.bool)
+        if eos:
+            is_eos = torch.isin(new, torch.tensor(eos, device=new.device))
+            done = (is_eos.cumsum(1) - is_eos.long()) > 0
+        new_mask = (~done).long()
+        input_ids = torch.cat([prompts, new.masked_fill(done, pad)], 1)
+        attention = torch.cat([prompt_mask, new_mask], 1)
+        new_labels = torch.cat([torch.full_like(prompts, -100), new.masked_fill(done, -100)], 1)
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": new_labels}
+
+
+def teacher_metrics(student_logits: torch.Tensor, t, temperature: float) -> dict[str, torch.Tensor]:
+    """Teacher entropy (at T), top-k mass covered, student-teacher top-1 agreement, at the trained positions."""
+    if t.logits is not None:
+        t_logp = torch.log_softmax(t.logits.float() / temperature, -1)
+        entropy = -(t_logp.exp() * t_logp.clamp(min=-1e4)).sum(-1)
+        top1 = t.logits.argmax(-1)
+        out = {}
+    else:
+        p = t.topk_logp.float().exp()
+        tail = (1 - p.sum(-1)).clamp(min=0)
+        # Entropy of the k kept tokens plus one tail bin: a lower bound on the full teacher entropy.
+        entropy = -(p * t.topk_logp.float()).sum(-1) - tail * torch.log(tail.clamp(min=1e-12))
+        top1 = t.topk_ids[:, 0]
+        out = {"teacher_topk_mass": p.sum(-1).mean()}
+    out["teacher_entropy"] = entropy.mean()
+    out["top1_agreement"] = (student_logits.argmax(-1) == top1).float().mean()
+    return out
+
+
+def _find(model: nn.Module, name: str) -> nn.Module:
+    for n, m in model.named_modules():
+        if n == name or n.endswith("." + name):
+            return m
+    raise KeyError(name)
+
+
+def _pad_id(module) -> int:
+    cfg = getattr(module, "module", module).config
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+    return int(pad[0] if isinstance(pad, list) else pad or 0)
+
+
+def _eos_ids(module) -> list[int]:
+    eos = module.config.eos_token_id
+    return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]

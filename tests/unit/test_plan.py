@@ -1,0 +1,147 @@
+"""`distune plan`: parameter counts from the meta device match real models; ZeRO / offload / teacher arithmetic."""
+
+import json
+import re
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+import tiny
+from distune.methods import build_method
+from distune.plan import _meta_model, capacity, count_params, estimate, lora_formula
+
+
+@pytest.fixture(scope="session")
+def teacher_model(tmp_path_factory):
+    return tiny.build_model_dir(tmp_path_factory.mktemp("teacher") / "model", hidden=96, layers=4)
+
+
+def _distill(teacher_model) -> dict:
+    return {"name": "distill", "student": {"name": "lora", "r": 4},
+            "teacher": {"path": str(teacher_model), "dtype": "fp32"}}
+
+
+def _real_counts(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters()) - trainable
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "full", "freeze_embeddings": True},
+                                    {"name": "lora", "r": 4}])
+def test_counts_match_the_real_model(make_config, tiny_model, method):
+    cfg = make_config(method=method)
+    counts = count_params(cfg, str(tiny_model))
+    options = {k: v for k, v in method.items() if k != "name"}
+    real = build_method(method["name"], options).adapt(AutoModelForCausalLM.from_pretrained(tiny_model))
+    assert (counts["trainable"], counts["frozen"]) == _real_counts(real)
+    assert counts["trainable"] > 0
+
+
+def test_counts_respect_model_layers(make_config, tiny_model):
+    counts = count_params(make_config(model={"layers": [1]}), str(tiny_model))
+    real = AutoModelForCausalLM.from_pretrained(tiny_model)
+    per_block = sum(p.numel() for p in real.model.layers[0].parameters())
+    assert counts["layers"] == 1 and counts["trainable"] == sum(p.numel() for p in real.parameters()) - per_block
+
+
+@pytest.mark.parametrize("options", [{"r": 4}, {"r": 2, "target_modules": ["q_proj", "v_proj"], "use_dora": True}])
+def test_lora_fallback_formula_matches_peft(tiny_model, options):
+    method = build_method("lora", options)
+    real = method.adapt(AutoModelForCausalLM.from_pretrained(tiny_model))
+    trainable, everything = lora_formula(_meta_model(str(tiny_model), False), method)
+    assert (trainable, everything) == _real_counts(real)  # LoRA freezes every base weight
+
+
+def test_lora_that_cannot_adapt_on_meta_falls_back_to_the_formula(make_config, tiny_model, monkeypatch):
+    from distune.methods import get_method
+
+    real = build_method("lora", {"r": 4}).adapt(AutoModelForCausalLM.from_pretrained(tiny_model))
+
+    def needs_real_tensors(self, model):
+        raise NotImplementedError("Cannot copy out of meta tensor")
+
+    monkeypatch.setattr(get_method("lora"), "adapt", needs_real_tensors)
+    counts = count_params(make_config(method={"name": "lora", "r": 4}), str(tiny_model))
+    assert (counts["trainable"], counts["frozen"]) == _real_counts(real)
+
+
+def test_zero_stages_shard_by_num_workers(make_config, tiny_model):
+    cfg = make_config(cluster={"num_workers": 4}, model={"dtype": "bf16"})
+    counts = count_params(cfg, str(tiny_model))
+    stages = estimate(cfg, {}, counts)["stages"]
+    pt = counts["trainable"]
+    assert stages[3]["weights"] == round(stages[0]["weights"] / 4)
+    assert stages[0]["grads"] == 2 * pt and stages[2]["grads"] == round(2 * pt / 4)
+    assert stages[0]["optimizer"] == 12 * pt and stages[1]["optimizer"] == round(12 * pt / 4)  # fp32 master + m + v
+    totals = [stages[s]["total"]["device"] for s in range(4)]
+    assert totals == sorted(totals, reverse=True)
+
+
+def test_offload_moves_bytes_from_device_to_host(make_config, tiny_model):
+    plain = make_config(deepspeed={"stage": 3})
+    counts = count_params(plain, str(tiny_model))
+    before = estimate(plain, {}, counts)["stages"][3]
+    after = estimate(make_config(deepspeed={"stage": 3, "offload_optimizer": True}), {}, counts)["stages"][3]
+    assert after["optimizer"] == 0 and after["host"] == before["optimizer"] > 0
+    assert after["total"]["device"] == before["total"]["device"] - before["optimizer"]
+    both = estimate(make_config(deepspeed={"stage": 3, "offload_optimizer": True, "offload_param": True}), {},
+                    counts)["stages"][3]
+    assert both["weights"] == 0 and both["host"] == before["optimizer"] + before["weights"]
+
+
+def test_gradient_checkpointing_shrinks_activations(make_config, tiny_model):
+    counts = count_params(make_config(), str(tiny_model))
+    plain = estimate(make_config(), {}, counts)["stages"][0]["activations"]
+    ckpt = estimate(make_config(model={"gradient_checkpointing": True}), {}, counts)["stages"][0]["activations"]
+    assert 0 < ckpt < plain
+
+
+def test_distill_teacher_placements(make_config, tiny_model, teacher_model):
+    from distune.validate import validate
+
+    cfg = make_config(method=_distill(teacher_model), cluster={"num_workers": 2})
+    summary = validate(cfg)
+    counts = count_params(cfg, summary["model_source"])
+    assert counts["teacher"]["params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(
+        teacher_model).parameters())
+    real = build_method("lora", {"r": 4}).adapt(AutoModelForCausalLM.from_pretrained(tiny_model))
+    assert (counts["trainable"], counts["frozen"]) == _real_counts(real)
+    plan = estimate(cfg, summary, counts)
+    for stage, row in plan["stages"].items():
+        assert row["teacher_colocated"] > 0
+        assert row["total"]["cached"] == row["weights"] + row["grads"] + row["optimizer"] + row["activations"]
+        assert row["total"]["colocated"] == row["total"]["cached"] + row["teacher_colocated"]
+    teacher_weights = 4 * counts["teacher"]["params"]
+    assert plan["stages"][0]["teacher_colocated"] - plan["stages"][3]["teacher_colocated"] == teacher_weights // 2
+    t = plan["teacher"]
+    assert t["signal"] == "colocated" and t["cache_disk"] == round(t["trained_tokens"] * 64 * (2 + 2))
+    assert t["remote_actor"] > teacher_weights
+
+
+def test_capacity_compares_with_the_gpu_or_host_ram(make_config, tiny_model, monkeypatch):
+    import types
+
+    import torch
+
+    cfg = make_config(cluster={"num_workers": 2})
+    plan = estimate(cfg, {}, count_params(cfg, str(tiny_model)))
+    assert "CPU workers: figures are host memory" in capacity(plan, uses_gpu=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=2**20))
+    assert "GPU 0 has 1.00 MiB" in capacity(plan, uses_gpu=True) and "DOES NOT FIT" in capacity(plan, True)
+
+
+def test_cli_prints_every_stage(tiny_model, tiny_data, teacher_model, tmp_path, capsys):
+    from distune.cli import main
+
+    path = tmp_path / "distill.yaml"
+    path.write_text(yaml.safe_dump(tiny.base_config(tiny_model, tiny_data, tmp_path / "runs",
+                                                    method=_distill(teacher_model))))
+    out_json = tmp_path / "plan.json"
+    assert main(["plan", str(path), "deepspeed.stage=2", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    for row in ["0", "1", "2\\*", "3"]:  # the configured stage is starred
+        assert re.search(rf"^\s*{row}\s+\d", out, re.M), out
+    assert "colocated*" in out and "cached" in out and "remote" in out and "CPU workers" in out
+    assert set(json.loads(out_json.read_text())["stages"]) == {"0", "1", "2", "3"}
