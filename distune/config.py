@@ -47,6 +47,9 @@ class ModelSection(Strict):
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp16 needs a GPU).")
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    task: Literal["causal_lm", "sequence_classification"] = Field(
+        "causal_lm", description="causal_lm: next-token loss on the response; sequence_classification: a "
+        "classification head over data.labels (encoders such as BERT/MiniLM, or decoders).")
     layers: int | list[int] | None = Field(
         None, description="Keep only these decoder blocks: k = every k-th (0, k, 2k, ...) or a list. With "
         "model.path set to the teacher, this initialises a student from the teacher's layers.")
@@ -77,6 +80,9 @@ class DataSection(Strict):
     max_length: int = Field(512, gt=1, description="Samples longer than this are truncated (from the right).")
     limit: int | None = Field(None, gt=0, description="Use only this many rows (after a seeded shuffle).")
     eval_size: int | float = Field(0.1, description="Held-out rows: a count, or a fraction in (0, 1).")
+    labels: list[str] | None = Field(
+        None, description="Class names for model.task sequence_classification (the response template gives "
+        "a row's class); default: the distinct responses in the data, sorted.")
     encoding: str = "utf-8"
     encoding_errors: Literal["strict", "replace"] = Field(
         "strict", description="replace: undecodable bytes become U+FFFD instead of an error.")
@@ -222,7 +228,7 @@ def load_config(source: str | Path | dict, overrides: list[str] = ()) -> RunConf
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{where}: {_describe(e, RunConfig)}") from None
+        raise ConfigError(f"{where}: {describe_error(e, RunConfig)}") from None
     _validate_method(cfg, where)
     return cfg
 
@@ -264,7 +270,7 @@ def _validate_method(cfg: RunConfig, where: str) -> None:
     try:
         plugin.Config(**(cfg.method.model_extra or {}))
     except ValidationError as e:
-        raise ConfigError(f"{where}: {_describe(e, plugin.Config, prefix=('method',))}") from None
+        raise ConfigError(f"{where}: {describe_error(e, plugin.Config, prefix=('method',))}") from None
 
 
 # Names other frameworks use for our keys: spelling is not the only way to miss a key.
@@ -287,7 +293,7 @@ def closest_key(key: str, valid: list[str]) -> str | None:
     return close[0] if close else None
 
 
-def _describe(err: ValidationError, root: type[BaseModel], prefix: tuple = ()) -> str:
+def describe_error(err: ValidationError, root: type[BaseModel], prefix: tuple = ()) -> str:
     """First error as one line: `train.lr: Input should be greater than 0 (got -1)`."""
     first = err.errors()[0]
     loc = tuple(str(p) for p in first["loc"])
@@ -303,8 +309,11 @@ def _describe(err: ValidationError, root: type[BaseModel], prefix: tuple = ()) -
     if first["type"] == "missing":
         return f"{path}: required key is missing"
     got = first.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{path}: {first['msg']}{shown}"
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    msg = first["msg"].removeprefix("Value error, ")
+    if msg.startswith(path + "."):  # a nested plugin config already named the full key path
+        return msg
+    return f"{path}: {msg}{shown}"
 
 
 def _field_path(root: type[BaseModel], loc: tuple[str, ...]) -> tuple[str, ...]:

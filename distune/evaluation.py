@@ -21,6 +21,10 @@ def evaluate(model, samples: list[Sample], micro_batch: int, pad_id: int, device
     was_training = model.training
     model.eval()
     shard = eval_shard(samples, rank, world)
+    if samples and samples[0].label is not None:
+        out = _classify(model, shard, micro_batch, pad_id, device)
+        model.train(was_training)
+        return out
     # [loss_sum, tokens, correct, counted]
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for start in range(0, len(shard), micro_batch):
@@ -31,7 +35,7 @@ def evaluate(model, samples: list[Sample], micro_batch: int, pad_id: int, device
         if choices:
             stripped = [c.strip() for c in choices]
             gold = torch.tensor([stripped.index(s.response.strip()) for s in rows], device=device)
-            scores, counts = _choice_scores(model, rows, choice_ids, pad_id, device)
+            scores, counts = choice_scores(model, rows, choice_ids, pad_id, device)
             totals[2] += ((scores.argmax(1) == gold).double() * weights).sum()
             totals[3] += weights.sum()
         if gold is not None and all(_is_gold_row(s, choice_ids[g]) for s, g in zip(rows, gold.tolist())):
@@ -69,7 +73,7 @@ def _token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _choice_scores(model, samples: list[Sample], choice_ids: list[list[int]], pad_id: int,
+def choice_scores(model, samples: list[Sample], choice_ids: list[list[int]], pad_id: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each choice's tokens after each prompt, and their counts: [samples, choices]."""
     rows = [Sample(s.prompt_ids + c, [IGNORE] * len(s.prompt_ids) + c, s.line)
@@ -79,3 +83,19 @@ def _choice_scores(model, samples: list[Sample], choice_ids: list[list[int]], pa
     scores = _token_logprobs(logits, batch["labels"]).sum(1)
     counts = (batch["labels"][:, 1:] != IGNORE).sum(1)
     return scores.view(len(samples), len(choice_ids)), counts.view(len(samples), len(choice_ids))
+
+
+def _classify(model, shard: list[tuple[Sample, float]], micro_batch: int, pad_id: int, device) -> dict[str, float]:
+    """Sequence classification: mean class cross-entropy and accuracy of the head's argmax, over all ranks."""
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # [loss_sum, correct, counted]
+    for start in range(0, len(shard), micro_batch):
+        chunk = shard[start:start + micro_batch]
+        weights = torch.tensor([w for _, w in chunk], device=device, dtype=torch.float64)
+        batch = {k: v.to(device) for k, v in collate([s for s, _ in chunk], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, batch["class_labels"], reduction="none")
+        totals[0] += (loss.double() * weights).sum()
+        totals[1] += ((logits.argmax(-1) == batch["class_labels"]).double() * weights).sum()
+        totals[2] += weights.sum()
+    dist.all_reduce(totals)
+    return {"eval/loss": (totals[0] / totals[2]).item(), "eval/accuracy": (totals[1] / totals[2]).item()}

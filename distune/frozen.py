@@ -26,8 +26,10 @@ class Prepared:
     vocab_size: int  # logit columns shared with the student
 
 
-def preflight(specs: dict[str, TeacherSpec], student_tok, student_config, check_cache: bool = True
-              ) -> dict[str, Prepared]:
+def preflight(specs: dict[str, TeacherSpec], student_tok, student_config, check_cache: bool = True,
+              task: str = "causal_lm") -> dict[str, Prepared]:
+    """Resolve and check every teacher. A classifier student (another architecture, another tokenizer)
+    learns from the teacher's class probabilities, which only the cache provides: no vocabulary check."""
     out = {}
     for name, spec in specs.items():
         if not isinstance(spec, TeacherSpec):
@@ -39,13 +41,19 @@ def preflight(specs: dict[str, TeacherSpec], student_tok, student_config, check_
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"method.{name}.path: cannot load {spec.path!r}: {first}") from None
-        try:
-            vocab = aligned_vocab_size(student_tok, tok, student_config.vocab_size, config.vocab_size)
-        except VocabMismatch as e:
-            raise ConfigError(f"method.{name}: {e}") from None
+        if task == "sequence_classification":
+            if spec.signal != "cached":
+                raise ConfigError(f"method.signal: a {task} student learns from the {name}'s class probabilities, "
+                                  "which `distune cache-teacher` computes over data.labels; set signal: cached")
+            vocab = None
+        else:
+            try:
+                vocab = aligned_vocab_size(student_tok, tok, student_config.vocab_size, config.vocab_size)
+            except VocabMismatch as e:
+                raise ConfigError(f"method.{name}: {e}") from None
         if spec.signal == "cached" and check_cache:
             try:
-                cache.check_meta(cache.read_meta(spec.cache_dir), spec, vocab, spec.cache_dir)
+                cache.check_meta(cache.read_meta(spec.cache_dir), spec, vocab, spec.cache_dir, task)
             except cache.CacheError as e:
                 raise ConfigError(str(e)) from None
         out[name] = Prepared(spec, source, config, vocab)
@@ -68,7 +76,7 @@ def build(prepared: dict[str, Prepared], ds_config: dict, train_samples: list, r
             frozen[name] = OnlineTeacher(engine, prep.vocab_size, spec.top_k, spec.temperature, spec.hidden_states)
         elif spec.signal == "cached":
             cache.attach(train_samples, spec.cache_dir)
-            frozen[name] = CachedTeacher()
+            frozen[name] = CachedTeacher(prep.vocab_size)
         elif spec.signal == "remote":
             if not remote or name not in remote:
                 raise ConfigError(f"method.signal: remote needs the Ray actor group `distune run` starts; "
@@ -90,8 +98,12 @@ def cache_shard(cfg_dict: dict, model_source: str, index: int, count: int) -> di
     """Run the teacher over shard `index` of the training split and write it to method.cache_dir.
 
     Runs anywhere (a Ray task from `distune cache-teacher`, or in-process); the same samples as training
-    sees, since every process renders and splits the data identically (seeded).
+    sees, since every process renders and splits the data identically (seeded). For a causal student:
+    top-k per trained position; for a classifier student: the teacher's class log-probs, from the
+    summed log-probability it gives each class name (the verbalizer) after the prompt.
     """
+    from pathlib import Path
+
     import torch
 
     from distune.config import load_config
@@ -100,14 +112,21 @@ def cache_shard(cfg_dict: dict, model_source: str, index: int, count: int) -> di
     cfg = load_config(cfg_dict)
     spec = teacher_specs(cfg)["teacher"]
     tokenizer = load_tokenizer(model_source, cfg.model.trust_remote_code)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(spec.cache_dir)
+    if cfg.model.task == "sequence_classification":
+        labels = load_splits(cfg.data, tokenizer, cfg.run.seed, None, cfg.model.task).labels
+        source = resolve_model_source(spec.path)
+        teacher_tok = load_tokenizer(source, spec.trust_remote_code)
+        samples = load_splits(cfg.data, teacher_tok, cfg.run.seed).train  # the teacher's own rendering
+        model = load_model(source, spec.dtype, spec.trust_remote_code).to(device).eval()
+        return cache.write_class_shard(samples, model, teacher_tok, cfg.data, labels, out_dir, index, count,
+                                       cfg.eval.micro_batch_size, device)
     student_config = load_model_config(model_source, cfg.model.trust_remote_code)
     prep = preflight({"teacher": _uncached(spec)}, tokenizer, student_config)["teacher"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices)
     teacher = OnlineTeacher(load_teacher(prep).to(device).eval(), prep.vocab_size, spec.top_k, spec.temperature)
-    from pathlib import Path
-
-    return cache.write_shard(splits.train, teacher, Path(spec.cache_dir), index, count, cfg.eval.micro_batch_size,
+    return cache.write_shard(splits.train, teacher, out_dir, index, count, cfg.eval.micro_batch_size,
                              tokenizer.pad_token_id, device)
 
 

@@ -87,10 +87,20 @@ def is_adapter_folder(source: str) -> bool:
 
 
 def load_model(source: str, dtype: str = "fp32", trust_remote_code: bool = False,
-               layers: int | list[int] | None = None) -> torch.nn.Module:
-    """A causal LM. A PEFT adapter folder loads its base and merges the adapter in (e.g. a fine-tuned
-    teacher exported by a `lora` run). `layers` keeps a subset of the decoder blocks (see `keep_layers`)."""
-    if is_adapter_folder(source):
+               layers: int | list[int] | None = None, labels: list[str] | None = None,
+               pad_token_id: int | None = None) -> torch.nn.Module:
+    """A causal LM, or with `labels` a sequence classifier with a fresh head over those classes. A PEFT
+    adapter folder loads its base and merges the adapter in (e.g. a fine-tuned teacher exported by a
+    `lora` run). `layers` keeps a subset of the decoder blocks (see `keep_layers`)."""
+    if labels is not None:
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, num_labels=len(labels),
+            id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_token_id  # decoders read the last non-pad token's state
+    elif is_adapter_folder(source):
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],

@@ -57,9 +57,12 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         except ValueError as e:
             raise ConfigError(str(e)) from None
     method = build_method(cfg.method.name, cfg.method.model_extra or {})
-    prepared = preflight(method.frozen_models(), tokenizer, model_config, check_cache)
+    prepared = preflight(method.frozen_models(), tokenizer, model_config, check_cache, cfg.model.task)
+    if cfg.model.task == "sequence_classification" and cfg.eval.choices:
+        raise ConfigError("eval.choices: a sequence classifier is scored by its head over data.labels; remove "
+                          "eval.choices")
 
-    splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices)
+    splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
     world, micro = cfg.cluster.num_workers, cfg.train.micro_batch_size
     per_epoch = (len(splits.train) // world) // micro
     if per_epoch < grad_accum:
@@ -69,6 +72,8 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         raise ConfigError("data.eval_size: evaluation is configured but the eval split is empty")
     steps_per_epoch = per_epoch // grad_accum
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    teachers = {f"{name}_vocab": p.vocab_size for name, p in prepared.items()}
+    teachers = {f"{name}_vocab": p.vocab_size for name, p in prepared.items() if p.vocab_size is not None}
+    if splits.labels:
+        teachers["labels"] = splits.labels
     return {"model_source": source, "model_type": model_config.model_type, **teachers, "grad_accum": grad_accum,
             "total_steps": total, "steps_per_epoch": steps_per_epoch, **splits.stats}

@@ -53,13 +53,15 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
 
     # Build: same seed on every rank so adapters start identical; per-rank seed afterwards for dropout.
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
-    splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices)
+    classifier = cfg.model.task == "sequence_classification"
+    splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     method = build_method(cfg.method.name, cfg.method.model_extra or {})
     method.seed = cfg.run.seed
-    student = load_model(source, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.layers)
-    prepared = frozen_models.preflight(method.frozen_models(), tokenizer, student.config)
+    student = load_model(source, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.layers,
+                         labels=splits.labels if classifier else None, pad_token_id=tokenizer.pad_token_id)
+    prepared = frozen_models.preflight(method.frozen_models(), tokenizer, student.config, task=cfg.model.task)
     method.see_frozen_configs({name: p.config for name, p in prepared.items()})
     model = method.adapt(student)
     if cfg.model.gradient_checkpointing:
@@ -84,24 +86,25 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     emit = reporter.progress if rank == 0 else (lambda event: None)
     if rank == 0:
         st = splits.stats
+        trained = (f"{len(splits.labels)} classes" if classifier
+                   else f"{100 * st['trained_token_fraction']:.1f}% of tokens trained")
         emit({"kind": "info", "text": f"data: {st['train_rows']} train / {st['eval_rows']} eval samples, "
                                       f"{st['mean_tokens']:.1f} tokens mean (max {st['max_tokens']}), "
-                                      f"{100 * st['trained_token_fraction']:.1f}% of tokens trained, "
-                                      f"{st['truncated']} truncated"})
+                                      f"{trained}, {st['truncated']} truncated"})
 
     choice_ids = None
     if cfg.eval.choices:
         renderer = Renderer(tokenizer, cfg.data, cfg.data.path)
         choice_ids = [renderer.pair("", c)[1] for c in cfg.eval.choices]
 
-    def evaluate() -> dict:
+    def evaluate(model=None) -> dict:
         from distune.evaluation import evaluate as run_eval
 
         if not splits.eval:
             return {}
         choices_note = f" x {len(cfg.eval.choices)} choices" if cfg.eval.choices else ""
         emit({"kind": "info", "text": f"evaluating {len(splits.eval)} held-out samples{choices_note} ..."})
-        return run_eval(engine, splits.eval, cfg.eval.micro_batch_size, tokenizer.pad_token_id, dev, rank, world,
+        return run_eval(model or engine, splits.eval, cfg.eval.micro_batch_size, tokenizer.pad_token_id, dev, rank, world,
                         cfg.eval.choices, choice_ids)
 
     def save(s: TrainState) -> None:
@@ -109,10 +112,16 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
                             lambda d: checkpoint.save(engine, d, s.as_client_state()))
 
     results: dict = {}
+    teacher = getattr(frozen.get("teacher"), "model", None)  # an online teacher runs here: score it too
+    if cfg.eval.before_training and state.step == 0 and teacher is not None:
+        results["teacher"] = evaluate(teacher)
+        tracker.log({f"teacher/{k.removeprefix('eval/')}": v for k, v in results["teacher"].items()}, 0)
+        emit({"kind": "eval", "step": 0, "metrics": results["teacher"], "text": _eval_line("of the teacher", 0,
+                                                                                          results["teacher"])})
     if cfg.eval.before_training and state.step == 0:
         results["before"] = evaluate()
         tracker.log(results["before"], 0)
-        emit({"kind": "eval", "step": 0, "metrics": results["before"], "text": _eval_line("before", 0, results["before"])})
+        emit({"kind": "eval", "step": 0, "metrics": results["before"], "text": _eval_line("before training", 0, results["before"])})
 
     stop = min(total, cfg.train.stop_after_steps or total)
     emit({"kind": "start", "step": state.step, "total_steps": stop})
@@ -124,7 +133,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
         results["after"] = evaluate()
         tracker.log(results["after"], state.step)
         emit({"kind": "eval", "step": state.step, "metrics": results["after"],
-              "text": _eval_line("after", state.step, results["after"])})
+              "text": _eval_line("after training", state.step, results["after"])})
         keys = method.export_keys(engine.module)
         state_dict = export.gather_state_dict(engine.module, keys)
         if rank == 0:
@@ -140,7 +149,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
 
 def _eval_line(when: str, step: int, metrics: dict) -> str:
     shown = "  ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items())
-    return f"eval {when} training (step {step}): {shown}"
+    return f"eval {when} (step {step}): {shown}"
 
 
 def _write_json(path: Path, data: dict) -> None:

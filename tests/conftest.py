@@ -42,6 +42,12 @@ def tiny_teacher(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A 2-layer BERT with its own WordPiece vocabulary (a cross-architecture student)."""
+    return tiny.build_encoder_dir(tmp_path_factory.mktemp("tiny") / "encoder")
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return tiny.write_jsonl(tmp_path_factory.mktemp("data") / "sentiment.jsonl", tiny.sentiment_rows(96))
 

@@ -73,6 +73,32 @@ def build_model_dir(out: Path, hidden: int = 64, layers: int = 2) -> Path:
     return out
 
 
+def build_encoder_dir(out: Path) -> Path:
+    """A 2-layer BERT with its own WordPiece tokenizer (ids unrelated to tiny_model's BPE): a student of
+    another architecture and vocabulary, as MiniLM is to SmolLM2."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    corpus = [r["text"] for r in sentiment_rows(400, seed=2)] + ["sentiment"]
+    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=fast.pad_token_id)
+    BertModel(config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def build_teacher_dir(out: Path, sharpen: float = 40.0, pad_rows: int = 0) -> Path:
     """A 4-layer, 96-wide model with tiny_model's tokenizer and confident (low-entropy) predictions, so
     distillation has a clear target; `pad_rows` extra output rows mimic a padded embedding matrix."""

@@ -49,10 +49,16 @@ def command(cfg, summary: dict, args) -> int:
     shards = run_shards(cache_shard, (cfg_dict, summary["model_source"]), count, use_gpu, cfg.cluster.cpus_per_worker,
                         args.address, desc="teacher cache", show_progress=not args.no_progress, env=env)
     spec.cache_dir = str(out)
-    meta = cache.write_meta(out, spec, summary["teacher_vocab"], shards, cfg.data.path)
+    labels = summary.get("labels") if cfg.model.task == "sequence_classification" else None
+    meta = cache.write_meta(out, spec, summary.get("teacher_vocab"), shards, cfg.data.path, labels)
     for stale in out.glob("shard-*.npz"):
         if stale.name not in meta["shards"]:
             stale.unlink()
+    if labels:
+        print(f"teacher cache: class probabilities over {labels} for {meta['samples']} samples, "
+              f"{meta['bytes'] / 2**10:.1f} KiB in {len(shards)} shards")
+        print(f"cache: {out}")
+        return 0
     ratio = meta["dense_fp32_bytes_per_token"] / meta["bytes_per_token"]
     print(f"teacher cache: {meta['samples']} samples, {meta['positions']} trained positions, top-{meta['top_k']} "
           f"at T={meta['temperature']}, {meta['bytes'] / 2**20:.2f} MiB in {len(shards)} shards: "

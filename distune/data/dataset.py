@@ -22,9 +22,11 @@ class Splits:
     eval: list[Sample]
     truncated: int = 0
     stats: dict = field(default_factory=dict)
+    labels: list[str] | None = None  # sequence classification: class names, index = class id
 
 
-def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None = None) -> Splits:
+def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None = None,
+                task: str = "causal_lm") -> Splits:
     path = resolve_path(data_cfg.path)
     if not path.is_file():
         raise DataError(f"data.path: {data_cfg.path} does not exist")
@@ -39,6 +41,8 @@ def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
         raise DataError(f"data.eval_size={data_cfg.eval_size} leaves no training rows out of {len(rows)}")
 
     renderer = Renderer(tokenizer, data_cfg, str(path))
+    if task == "sequence_classification":
+        return _class_splits(renderer, rows, data_cfg, n_eval, data_cfg.labels or class_names(renderer, path, data_cfg))
     samples, truncated = [], 0
     for line, row in rows:
         s = renderer.render(line, row)
@@ -60,3 +64,22 @@ def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
              "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
              "trained_token_fraction": sum(sum(t != IGNORE for t in s.labels) for s in train_s) / sum(lengths)}
     return Splits(train_s, eval_s, truncated, stats)
+
+
+def class_names(renderer: Renderer, path, data_cfg) -> list[str]:
+    """The label map from the data: every distinct class in the whole file (not only the sampled rows), sorted."""
+    names = sorted({renderer.class_name(line, row) for line, row in read_rows(path, data_cfg.encoding,
+                                                                             data_cfg.encoding_errors)})
+    if len(names) < 2:
+        raise DataError(f"{path}: sequence classification needs at least 2 classes, the data has {names}")
+    return names
+
+
+def _class_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, labels: list[str]) -> Splits:
+    samples = [renderer.render_class(line, row, labels) for line, row in rows]
+    truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in samples)
+    eval_s, train_s = samples[:n_eval], samples[n_eval:]
+    lengths = [len(s.input_ids) for s in train_s]
+    stats = {"train_rows": len(train_s), "eval_rows": len(eval_s), "truncated": truncated,
+             "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths), "classes": len(labels)}
+    return Splits(train_s, eval_s, truncated, stats, labels)

@@ -15,6 +15,8 @@ from distune.data.sources import DataError
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    if samples[0].label is not None:
+        return _collate_classes(samples, pad_id)
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
@@ -31,6 +33,20 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if samples[0].extras:
         batch.update(_scatter_extras(samples, labels))
+    return batch
+
+
+def _collate_classes(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Sequence classification: padded inputs, one class index per sample, per-sample extras stacked."""
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        ids[i, :len(s.input_ids)] = torch.tensor(s.input_ids)
+        mask[i, :len(s.input_ids)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "class_labels": torch.tensor([s.label for s in samples])}
+    for key in samples[0].extras or {}:
+        batch[key] = torch.stack([torch.as_tensor(s.extras[key]).float() for s in samples])
     return batch
 
 

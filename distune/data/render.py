@@ -27,6 +27,7 @@ class Sample:
     # Per-trained-position rows attached after rendering (e.g. a cached teacher's top-k): key -> [n_trained, ...]
     # in the order of the trained positions; `collate` scatters them onto those positions.
     extras: dict | None = None
+    label: int | None = None  # sequence classification: the class index (then `labels` is empty)
 
 
 def template_fields(template: str) -> set[str]:
@@ -68,6 +69,18 @@ class Renderer:
         if self.tok.eos_token_id is not None:
             completion = completion + [self.tok.eos_token_id]
         return prompt_ids, completion
+
+    def render_class(self, line: int, row: dict, labels: list[str]) -> Sample:
+        """Sequence classification: the prompt text as the model's input, the response as a class index."""
+        text = self._fill(self.cfg.prompt, row, line, "data.prompt")
+        name = self._fill(self.cfg.response, row, line, "data.response").strip()
+        if name not in labels:
+            raise DataError(f"{self.source} line {line}: class {name!r} is not one of data.labels {labels}")
+        ids = self.tok(text, truncation=True, max_length=self.cfg.max_length)["input_ids"]
+        return Sample(ids, [], line, response=name, label=labels.index(name))
+
+    def class_name(self, line: int, row: dict) -> str:
+        return self._fill(self.cfg.response, row, line, "data.response").strip()
 
     # -- internals ----------------------------------------------------------------------------------
 

@@ -70,24 +70,63 @@ def write_shard(samples: list[Sample], teacher: OnlineTeacher, out_dir: Path, in
     id_dtype = np.uint16 if teacher.vocab_size <= 2**16 else np.int32
     ids_all = torch.cat(ids_parts).numpy().astype(id_dtype)
     logp_all = torch.cat(logp_parts).numpy().astype(np.float16)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / shard_name(index, count)
-    tmp = out_dir / f".tmp-{os.getpid()}-{target.name}"
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, keys=np.asarray(keys), offsets=np.asarray(offsets, dtype=np.int64), ids=ids_all,
-                            logp=logp_all)
-    os.replace(tmp, target)
+    target = _save(out_dir, index, count, keys=np.asarray(keys), offsets=np.asarray(offsets, dtype=np.int64),
+                   ids=ids_all, logp=logp_all)
     return {"shard": target.name, "samples": len(keys), "positions": int(offsets[-1]),
             "bytes": target.stat().st_size, "seconds": time.perf_counter() - t0}
 
 
-def write_meta(out_dir: Path, spec: TeacherSpec, vocab_size: int, shards: list[dict], data_path: str) -> dict:
+def write_class_shard(samples: list[Sample], model, tokenizer, data_cfg, labels: list[str], out_dir: Path,
+                      index: int, count: int, micro_batch: int, device: torch.device) -> dict:
+    """Class log-probs [S, C] of a causal-LM teacher for shard `index`, keyed by data line.
+
+    A class's score is the summed log-probability of its name's tokens after the prompt (the same
+    verbalizer scoring as eval.choices), normalised over the classes."""
+    from distune.data import Renderer
+    from distune.evaluation import choice_scores
+
+    mine = samples[index::count]
+    renderer = Renderer(tokenizer, data_cfg, data_cfg.path)
+    choice_ids = [renderer.pair("", name)[1] for name in labels]
+    t0 = time.perf_counter()
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(mine), micro_batch):
+            scores, _ = choice_scores(model, mine[start:start + micro_batch], choice_ids, tokenizer.pad_token_id,
+                                      device)
+            parts.append(torch.log_softmax(scores.float(), dim=-1).cpu())
+    logp = torch.cat(parts).numpy().astype(np.float32)
+    keys = [line_key(s.line) for s in mine]
+    target = _save(out_dir, index, count, keys=np.asarray(keys), class_logp=logp)
+    return {"shard": target.name, "samples": len(keys), "positions": len(keys), "bytes": target.stat().st_size,
+            "seconds": time.perf_counter() - t0}
+
+
+def line_key(line: int) -> str:
+    return f"line-{line}"
+
+
+def _save(out_dir: Path, index: int, count: int, **arrays) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / shard_name(index, count)
+    tmp = out_dir / f".tmp-{os.getpid()}-{target.name}"
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, target)
+    return target
+
+
+def write_meta(out_dir: Path, spec: TeacherSpec, vocab_size: int | None, shards: list[dict], data_path: str,
+               labels: list[str] | None = None) -> dict:
     positions = sum(s["positions"] for s in shards)
     size = sum(s["bytes"] for s in shards)
-    meta = {"format": FORMAT, "teacher": spec.path, "top_k": spec.top_k, "temperature": spec.temperature,
-            "vocab_size": vocab_size, "data": data_path, "samples": sum(s["samples"] for s in shards),
-            "positions": positions, "bytes": size, "bytes_per_token": size / max(1, positions),
-            "dense_fp32_bytes_per_token": 4 * vocab_size, "shards": [s["shard"] for s in shards]}
+    meta = {"format": FORMAT, "mode": "classes" if labels else "topk", "teacher": spec.path,
+            "top_k": None if labels else spec.top_k, "temperature": None if labels else spec.temperature,
+            "vocab_size": vocab_size, "labels": labels, "data": data_path,
+            "samples": sum(s["samples"] for s in shards), "positions": positions, "bytes": size,
+            "bytes_per_token": size / max(1, positions), "shards": [s["shard"] for s in shards]}
+    if not labels:
+        meta["dense_fp32_bytes_per_token"] = 4 * vocab_size
     tmp = out_dir / ".meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out_dir / "meta.json")
@@ -102,10 +141,14 @@ def read_meta(cache_dir: str | Path) -> dict:
     return json.loads(meta_file.read_text())
 
 
-def check_meta(meta: dict, spec: TeacherSpec, vocab_size: int, cache_dir) -> None:
-    """The cache must come from this teacher at this temperature and top-k: else the loss would differ."""
-    wanted = {"format": FORMAT, "teacher": spec.path, "top_k": spec.top_k, "temperature": spec.temperature,
-              "vocab_size": vocab_size}
+def check_meta(meta: dict, spec: TeacherSpec, vocab_size: int | None, cache_dir, task: str = "causal_lm") -> None:
+    """The cache must come from this teacher at this temperature and top-k (class mode: these classes'
+    probabilities, tempered at training time): else the loss would differ."""
+    if task == "sequence_classification":
+        wanted = {"format": FORMAT, "mode": "classes", "teacher": spec.path}
+    else:
+        wanted = {"format": FORMAT, "mode": "topk", "teacher": spec.path, "top_k": spec.top_k,
+                  "temperature": spec.temperature, "vocab_size": vocab_size}
     for key, value in wanted.items():
         if meta.get(key) != value:
             raise CacheError(f"method.cache_dir: {cache_dir} was built with {key}={meta.get(key)!r}, this run "
@@ -115,6 +158,8 @@ def check_meta(meta: dict, spec: TeacherSpec, vocab_size: int, cache_dir) -> Non
 def attach(samples: list[Sample], cache_dir: str | Path) -> None:
     """Give every sample its cached rows (`extras`); a sample absent from the cache is an error naming it."""
     meta = read_meta(cache_dir)
+    if meta.get("mode") == "classes":
+        return _attach_classes(samples, cache_dir, meta)
     index: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in meta["shards"]:
         with np.load(Path(cache_dir) / name) as z:
@@ -127,3 +172,19 @@ def attach(samples: list[Sample], cache_dir: str | Path) -> None:
             raise DataError(f"data line {s.line}: this sample is not in the teacher cache {cache_dir} (built for "
                             "other data, template, limit or tokenizer); rebuild it with `distune cache-teacher CFG`")
         s.extras = {"teacher_topk_ids": rows[0].astype(np.int64), "teacher_topk_logp": rows[1].astype(np.float32)}
+
+
+def _attach_classes(samples: list[Sample], cache_dir, meta: dict) -> None:
+    index: dict[str, np.ndarray] = {}
+    for name in meta["shards"]:
+        with np.load(Path(cache_dir) / name) as z:
+            index.update(zip(z["keys"].tolist(), z["class_logp"]))
+    for s in samples:
+        row = index.get(line_key(s.line))
+        if row is None:
+            raise DataError(f"data line {s.line}: this sample is not in the teacher cache {cache_dir} (built for "
+                            "other data or limit); rebuild it with `distune cache-teacher CFG`")
+        if s.label is None or len(row) != len(meta["labels"]):
+            raise DataError(f"method.cache_dir: {cache_dir} holds class probabilities over {meta['labels']}; "
+                            "the student must be a sequence classifier over the same classes")
+        s.extras = {"teacher_class_logp": row.astype(np.float32)}

@@ -77,7 +77,12 @@ class OnlineTeacher:
 class CachedTeacher:
     """Top-k from the batch: the loader scattered the cache rows onto the trained positions."""
 
-    def __call__(self, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> TeacherOutput:
+    def __init__(self, vocab_size: int | None = None):
+        self.vocab_size = vocab_size  # the student's logits are cut to it, as with the online teacher
+
+    def __call__(self, batch: dict[str, torch.Tensor], positions: torch.Tensor | None) -> TeacherOutput:
+        if "teacher_class_logp" in batch:  # a classifier student: the teacher's class log-probs [B, C]
+            return TeacherOutput(logits=batch["teacher_class_logp"])
         if "teacher_topk_ids" not in batch:
             raise ValueError("signal 'cached' but the batch carries no teacher top-k: the cache was not attached")
         return TeacherOutput(topk_ids=batch["teacher_topk_ids"][:, :-1][positions],

@@ -52,8 +52,12 @@ class Method(ABC):
         """Called before `adapt` with the frozen models' HF configs (e.g. a teacher's width). No-op by default."""
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], frozen: dict[str, nn.Module]) -> LossOutput:
-        """Token-level cross-entropy on the positions whose label is not -100 (the default objective)."""
+        """Token-level cross-entropy on the positions whose label is not -100 (the default objective);
+        class cross-entropy for a sequence classifier's batch (`class_labels`)."""
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if "class_labels" in batch:
+            loss = nn.functional.cross_entropy(out.logits.float(), batch["class_labels"])
+            return LossOutput(loss, {"ce": loss.detach()})
         loss, n_tokens = causal_lm_loss(out.logits, batch["labels"])
         return LossOutput(loss, {"ce": loss.detach(), "trained_tokens": n_tokens})
 

@@ -89,10 +89,22 @@ class DistillOptions(MethodConfig):
     @field_validator("student")
     @classmethod
     def _student(cls, v: dict) -> dict:
+        from pydantic import ValidationError
+
+        from distune.config import describe_error
+        from distune.methods.base import get_method, known_methods
+
         name = v.get("name", "full")
         if name == "distill":
             raise ValueError("a distillation student cannot itself be 'distill'")
-        build_method(name, {k: x for k, x in v.items() if k != "name"})  # the student's own keys, validated
+        try:
+            plugin = get_method(name)
+        except KeyError:
+            raise ValueError(f"unknown student method {name!r}; known: {', '.join(known_methods())}") from None
+        try:  # the student's own keys, validated by the student's Config, errors naming method.student.<key>
+            plugin.Config(**{k: x for k, x in v.items() if k != "name"})
+        except ValidationError as e:
+            raise ValueError(describe_error(e, plugin.Config, prefix=("method", "student"))) from None
         return {"name": name, **v}
 
     @model_validator(mode="after")
@@ -167,6 +179,8 @@ class Distill(Method):
     def loss(self, model, batch, frozen) -> LossOutput:
         c = self.config
         teacher = frozen["teacher"]
+        if "class_labels" in batch:
+            return self._classifier_loss(model, batch, teacher)
         on_policy = c.gkd.lmbda > 0 and self._coin(batch) < c.gkd.lmbda
         if on_policy:
             batch = self._student_samples(model, batch)
@@ -194,6 +208,18 @@ class Distill(Method):
             metrics["hidden_mse"] = h.detach()
         metrics.update(teacher_metrics(student_logits.detach(), t, c.temperature))
         return LossOutput(total, metrics)
+
+    def _classifier_loss(self, model, batch, teacher) -> LossOutput:
+        """Cross-architecture: a classifier student matches the teacher's distribution over the classes
+        (its verbalizer probabilities, from the cache); tokenizers never meet."""
+        c = self.config
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t = teacher(batch, None)
+        ce = nn.functional.cross_entropy(logits.float(), batch["class_labels"])
+        kd = distill_loss(c.divergence, logits, teacher_logits=t.logits, temperature=c.temperature,
+                          **c.divergence_params)
+        metrics = {"ce": ce.detach(), "kd": kd.detach(), **teacher_metrics(logits.detach(), t, c.temperature)}
+        return LossOutput((1 - c.kd_weight) * ce + c.kd_weight * kd, metrics)
 
     def _hidden_loss(self, model, student_h, teacher_h, attention_mask) -> torch.Tensor:
         proj = _find(model, PROJECTION)

@@ -28,7 +28,7 @@ class Lora(Method):
         c = self.config
         peft_cfg = LoraConfig(
             r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=c.target_modules,
-            use_rslora=c.use_rslora, use_dora=c.use_dora, bias=c.bias, task_type="CAUSAL_LM")
+            use_rslora=c.use_rslora, use_dora=c.use_dora, bias=c.bias, task_type=_task_type(model))
         return get_peft_model(model, peft_cfg)  # freezes the base, adapters require grad
 
     def export_keys(self, model: nn.Module) -> set[str]:
@@ -38,3 +38,8 @@ class Lora(Method):
         # state_dict holds the gathered adapter tensors: saving from it (not from the possibly ZeRO-3
         # partitioned module) is what makes the "empty adapter" bug impossible.
         model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+
+
+def _task_type(model: nn.Module) -> str:
+    # PEFT's SEQ_CLS also trains (and saves) the new classification head in full, as it must.
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"

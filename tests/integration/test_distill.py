@@ -35,6 +35,7 @@ def test_online_teacher_lora_student(ray_cluster, make_config, tiny_teacher, sta
     fit(cfg, str(cfg.model.path), show_progress=False)
     res = _results(cfg)
     assert res["step"] == 6 and "eval/loss" in res["after"]
+    assert res["teacher"]["eval/loss"] > 0  # the online teacher is scored on the same held-out set
     rows = _history(cfg)
     # The (random, confident) teacher is not a good model of the data: what must fall is the divergence.
     assert rows[-1]["train/kd"] < 0.95 * rows[0]["train/kd"]
@@ -105,3 +106,34 @@ def test_hidden_states_full_student_from_teacher_layers(ray_cluster, make_config
     weights = load_file(export / "model.safetensors")
     assert not any("distill" in k for k in weights)  # the projection is training-only
     assert "model.layers.1.self_attn.q_proj.weight" in weights and "model.layers.2.mlp.up_proj.weight" not in weights
+
+
+def test_cross_architecture_llm_teacher_to_encoder_classifier(ray_cluster, make_config, tiny_teacher, tiny_encoder,
+                                                            tmp_path, capsys):
+    """The LLM teacher's class probabilities (its verbalizer scores of each label) into a BERT classifier
+    with another tokenizer: the cache carries class distributions, never token ids."""
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = make_config(run={"name": "cross"}, model={"path": str(tiny_encoder), "task": "sequence_classification"},
+                      method={"name": "distill", "student": {"name": "full"}, "signal": "cached",
+                              "cache_dir": str(tmp_path / "classes"), "kd_weight": 1.0, "temperature": 2.0,
+                              "teacher": {"path": str(tiny_teacher), "dtype": "fp32"}},
+                      deepspeed={"stage": 2}, cluster={"num_workers": 2}, train={"max_steps": 6, "lr": 5e-3},
+                      eval={"before_training": True}, wandb={"mode": "offline"})
+    path = tmp_path / "cross.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    online = yaml.safe_load(path.read_text())
+    online["method"]["signal"] = "online"
+    (tmp_path / "online.yaml").write_text(yaml.safe_dump(online))
+    assert cli_main(["validate", str(tmp_path / "online.yaml")]) == 2  # classes come from the cache only
+    assert "set signal: cached" in capsys.readouterr().err
+
+    assert cli_main(["cache-teacher", str(path), "--no-progress"]) == 0
+    assert "class probabilities over ['negative', 'positive']" in capsys.readouterr().out
+    fit(cfg, str(tiny_encoder), show_progress=False)
+    res = _results(cfg)
+    assert res["step"] == 6 and "eval/accuracy" in res["after"]
+    rows = _history(cfg)
+    assert rows[-1]["train/kd"] < rows[0]["train/kd"]
+    student = AutoModelForSequenceClassification.from_pretrained(cfg.run_dir / "export")
+    assert student.config.id2label == {0: "negative", 1: "positive"}
