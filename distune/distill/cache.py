@@ -123,6 +123,7 @@ def write_meta(out_dir: Path, spec: TeacherSpec, vocab_size: int | None, shards:
     meta = {"format": FORMAT, "mode": "classes" if labels else "topk", "teacher": spec.path,
             "top_k": None if labels else spec.top_k, "temperature": None if labels else spec.temperature,
             "vocab_size": vocab_size, "labels": labels, "data": data_path,
+            "teacher_prompt": [spec.prompt, spec.system] if labels else None,
             "samples": sum(s["samples"] for s in shards), "positions": positions, "bytes": size,
             "bytes_per_token": size / max(1, positions), "shards": [s["shard"] for s in shards]}
     if not labels:
@@ -145,7 +146,8 @@ def check_meta(meta: dict, spec: TeacherSpec, vocab_size: int | None, cache_dir,
     """The cache must come from this teacher at this temperature and top-k (class mode: these classes'
     probabilities, tempered at training time): else the loss would differ."""
     if task == "sequence_classification":
-        wanted = {"format": FORMAT, "mode": "classes", "teacher": spec.path}
+        wanted = {"format": FORMAT, "mode": "classes", "teacher": spec.path,
+                  "teacher_prompt": [spec.prompt, spec.system]}
     else:
         wanted = {"format": FORMAT, "mode": "topk", "teacher": spec.path, "top_k": spec.top_k,
                   "temperature": spec.temperature, "vocab_size": vocab_size}

@@ -30,6 +30,8 @@ class TeacherSpec:
     hidden_states: bool = False
     cache_dir: str | None = None
     remote: dict = field(default_factory=dict)  # actors, cpus_per_actor, gpus_per_actor
+    prompt: str | None = None  # the teacher's own prompt template / system message (cross-architecture)
+    system: str | None = None
 
 
 @dataclass

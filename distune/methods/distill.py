@@ -32,6 +32,10 @@ class TeacherOptions(MethodConfig):
     path: str = Field(..., description="Hub id, local folder, .gguf, or a PEFT adapter folder (merged on load).")
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     trust_remote_code: bool = False
+    prompt: str | None = Field(None, description="Cross-architecture: the teacher's own prompt template (default "
+                                                 "data.prompt), e.g. with the instruction the student does not need.")
+    system: str | None = Field(None, description="Cross-architecture: the teacher's system message (default "
+                                                 "data.system).")
 
     @field_validator("path")
     @classmethod
@@ -112,12 +116,13 @@ class DistillOptions(MethodConfig):
         if self.signal != "online" and self.top_k is None:
             self.top_k = 64
         if self.signal == "cached" and not self.cache_dir:
-            raise ValueError("signal 'cached' needs cache_dir (written by `distune cache-teacher`)")
+            raise ValueError("method.cache_dir: signal 'cached' needs it (written by `distune cache-teacher`)")
         if self.signal == "cached" and self.gkd.lmbda > 0:
-            raise ValueError("gkd.lmbda > 0 scores the student's own samples: it needs signal online or remote")
+            raise ValueError("method.gkd.lmbda: > 0 scores the student's own samples, which needs signal online "
+                             "or remote, not cached")
         if self.signal != "online" and self.hidden.weight > 0:
-            raise ValueError("hidden-state distillation needs signal 'online' (hidden states are not cached "
-                             "or served remotely)")
+            raise ValueError(f"method.hidden.weight: hidden-state distillation needs signal 'online' (hidden "
+                             f"states are not cached or served remotely; signal is {self.signal!r})")
         return self
 
 
@@ -136,7 +141,8 @@ class Distill(Method):
         return {"teacher": TeacherSpec(path=c.teacher.path, dtype=c.teacher.dtype,
                                        trust_remote_code=c.teacher.trust_remote_code, signal=c.signal,
                                        top_k=c.top_k, temperature=c.temperature, hidden_states=c.hidden.weight > 0,
-                                       cache_dir=c.cache_dir, remote=c.remote.model_dump())}
+                                       cache_dir=c.cache_dir, remote=c.remote.model_dump(),
+                                       prompt=c.teacher.prompt, system=c.teacher.system)}
 
     def see_frozen_configs(self, configs) -> None:
         teacher = configs["teacher"]
@@ -261,6 +267,9 @@ class Distill(Method):
             seqs = module.generate(input_ids=prompts, attention_mask=prompt_mask, do_sample=True,
                                    temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
                                    min_new_tokens=1, pad_token_id=pad,
+                                   # On-policy means the student's own distribution: no default top-50 cut,
+                                   # nor a checkpoint's generation_config settings, on top of T and top_p.
+                                   top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0,
                                    synced_gpus=dist.is_initialized() and dist.get_world_size() > 1)
         finally:
             module.train(was_training)

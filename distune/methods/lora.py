@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from peft import LoraConfig, get_peft_model
+from pydantic import Field
 from torch import nn
 
 from distune.methods.base import Method, MethodConfig, register_method
 
 
 class LoraOptions(MethodConfig):
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"  # PEFT's shorthand: every linear layer but the output head
     use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
     use_dora: bool = False  # weight-decomposed LoRA
