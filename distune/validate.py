@@ -58,6 +58,10 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
             raise ConfigError(str(e)) from None
     method = build_method(cfg.method.name, cfg.method.model_extra or {})
     prepared = preflight(method.frozen_models(), tokenizer, model_config, check_cache, cfg.model.task)
+    gkd = getattr(cfg.method_config(), "gkd", None)
+    if gkd is not None and gkd.lmbda > 0 and cfg.data.train_on_inputs:
+        raise ConfigError("method.gkd.lmbda: on-policy samples continue each prompt, and the prompt ends at the "
+                          "first trained token; with data.train_on_inputs: true there is none. Set it false")
     if cfg.model.task == "sequence_classification" and cfg.eval.choices:
         raise ConfigError("eval.choices: a sequence classifier is scored by its head over data.labels; remove "
                           "eval.choices")
