@@ -2,7 +2,8 @@
 
     python bench/distill_quality.py [--student-steps 100] [--out bench/results/distill_quality.json]
 
-1. Teacher: SmolLM2-135M-Instruct LoRA-fine-tuned on Twitter sentiment (configs/quickstart.yaml), as
+1. Teacher: SmolLM2-135M-Instruct LoRA-fine-tuned on Twitter sentiment (configs/quickstart-teacher.yaml,
+   50 steps), as
    torchtune's KD recipe starts from a fine-tuned teacher.
 2. Student: 6 of SmolLM2's 30 blocks (every 5th; 49.5M parameters), full fine-tuning, same data, steps,
    schedule and seed in every arm:
@@ -67,6 +68,7 @@ def curve(run_dir: Path) -> list[tuple[int, float]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher-steps", type=int, default=50)
     p.add_argument("--student-steps", type=int, default=100)
     p.add_argument("--student-lr", type=float, default=2e-4)
     p.add_argument("--kd-weight", type=float, default=0.5)
@@ -80,13 +82,13 @@ def main() -> None:
     p.add_argument("--encoder-lr", type=float, default=5e-5)
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    base = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    base = yaml.safe_load((ROOT / "configs" / "quickstart-teacher.yaml").read_text())  # data, prompt, LoRA recipe
     base["wandb"]["mode"] = "offline"
     base["eval"]["every"] = 25
     arms: dict[str, dict] = {}
 
     # 1. The teacher, fine-tuned on the task.
-    teacher_cfg = arm_config(base, "teacher", args.work)
+    teacher_cfg = arm_config(base, "teacher", args.work, train={"max_steps": args.teacher_steps})
     teacher_dir = args.work / "teacher"
     if not (args.reuse_teacher and (teacher_dir / "results.json").is_file()):
         arms["teacher"] = {"seconds": run_cli(["run", str(teacher_cfg)], args.work / "teacher.log")}

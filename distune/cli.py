@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", help="key.path=value")
     r.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting one")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     r.add_argument("--verbose", action="store_true", help="forward every worker's log lines to this terminal")
     for name, (module, help_text) in EXTRA_COMMANDS.items():
         sp = sub.add_parser(name, help=help_text)

@@ -118,9 +118,10 @@ def cache_shard(cfg_dict: dict, model_source: str, index: int, count: int) -> di
         labels = load_splits(cfg.data, tokenizer, cfg.run.seed, None, cfg.model.task).labels
         source = resolve_model_source(spec.path)
         teacher_tok = load_tokenizer(source, spec.trust_remote_code)
-        # The teacher's own rendering: its tokenizer, chat template, and prompt (same rows, same split).
-        data = cfg.data.model_copy(update={k: v for k, v in (("prompt", spec.prompt), ("system", spec.system))
-                                           if v is not None})
+        # The teacher's own rendering: its tokenizer, chat template, and prompt (same rows, same split). It
+        # scores whole prompts: data.max_length is the student's input budget, not the teacher's.
+        data = cfg.data.model_copy(update={"max_length": 1 << 20, **{k: v for k, v in (
+            ("prompt", spec.prompt), ("system", spec.system)) if v is not None}})
         samples = load_splits(data, teacher_tok, cfg.run.seed).train
         model = load_model(source, spec.dtype, spec.trust_remote_code).to(device).eval()
         return cache.write_class_shard(samples, model, teacher_tok, data, labels, out_dir, index, count,

@@ -13,11 +13,23 @@ def format_metrics(metrics: dict) -> str:
 
 
 class ProgressPrinter:
-    def __init__(self):
+    """With `bar=False` (logs, CI, --no-progress) each logged step is a plain line instead of a bar."""
+
+    def __init__(self, bar: bool = True):
         self.bar: tqdm | None = None
+        self.use_bar = bar
+        self.total = None
 
     def handle(self, event: dict) -> None:
         kind = event.get("kind")
+        if not self.use_bar and kind in ("start", "step"):
+            if kind == "start":
+                self.total = event["total_steps"]
+                print(f"training: step {event['step']} -> {self.total}", flush=True)
+            else:
+                print(f"step {event['step']}/{self.total}  loss={event['loss']:.4f}  "
+                      f"tok_s={event['tokens_per_s']:.0f}", flush=True)
+            return
         if kind == "start":
             self.bar = tqdm(total=event["total_steps"], initial=event["step"], desc="train", unit="step",
                             dynamic_ncols=True)

@@ -15,7 +15,7 @@ from distune.config import ConfigError, RunConfig
 from distune.data import load_splits
 from distune.frozen import preflight
 from distune.methods import build_method
-from distune.models import layer_indices, load_model_config, load_tokenizer, resolve_model_source
+from distune.models import keep_layers, layer_indices, load_model_config, load_tokenizer, resolve_model_source
 
 
 def target_uses_gpu(cfg: RunConfig) -> bool:
@@ -52,10 +52,7 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
                           f"{model_config.vocab_size}")
 
     if cfg.model.layers is not None:
-        try:
-            layer_indices(cfg.model.layers, model_config.num_hidden_layers)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        _check_layers(cfg, model_config)
     method = build_method(cfg.method.name, cfg.method.model_extra or {})
     prepared = preflight(method.frozen_models(), tokenizer, model_config, check_cache, cfg.model.task)
     gkd = getattr(cfg.method_config(), "gkd", None)
@@ -81,3 +78,17 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         teachers["labels"] = splits.labels
     return {"model_source": source, "model_type": model_config.model_type, **teachers, "grad_accum": grad_accum,
             "total_steps": total, "steps_per_epoch": steps_per_epoch, **splits.stats}
+
+
+def _check_layers(cfg: RunConfig, model_config) -> None:
+    """model.layers fits this architecture: built on the meta device (shapes only, no weights read)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if cfg.model.task == "sequence_classification" else AutoModelForCausalLM
+    try:
+        layer_indices(cfg.model.layers, model_config.num_hidden_layers)
+        with torch.device("meta"):
+            model = auto.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
+        keep_layers(model, cfg.model.layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -78,7 +78,7 @@ def fit(cfg, model_source: str, address: str | None = None, show_progress: bool 
     env = dict(cfg.cluster.env)
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    sink = ProgressSink.remote() if show_progress else None
+    sink = ProgressSink.remote()  # events become a bar, or plain lines without show_progress
     trainer = TorchTrainer(
         _train_fn,
         train_loop_config={"config": cfg.model_dump(mode="json"), "model_source": model_source, "sink": sink,
@@ -93,9 +93,7 @@ def fit(cfg, model_source: str, address: str | None = None, show_progress: bool 
         ),
     )
     try:
-        if sink is None:
-            return trainer.fit()
-        return _fit_with_progress(trainer, sink)
+        return _fit_with_progress(trainer, sink, show_progress)
     finally:
         for actors, _ in remote.values():
             for actor in actors:
@@ -114,7 +112,7 @@ def _start_remote_teachers(cfg, model_source: str, specs: dict, use_gpu: bool) -
     return {name: (start_teachers(prep, use_gpu), prep.vocab_size) for name, prep in prepared.items()}
 
 
-def _fit_with_progress(trainer, sink):
+def _fit_with_progress(trainer, sink, bar: bool):
     outcome: dict = {}
 
     def target():
@@ -125,7 +123,7 @@ def _fit_with_progress(trainer, sink):
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    printer = ProgressPrinter()
+    printer = ProgressPrinter(bar)
     try:
         while True:
             alive = thread.is_alive()

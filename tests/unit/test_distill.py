@@ -519,3 +519,18 @@ def test_gkd_coin_is_a_function_of_the_batch_and_seed(world_of_one, tiny_teacher
     other["input_ids"][0, 0] += 1
     method.seed = 0
     assert method._coin(other) != first
+
+
+def test_gkd_with_train_on_inputs_is_refused_before_scheduling(tiny_model, tiny_data, tmp_path, tiny_teacher):
+    # The prompt of an on-policy sample ends at the first trained token: training on inputs leaves none.
+    cfg = load_config(tiny.base_config(tiny_model, tiny_data, tmp_path, method=_teacher(tiny_teacher, gkd={"lmbda": 0.5}),
+                                       data={"train_on_inputs": True}))
+    with pytest.raises(ConfigError, match=r"^method\.gkd\.lmbda: .*data\.train_on_inputs"):
+        validate(cfg)
+
+
+def test_layers_on_a_model_without_a_block_list_is_refused_before_scheduling(tiny_encoder, tiny_data, tmp_path):
+    cfg = load_config(tiny.base_config(tiny_encoder, tiny_data, tmp_path,
+                                       model={"task": "sequence_classification", "layers": 2}))
+    with pytest.raises(ConfigError, match=r"model\.layers: BertForSequenceClassification has no model\.layers"):
+        validate(cfg)
