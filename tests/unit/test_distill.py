@@ -1,7 +1,7 @@
 """Distillation without Ray: vocabulary alignment, the teacher cache (cached top-k == online top-k),
 teacher metrics against hand math, config errors, students from teacher layers, adapter-folder teachers,
 hidden-state projections and the GKD sampling helper. Ray runs of the same features live in
-tests/integration/test_distill.py."""
+tests/integration/test_distill_on_ray.py."""
 
 from __future__ import annotations
 
