@@ -174,7 +174,8 @@ def plot(arms: dict, path: Path) -> None:
             ax.plot(steps, acc, marker="o", label=name)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out accuracy (3 labels)")
-    ax.set_title("SmolLM2-135M teacher -> 49.5M student, Twitter sentiment")
+    ax.set_title("SmolLM2-135M LoRA teacher -> 49.5M SmolLM2 / 22.7M MiniLM students, Twitter sentiment",
+                 fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
