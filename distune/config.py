@@ -268,9 +268,12 @@ def _validate_method(cfg: RunConfig, where: str) -> None:
         raise ConfigError(f"{where}: method.name: unknown method {cfg.method.name!r}{hint}; "
                           f"known: {', '.join(names)}") from None
     try:
-        plugin.Config(**(cfg.method.model_extra or {}))
+        options = plugin.Config(**(cfg.method.model_extra or {}))
     except ValidationError as e:
         raise ConfigError(f"{where}: {describe_error(e, plugin.Config, prefix=('method',))}") from None
+    # Keep the plugin's normalised values (absolute local paths, filled defaults): the config is dumped and
+    # re-read by Ray workers, which run in another working directory.
+    cfg.method = MethodSection(name=cfg.method.name, **options.model_dump(mode="json"))
 
 
 # Names other frameworks use for our keys: spelling is not the only way to miss a key.

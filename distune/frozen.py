@@ -35,9 +35,11 @@ def preflight(specs: dict[str, TeacherSpec], student_tok, student_config, check_
         if not isinstance(spec, TeacherSpec):
             raise ConfigError(f"method asks for a frozen model {name!r} of unknown kind {type(spec).__name__}")
         try:
-            source = resolve_model_source(spec.path)
+            source = resolve_model_source(spec.path, key=f"method.{name}.path")
             config = load_model_config(source, spec.trust_remote_code)
             tok = load_tokenizer(source, spec.trust_remote_code)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None  # already names the key and the path
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"method.{name}.path: cannot load {spec.path!r}: {first}") from None

@@ -25,13 +25,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("DISTUNE_CACHE", Path.home() / ".cache" / "distune"))
 
 
-def resolve_model_source(path: str) -> str:
+def resolve_model_source(path: str, key: str = "model.path") -> str:
     """A loadable `from_pretrained` argument: a hub id, or an absolute folder (GGUF converted first)."""
     if not looks_local(path):
         return path  # hub id: transformers resolves (and downloads, where a network exists)
     local = resolve_path(path)
     if not local.exists():
-        raise FileNotFoundError(f"model.path: {path} does not exist")
+        raise FileNotFoundError(f"{key}: {path} does not exist")
     if local.suffix == ".gguf":
         return str(convert_gguf(local))
     return str(local)

@@ -534,3 +534,24 @@ def test_layers_on_a_model_without_a_block_list_is_refused_before_scheduling(tin
                                        model={"task": "sequence_classification", "layers": 2}))
     with pytest.raises(ConfigError, match=r"model\.layers: BertForSequenceClassification has no model\.layers"):
         validate(cfg)
+
+
+def test_relative_teacher_and_cache_paths_reach_workers_absolute(tiny_model, tiny_data, tmp_path, tiny_teacher,
+                                                                 monkeypatch):
+    """Ray workers re-read the dumped config in another working directory: local paths must be absolute."""
+    from distune.config import dump_config
+
+    monkeypatch.chdir(tiny_teacher.parent)
+    raw = tiny.base_config(tiny_model, tiny_data, tmp_path, method=_teacher(
+        f"./{tiny_teacher.name}", signal="cached", cache_dir="caches/c"))
+    dumped = dump_config(load_config(raw))["method"]
+    assert dumped["teacher"]["path"] == str(tiny_teacher)
+    assert dumped["cache_dir"] == str(tiny_teacher.parent / "caches" / "c")
+    monkeypatch.chdir(tmp_path)
+    assert load_config({**raw, "method": dumped}).method_config().teacher.path == str(tiny_teacher)
+
+
+def test_missing_teacher_names_the_key(tiny_model, tiny_data, tmp_path):
+    cfg = load_config(tiny.base_config(tiny_model, tiny_data, tmp_path, method=_teacher(tmp_path / "nope")))
+    with pytest.raises(ConfigError, match=r"^method\.teacher\.path: .*nope does not exist$"):
+        validate(cfg)
