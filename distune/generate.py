@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import time
 from pathlib import Path
@@ -53,9 +52,9 @@ def add_arguments(p) -> None:
 
 def command(cfg, summary: dict, args) -> int:
     from distune.config import ConfigError
-    from distune.data import Renderer, read_rows
+    from distune.data import Renderer
+    from distune.data.dataset import sampled_rows
     from distune.models import load_tokenizer, resolve_model_source
-    from distune.paths import resolve_path
     from distune.validate import target_uses_gpu
 
     for flag, value, ok in [("--max-new-tokens", args.max_new_tokens, args.max_new_tokens > 0),
@@ -84,11 +83,8 @@ def command(cfg, summary: dict, args) -> int:
     source = resolve_model_source(teacher.path)
     tokenizer = load_tokenizer(source, teacher.trust_remote_code)
 
-    data_path = resolve_path(cfg.data.path)
-    rows = list(read_rows(data_path, cfg.data.encoding, cfg.data.encoding_errors))
-    if cfg.data.limit:  # the same rows training picks (seeded shuffle, as data/dataset.py), kept in file order
-        random.Random(cfg.run.seed).shuffle(rows)
-        rows = sorted(rows[: cfg.data.limit], key=lambda r: r[0])
+    data_path, rows = sampled_rows(cfg.data, cfg.run.seed)  # the rows training uses...
+    rows.sort(key=lambda r: r[0])  # ...written back in file order
     # Prompts are rendered here, not in the shards: a bad row fails before any model loads, naming its line.
     renderer = Renderer(tokenizer, cfg.data, str(data_path))
     items = []

@@ -137,3 +137,16 @@ def keep_layers(model: torch.nn.Module, layers: int | list[int]) -> None:
     if isinstance(getattr(cfg, "layer_types", None), list):
         cfg.layer_types = [cfg.layer_types[i] for i in picked]
     cfg.num_hidden_layers = len(picked)
+
+
+def meta_model(config: PretrainedConfig, trust_remote_code: bool = False, task: str = "causal_lm",
+               layers: int | list[int] | None = None) -> torch.nn.Module:
+    """The architecture on the meta device: shapes only, no weights read (a 70B model costs nothing)."""
+    from transformers import AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
+    if layers is not None:
+        keep_layers(model, layers)
+    return model

@@ -32,17 +32,9 @@ def add_arguments(parser) -> None:
 
 
 def _meta_model(source: str, trust_remote_code: bool, layers=None):
-    import torch
-    from transformers import AutoModelForCausalLM
+    from distune.models import load_model_config, meta_model
 
-    from distune.models import keep_layers, load_model_config
-
-    config = load_model_config(source, trust_remote_code)
-    with torch.device("meta"):  # shapes only: a 70B model costs nothing here
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    if layers is not None:
-        keep_layers(model, layers)
-    return model
+    return meta_model(load_model_config(source, trust_remote_code), trust_remote_code, layers=layers)
 
 
 def lora_formula(model, method) -> tuple[int, int]:

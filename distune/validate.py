@@ -15,7 +15,7 @@ from distune.config import ConfigError, RunConfig
 from distune.data import load_splits
 from distune.frozen import preflight
 from distune.methods import build_method
-from distune.models import keep_layers, layer_indices, load_model_config, load_tokenizer, resolve_model_source
+from distune.models import layer_indices, load_model_config, meta_model, load_tokenizer, resolve_model_source
 
 
 def target_uses_gpu(cfg: RunConfig) -> bool:
@@ -82,13 +82,8 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
 
 def _check_layers(cfg: RunConfig, model_config) -> None:
     """model.layers fits this architecture: built on the meta device (shapes only, no weights read)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    auto = AutoModelForSequenceClassification if cfg.model.task == "sequence_classification" else AutoModelForCausalLM
     try:
         layer_indices(cfg.model.layers, model_config.num_hidden_layers)
-        with torch.device("meta"):
-            model = auto.from_config(model_config, trust_remote_code=cfg.model.trust_remote_code)
-        keep_layers(model, cfg.model.layers)
+        meta_model(model_config, cfg.model.trust_remote_code, cfg.model.task, cfg.model.layers)
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -7,6 +7,7 @@ deepspeed.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -25,8 +26,8 @@ class Splits:
     labels: list[str] | None = None  # sequence classification: class names, index = class id
 
 
-def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None = None,
-                task: str = "causal_lm") -> Splits:
+def sampled_rows(data_cfg, seed: int) -> tuple[Path, list[tuple[int, dict]]]:
+    """The data file's rows (line, row) in the seeded order training uses, cut to data.limit."""
     path = resolve_path(data_cfg.path)
     if not path.is_file():
         raise DataError(f"data.path: {data_cfg.path} does not exist")
@@ -36,6 +37,12 @@ def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
     random.Random(seed).shuffle(rows)
     if data_cfg.limit:
         rows = rows[: data_cfg.limit]
+    return path, rows
+
+
+def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None = None,
+                task: str = "causal_lm") -> Splits:
+    path, rows = sampled_rows(data_cfg, seed)
     n_eval = data_cfg.eval_size if isinstance(data_cfg.eval_size, int) else round(len(rows) * data_cfg.eval_size)
     if n_eval >= len(rows):
         raise DataError(f"data.eval_size={data_cfg.eval_size} leaves no training rows out of {len(rows)}")
