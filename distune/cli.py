@@ -77,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}
+    shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items() if k != "warnings"}
     print("ok: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    for w in summary.get("warnings", []):
+        print(f"warning: {w}")
     if args.command == "validate":
         return 0
     if args.command in EXTRA_COMMANDS:

@@ -64,28 +64,95 @@ class ModelSection(Strict):
         return v
 
 
+class DesignSection(Strict):
+    """Sample design (SDE): how a sample's prompt and target are written. Exact renderings: distune/data/design.py."""
+
+    instruction: str | list[str] | None = Field(
+        None, description="Task instruction added to data.prompt; a list = several phrasings, one drawn per "
+        "training row (seeded), the first used for eval rows.")
+    instruction_position: Literal["first", "last"] = Field(
+        "first", description="Instruction before the input (first) or after it (last).")
+    aspects: list[str] | None = Field(
+        None, description="Multi-aspect target: these columns (a value, a list, or empty) make up the "
+        "response instead of data.response.")
+    output_format: Literal["natural", "lines", "json"] = Field(
+        "lines", description="How aspects are written: natural sentences, one 'aspect: value' per line, or JSON.")
+    unmentioned: Literal["omit", "placeholder"] = Field(
+        "omit", description="An aspect with an empty value: left out, or written with the placeholder.")
+    placeholder: str = Field("none", description="Text written for an unmentioned aspect.")
+    label_format: Literal["text", "numeric"] = Field(
+        "text", description="Labels as their names, or as their index in data.labels.")
+    reasoning: Literal["none", "cot"] = Field(
+        "none", description="cot: the rationale first, then 'Answer: ...' (the loss covers both).")
+    rationale: str = Field("{rationale}", description="Template for the rationale column(s) when reasoning: cot.")
+
+    @field_validator("instruction")
+    @classmethod
+    def _phrasings(cls, v):
+        if isinstance(v, list) and (not v or not all(isinstance(x, str) and x.strip() for x in v)):
+            raise ValueError("must be a non-empty list of non-empty phrasings")
+        return v
+
+    @field_validator("aspects")
+    @classmethod
+    def _aspects(cls, v):
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("must be a non-empty list of distinct column names")
+        return v
+
+
 class DataSection(Strict):
-    path: str = Field(..., description="JSONL or CSV file (pkg:<package>/<file> is allowed).")
+    path: str = Field(..., description="JSONL / CSV / TSV / parquet file, a datasets folder (save_to_disk), "
+                      "or hf:<hub id>[:config] (pkg:<package>/<file> is allowed).")
 
     @field_validator("path")
     @classmethod
     def _anchor(cls, v: str) -> str:
-        return v if v.startswith("pkg:") else str(Path(v).expanduser().absolute())
-    format: Literal["prompt_response", "messages"] = "prompt_response"
+        return v if v.startswith(("pkg:", "hf:")) else str(Path(v).expanduser().absolute())
+    split: str = Field("train", description="Split of a datasets folder or hub dataset.")
+    format: Literal["prompt_response", "alpaca", "sharegpt", "messages"] = Field(
+        "prompt_response", description="prompt_response: the prompt/response templates; alpaca: instruction, "
+        "input, output columns; sharegpt: a 'conversations' list of {from, value}; messages: a 'messages' list "
+        "of {role, content}. Multi-turn formats train on assistant turns only.")
+    columns: dict[str, str] = Field(
+        {}, description="Rename columns before anything reads them: {name the format expects: column in the file}.")
+    bad_rows: Literal["fail", "skip"] = Field(
+        "fail", description="A malformed row stops validation (naming file and line), or is skipped and counted.")
     prompt: str = Field("{prompt}", description="Template over the row's columns, e.g. 'Review: {text}'.")
     response: str = Field("{response}", description="Template over the row's columns for the target.")
     system: str | None = Field(None, description="Optional system message when the chat template is used.")
     use_chat_template: bool = Field(True, description="Render with the tokenizer's chat template if it has one.")
-    train_on_inputs: bool = Field(False, description="Also train on prompt tokens (default: response only).")
+    train_on_inputs: bool = Field(False, description="Also train on prompt tokens (SDE's input modelling; "
+                                  "default: response only).")
+    design: DesignSection = Field(default_factory=DesignSection)
     max_length: int = Field(512, gt=1, description="Samples longer than this are truncated (from the right).")
     limit: int | None = Field(None, gt=0, description="Use only this many rows (after a seeded shuffle).")
     eval_size: int | float = Field(0.1, description="Held-out rows: a count, or a fraction in (0, 1).")
     labels: list[str] | None = Field(
-        None, description="Class names for model.task sequence_classification (the response template gives "
-        "a row's class); default: the distinct responses in the data, sorted.")
+        None, description="The label set: class names for model.task sequence_classification (default: the "
+        "distinct responses in the data, sorted), the order for design.label_format numeric, and the valid "
+        "values when eval parses answers.")
+    packing: bool = Field(False, description="Pack short training samples into rows of max_length; each keeps "
+                          "its own positions and attends only to itself.")
+    group_by_length: bool = Field(False, description="Batch training samples of similar length together "
+                                  "(less padding; ignored with packing).")
     encoding: str = "utf-8"
     encoding_errors: Literal["strict", "replace"] = Field(
         "strict", description="replace: undecodable bytes become U+FFFD instead of an error.")
+
+    @model_validator(mode="after")
+    def _design_fits(self) -> DataSection:
+        d = self.design
+        if d.label_format == "numeric" and not self.labels:
+            raise ValueError("data.design.label_format: numeric writes a label's index in data.labels; set "
+                             "data.labels")
+        if self.format in ("sharegpt", "messages"):
+            changed = [k for k in ("instruction", "aspects") if getattr(d, k) is not None]
+            changed += ["reasoning"] if d.reasoning != "none" else []
+            if changed:
+                raise ValueError(f"data.design.{changed[0]}: applies to single-turn formats "
+                                 f"(prompt_response, alpaca), not data.format: {self.format}")
+        return self
 
     @field_validator("eval_size")
     @classmethod

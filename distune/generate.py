@@ -72,8 +72,8 @@ def command(cfg, summary: dict, args) -> int:
         raise ConfigError(f"--out: {args.out} must end in .jsonl")
     if out.exists() and not args.force:
         raise ConfigError(f"--out: {out} exists; pass --force to overwrite it")
-    if cfg.data.format != "prompt_response":
-        raise ConfigError("generate needs data.format: prompt_response (a data.prompt template to answer)")
+    if cfg.data.format not in ("prompt_response", "alpaca"):
+        raise ConfigError("generate needs a single-turn data.format (prompt_response or alpaca): a prompt to answer")
 
     # The model as the config builds it: the distill teacher, or model.path (with its layer subset).
     teacher = cfg.method_config().teacher if cfg.method.name == "distill" else cfg.model
@@ -83,13 +83,13 @@ def command(cfg, summary: dict, args) -> int:
     source = resolve_model_source(teacher.path)
     tokenizer = load_tokenizer(source, teacher.trust_remote_code)
 
-    data_path, rows = sampled_rows(cfg.data, cfg.run.seed)  # the rows training uses...
+    data_source, rows = sampled_rows(cfg.data, cfg.run.seed)  # the rows training uses...
     rows.sort(key=lambda r: r[0])  # ...written back in file order
     # Prompts are rendered here, not in the shards: a bad row fails before any model loads, naming its line.
-    renderer = Renderer(tokenizer, cfg.data, str(data_path))
+    renderer = Renderer(tokenizer, cfg.data, data_source, cfg.run.seed)
     items = []
     for line, row in rows:
-        prompt = renderer._fill(cfg.data.prompt, row, line, "data.prompt")
+        prompt = renderer.prompt_text(line, row)
         if args.rationale:
             prompt = f"{prompt}\n\n{args.rationale_instruction}"
         items.append((line, row, renderer.pair(prompt, "")[0]))
@@ -112,7 +112,7 @@ def command(cfg, summary: dict, args) -> int:
     seconds = round(time.time() - began, 2)
 
     _write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in written))
-    meta = {"teacher": teacher.path, "data": str(data_path), "prompt": cfg.data.prompt, "shards": count,
+    meta = {"teacher": teacher.path, "data": data_source.name, "prompt": cfg.data.prompt, "shards": count,
             "settings": {k: settings[k] for k in ("max_new_tokens", "temperature", "top_p", "num_samples",
                                                    "batch_size", "seed", "rationale")}
             | ({"rationale_instruction": args.rationale_instruction} if args.rationale else {}),

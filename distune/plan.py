@@ -29,6 +29,9 @@ PLACEMENTS = {"online": "colocated", "cached": "cached", "remote": "remote"}  # 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the figures (bytes) as JSON")
+    parser.add_argument("--show-samples", type=int, default=0, metavar="N",
+                        help="print the first N training samples as the model sees them, trained tokens «marked», "
+                             "and the truncation count")
 
 
 def _meta_model(source: str, trust_remote_code: bool, layers=None):
@@ -179,9 +182,34 @@ def capacity(plan: dict, uses_gpu: bool) -> str:
     return f"{where} ({'fits' if need <= have else 'DOES NOT FIT'}, activations estimated)"
 
 
+def show_samples(cfg, summary: dict, n: int) -> str:
+    """The first n training samples rendered (template, design, chat template), trained tokens marked."""
+    from distune.data import IGNORE, load_splits
+    from distune.data.render import mark_trained
+    from distune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(summary["model_source"], cfg.model.trust_remote_code)
+    splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
+    lines = []
+    for i, s in enumerate(splits.train[:n]):
+        if s.label is not None:  # a classifier: the input text and its class
+            lines += [f"--- sample {i + 1} (data #{s.line}, {len(s.input_ids)} tokens, class {s.response!r})",
+                      tokenizer.decode(s.input_ids)]
+            continue
+        trained = sum(t != IGNORE for t in s.labels)
+        cut = " TRUNCATED" if len(s.input_ids) >= cfg.data.max_length else ""
+        lines += [f"--- sample {i + 1} (data #{s.line}, {len(s.input_ids)} tokens, {trained} trained «marked»{cut})",
+                  mark_trained(tokenizer, s)]
+    total = len(splits.train) + len(splits.eval)
+    lines.append(f"--- {splits.truncated} of {total} samples truncated at data.max_length={cfg.data.max_length}")
+    return "\n".join(lines)
+
+
 def command(cfg, summary: dict, args) -> int:
     from distune.validate import target_uses_gpu
 
+    if args.show_samples:
+        print(show_samples(cfg, summary, args.show_samples))
     plan = estimate(cfg, summary, count_params(cfg, summary["model_source"]))
     print(render(plan))
     print(capacity(plan, target_uses_gpu(cfg)))

@@ -12,7 +12,7 @@ import math
 import torch
 
 from distune.config import ConfigError, RunConfig
-from distune.data import load_splits
+from distune.data import load_splits, pack_groups
 from distune.frozen import preflight
 from distune.methods import build_method
 from distune.models import layer_indices, load_model_config, meta_model, load_tokenizer, resolve_model_source
@@ -59,16 +59,26 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
     if gkd is not None and gkd.lmbda > 0 and cfg.data.train_on_inputs:
         raise ConfigError("method.gkd.lmbda: on-policy samples continue each prompt, and the prompt ends at the "
                           "first trained token; with data.train_on_inputs: true there is none. Set it false")
+    if cfg.data.packing and (cfg.model.task != "causal_lm" or (gkd is not None and gkd.lmbda > 0)):
+        why = ("a classifier reads one sample per row" if cfg.model.task != "causal_lm"
+               else "on-policy samples continue each prompt separately (method.gkd)")
+        raise ConfigError(f"data.packing: {why}; set it false")
     if cfg.model.task == "sequence_classification" and cfg.eval.choices:
         raise ConfigError("eval.choices: a sequence classifier is scored by its head over data.labels; remove "
                           "eval.choices")
 
     splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
+    rows = len(splits.train)
+    if cfg.data.packing:
+        groups = pack_groups([len(s.input_ids) for s in splits.train], cfg.data.max_length)
+        rows = len(groups)
+        splits.stats |= {"packed_rows": rows, "pack_fill": sum(len(s.input_ids) for s in splits.train)
+                         / (rows * cfg.data.max_length)}
     world, micro = cfg.cluster.num_workers, cfg.train.micro_batch_size
-    per_epoch = (len(splits.train) // world) // micro
+    per_epoch = (rows // world) // micro
     if per_epoch < grad_accum:
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
-                          f"{len(splits.train)} training samples can fill once")
+                          f"{rows} training {'rows' if cfg.data.packing else 'samples'} can fill once")
     if (cfg.eval.every or cfg.eval.choices or cfg.eval.before_training) and not splits.eval:
         raise ConfigError("data.eval_size: evaluation is configured but the eval split is empty")
     steps_per_epoch = per_epoch // grad_accum
@@ -77,7 +87,7 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
     if splits.labels:
         teachers["labels"] = splits.labels
     return {"model_source": source, "model_type": model_config.model_type, **teachers, "grad_accum": grad_accum,
-            "total_steps": total, "steps_per_epoch": steps_per_epoch, **splits.stats}
+            "total_steps": total, "steps_per_epoch": steps_per_epoch, **splits.stats, "warnings": splits.warnings}
 
 
 def _check_layers(cfg: RunConfig, model_config) -> None:

@@ -24,7 +24,7 @@ import transformers
 
 from distune import frozen as frozen_models
 from distune.config import RunConfig, dump_config, load_config
-from distune.data import Renderer, ShardedBatches, load_splits
+from distune.data import Renderer, ShardedBatches, load_splits, pack, pack_groups
 from distune.loop import Cadence, TrainState, train
 from distune.methods import build_method
 from distune.models import load_model, load_tokenizer, resolve_model_source
@@ -68,15 +68,20 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.run.seed + rank)
 
-    # Wrap
+    # Wrap. Packed rows are fixed from lengths alone (the step count is known before any teacher signal is
+    # attached); the samples are merged after frozen models attach their per-sample extras.
     grad_accum = cfg.grad_accum_steps()
-    batches = ShardedBatches(splits.train, cfg.train.micro_batch_size, rank, world, cfg.run.seed,
-                             tokenizer.pad_token_id)
+    groups = pack_groups([len(s.input_ids) for s in splits.train], cfg.data.max_length) if cfg.data.packing else None
+    batches = ShardedBatches(splits.train if groups is None else pack(splits.train, groups),
+                             cfg.train.micro_batch_size, rank, world, cfg.run.seed, tokenizer.pad_token_id,
+                             cfg.data.group_by_length and groups is None)
     steps_per_epoch = max(1, batches.per_epoch // grad_accum)
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     ds_config = build_ds_config(cfg, grad_accum)
     engine = build_training_engine(model, ds_config, cfg.train, total)
     frozen = frozen_models.build(prepared, ds_config, splits.train, remote)
+    if groups is not None:
+        batches.samples = pack(splits.train, groups)  # again, now with the teacher's per-sample extras
 
     state = TrainState()
     with reporter.restore() as ckpt_dir:
@@ -90,7 +95,10 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
                    else f"{100 * st['trained_token_fraction']:.1f}% of tokens trained")
         emit({"kind": "info", "text": f"data: {st['train_rows']} train / {st['eval_rows']} eval samples, "
                                       f"{st['mean_tokens']:.1f} tokens mean (max {st['max_tokens']}), "
-                                      f"{trained}, {st['truncated']} truncated"})
+                                      f"{trained}, {st['truncated']} truncated"
+                                      + (f", packed into {len(batches.samples)} rows" if groups else "")})
+        for w in splits.warnings:
+            emit({"kind": "info", "text": f"warning: {w}"})
 
     choice_ids = None
     if cfg.eval.choices:

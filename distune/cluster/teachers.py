@@ -10,6 +10,7 @@ from __future__ import annotations
 import ray
 import torch
 
+from distune.data.loader import model_inputs
 from distune.distill.teacher import OnlineTeacher, TeacherOutput
 
 
@@ -25,8 +26,8 @@ class TeacherActor:
     def ready(self) -> bool:
         return True
 
-    def topk(self, input_ids, attention_mask, positions):
-        batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+    def topk(self, inputs: dict, positions):
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         out = self.teacher(batch, positions.to(self.device))
         return out.topk_ids.cpu(), out.topk_logp.cpu()
 
@@ -49,7 +50,7 @@ class RemoteTeacher:
     def __call__(self, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> TeacherOutput:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         actor = self.actors[rank % len(self.actors)]
-        ids, logp = ray.get(actor.topk.remote(batch["input_ids"].cpu(), batch["attention_mask"].cpu(),
-                                              positions.cpu()))
+        inputs = {k: v.cpu() if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
+        ids, logp = ray.get(actor.topk.remote(inputs, positions.cpu()))
         device = batch["input_ids"].device
         return TeacherOutput(topk_ids=ids.to(device), topk_logp=logp.to(device))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from distune.data.render import IGNORE, Renderer, Sample
-from distune.data.sources import DataError, read_rows
+from distune.data.sources import HUB_PREFIX, BadRows, DataError, Source, describe, read_hub, read_rows
 from distune.paths import resolve_path
 
 
@@ -24,66 +24,122 @@ class Splits:
     truncated: int = 0
     stats: dict = field(default_factory=dict)
     labels: list[str] | None = None  # sequence classification: class names, index = class id
+    warnings: list[str] = field(default_factory=list)
 
 
-def sampled_rows(data_cfg, seed: int) -> tuple[Path, list[tuple[int, dict]]]:
-    """The data file's rows (line, row) in the seeded order training uses, cut to data.limit."""
-    path = resolve_path(data_cfg.path)
-    if not path.is_file():
-        raise DataError(f"data.path: {data_cfg.path} does not exist")
-    rows = list(read_rows(path, data_cfg.encoding, data_cfg.encoding_errors))
+def sampled_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Source, list[tuple[int, dict]]]:
+    """The data's rows (line or row number, row) in the seeded order training uses, cut to data.limit.
+    With `bad`, malformed rows are recorded there and dropped instead of raising."""
+    on_bad = bad.add if bad is not None else None
+    if data_cfg.path.startswith(HUB_PREFIX):
+        source, rows = describe(data_cfg.path, None), list(read_hub(data_cfg.path, data_cfg.split))
+    else:
+        path = resolve_path(data_cfg.path)
+        if not path.exists():
+            raise DataError(f"data.path: {data_cfg.path} does not exist")
+        source = describe(data_cfg.path, path)
+        rows = list(read_rows(path, data_cfg.encoding, data_cfg.encoding_errors, data_cfg.split, on_bad))
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{source.name}: no rows")
     random.Random(seed).shuffle(rows)
     if data_cfg.limit:
         rows = rows[: data_cfg.limit]
-    return path, rows
+    return source, rows
 
 
 def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None = None,
                 task: str = "causal_lm") -> Splits:
-    path, rows = sampled_rows(data_cfg, seed)
+    bad = BadRows() if data_cfg.bad_rows == "skip" else None
+    source, rows = sampled_rows(data_cfg, seed, bad)
     n_eval = data_cfg.eval_size if isinstance(data_cfg.eval_size, int) else round(len(rows) * data_cfg.eval_size)
     if n_eval >= len(rows):
         raise DataError(f"data.eval_size={data_cfg.eval_size} leaves no training rows out of {len(rows)}")
 
-    renderer = Renderer(tokenizer, data_cfg, str(path))
+    renderer = Renderer(tokenizer, data_cfg, source, seed)
     if task == "sequence_classification":
-        return _class_splits(renderer, rows, data_cfg, n_eval, data_cfg.labels or class_names(renderer, path, data_cfg))
-    samples, truncated = [], 0
-    for line, row in rows:
-        s = renderer.render(line, row)
-        full_len = len(s.input_ids)
-        if s.labels.count(IGNORE) == len(s.labels):
-            why = " after truncation to data.max_length" if full_len >= data_cfg.max_length else ""
-            raise DataError(f"{path} line {line}: no trained tokens{why} (empty loss mask); "
-                            f"raise data.max_length or shorten the prompt")
-        truncated += full_len >= data_cfg.max_length
-        samples.append(s)
+        labels = data_cfg.labels or class_names(renderer, rows if data_cfg.path.startswith(HUB_PREFIX) else None,
+                                                 data_cfg)
+        splits = _class_splits(renderer, rows, data_cfg, n_eval, labels, bad)
+    else:
+        splits = _lm_splits(renderer, rows, data_cfg, n_eval, bad)
     if choices:
-        for s in samples[:n_eval]:
+        for s in splits.eval:
             if s.response is None or s.response.strip() not in [c.strip() for c in choices]:
-                raise DataError(f"{path} line {s.line}: response {s.response!r} is not one of eval.choices "
-                                f"{choices}")
+                raise DataError(f"{source.at(s.line)}: response {s.response!r} is not one of eval.choices {choices}")
+    if bad is not None and bad.count:
+        splits.warnings.insert(0, bad.summary())
+    splits.stats["skipped_rows"] = bad.count if bad is not None else 0
+    return splits
+
+
+def _render_all(rows: list, n_eval: int, bad: BadRows | None, render) -> list[Sample]:
+    """Render rows in order; the first n_eval good ones are eval rows (canonical instruction). A DataError
+    skips the row under data.bad_rows: skip, and stops everything otherwise."""
+    samples = []
+    for line, row in rows:
+        try:
+            samples.append(render(line, row, canonical=len(samples) < n_eval))
+        except DataError as e:
+            if bad is None:
+                raise
+            bad.add(str(e))
+    if len(samples) <= n_eval:
+        raise DataError(f"only {len(samples)} usable rows, data.eval_size={n_eval} leaves none for training")
+    return samples
+
+
+def _lm_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, bad: BadRows | None) -> Splits:
+    def render(line, row, canonical):
+        s = renderer.render(line, row, canonical)
+        if s.labels.count(IGNORE) == len(s.labels):
+            why = " after truncation to data.max_length" if len(s.input_ids) >= data_cfg.max_length else ""
+            raise DataError(f"{renderer.source.at(line)}: no trained tokens{why} (empty loss mask); "
+                            f"raise data.max_length or shorten the prompt")
+        return s
+
+    samples = _render_all(rows, n_eval, bad, render)
+    truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in samples)
     eval_s, train_s = samples[:n_eval], samples[n_eval:]
     lengths = [len(s.input_ids) for s in train_s]
+    everything = sum(IGNORE not in s.labels for s in train_s)
     stats = {"train_rows": len(train_s), "eval_rows": len(eval_s), "truncated": truncated,
              "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
              "trained_token_fraction": sum(sum(t != IGNORE for t in s.labels) for s in train_s) / sum(lengths)}
-    return Splits(train_s, eval_s, truncated, stats)
+    warnings = []
+    if everything:
+        why = ("data.train_on_inputs: true" if data_cfg.train_on_inputs
+               else "their prompts render to nothing")
+        warnings.append(f"{everything} of {len(train_s)} training samples train on every token ({why}): the "
+                        "model learns to write prompts too")
+    if truncated:
+        warnings.append(f"{truncated} samples are cut at data.max_length={data_cfg.max_length}")
+    return Splits(train_s, eval_s, truncated, stats, warnings=warnings)
 
 
-def class_names(renderer: Renderer, path, data_cfg) -> list[str]:
+def class_names(renderer: Renderer, rows: list | None, data_cfg) -> list[str]:
     """The label map from the data: every distinct class in the whole file (not only the sampled rows), sorted."""
-    names = sorted({renderer.class_name(line, row) for line, row in read_rows(path, data_cfg.encoding,
-                                                                             data_cfg.encoding_errors)})
+    if rows is None:
+        path = resolve_path(data_cfg.path)
+        rows = read_rows(path, data_cfg.encoding, data_cfg.encoding_errors, data_cfg.split,
+                         (lambda msg: None) if data_cfg.bad_rows == "skip" else None)
+    names = set()
+    for line, row in rows:
+        try:
+            names.add(renderer.class_name(line, row))
+        except DataError:
+            if data_cfg.bad_rows != "skip":
+                raise
+    names = sorted(names)
     if len(names) < 2:
-        raise DataError(f"{path}: sequence classification needs at least 2 classes, the data has {names}")
+        raise DataError(f"{renderer.source.name}: sequence classification needs at least 2 classes, the data has "
+                        f"{names}")
     return names
 
 
-def _class_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, labels: list[str]) -> Splits:
-    samples = [renderer.render_class(line, row, labels) for line, row in rows]
+def _class_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, labels: list[str],
+                  bad: BadRows | None) -> Splits:
+    samples = _render_all(rows, n_eval, bad, lambda line, row, canonical: renderer.render_class(line, row, labels,
+                                                                                                   canonical))
     truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in samples)
     eval_s, train_s = samples[:n_eval], samples[n_eval:]
     lengths = [len(s.input_ids) for s in train_s]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from distune.data.render import IGNORE, Sample
@@ -31,9 +32,59 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         lines = ", ".join(str(s.line) for s in samples)
         raise DataError(f"a batch has no trained tokens (source lines {lines}); check the loss mask settings")
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if samples[0].positions is not None:
+        # Packed rows: positions restart per packed sample (the padding too), and no attention mask goes to the
+        # model, so transformers builds a block-diagonal causal mask from the positions (no cross-sample attention).
+        pos = torch.arange(width).repeat(len(samples), 1)
+        for i, s in enumerate(samples):
+            pos[i, :len(s.positions)] = torch.tensor(s.positions)
+            pos[i, len(s.positions):] -= len(s.positions)
+        batch["position_ids"] = pos
     if samples[0].extras:
         batch.update(_scatter_extras(samples, labels))
     return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a model's forward gets: ids + attention mask, or ids + position ids for packed rows."""
+    if "position_ids" in batch:
+        # use_cache=False: with a KV cache object present transformers does not look for packed positions.
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of samples per packed row: first-fit by decreasing length (deterministic), each row <= capacity."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def pack(samples: list[Sample], groups: list[list[int]]) -> list[Sample]:
+    """One Sample per group: ids and labels concatenated, each part's first token untrained (it would be
+    predicted from the previous sample), positions restarting per part, extras concatenated in order."""
+    out = []
+    for group in groups:
+        parts = [samples[i] for i in group]
+        ids, labels, positions = [], [], []
+        for s in parts:
+            ids += s.input_ids
+            labels += [IGNORE] + s.labels[1:]
+            positions += list(range(len(s.input_ids)))
+        extras = None
+        if parts[0].extras:
+            extras = {k: np.concatenate([np.asarray(s.extras[k]) for s in parts]) for k in parts[0].extras}
+        out.append(Sample(ids, labels, parts[0].line, extras=extras, positions=positions))
+    return out
 
 
 def _collate_classes(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -73,9 +124,10 @@ def _scatter_extras(samples: list[Sample], labels: torch.Tensor) -> dict[str, to
 class ShardedBatches:
     """Micro-batches of this rank. Every rank sees the same number, so collectives stay in lockstep."""
 
-    def __init__(self, samples: list[Sample], micro_batch: int, rank: int, world: int, seed: int, pad_id: int):
+    def __init__(self, samples: list[Sample], micro_batch: int, rank: int, world: int, seed: int, pad_id: int,
+                 group_by_length: bool = False):
         self.samples, self.micro, self.rank, self.world = samples, micro_batch, rank, world
-        self.seed, self.pad_id = seed, pad_id
+        self.seed, self.pad_id, self.group_by_length = seed, pad_id, group_by_length
         self.per_epoch = (len(samples) // world) // micro_batch
         if self.per_epoch == 0:
             raise DataError(f"{len(samples)} training samples are fewer than one micro-batch per worker "
@@ -84,8 +136,23 @@ class ShardedBatches:
     def order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(len(self.samples), generator=g).tolist()
+        if self.group_by_length:
+            perm = self._grouped(perm, g)
         mine = perm[self.rank:: self.world]
         return mine[: self.per_epoch * self.micro]
+
+    def _grouped(self, perm: list[int], g: torch.Generator) -> list[int]:
+        """Like HF's LengthGroupedSampler: sort chunks of 50 global micro-batches by length, so one global
+        micro-batch (micro x world consecutive indices) holds similar lengths, then shuffle those batches."""
+        step = self.micro * self.world
+        chunk = step * 50
+        out = []
+        for start in range(0, len(perm), chunk):
+            out += sorted(perm[start:start + chunk], key=lambda i: -len(self.samples[i].input_ids))
+        full = len(out) // step
+        batches = [out[i * step:(i + 1) * step] for i in range(full)]
+        order = torch.randperm(full, generator=g).tolist()
+        return [i for b in order for i in batches[b]] + out[full * step:]
 
     def iterate(self, epoch: int, start: int) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
         """Yield (epoch, index_in_epoch, batch) forever from position (epoch, start)."""

@@ -1,8 +1,9 @@
 """Turn a row into token ids and a loss mask (labels = -100 where nothing is trained).
 
-Owns templating: `{column}` templates for prompt/response, the tokenizer's chat template when it has one,
-and which tokens train (response / assistant turns only unless train_on_inputs). Imports neither ray
-nor deepspeed.
+Owns templating: column renames, the row formats (prompt/response, alpaca, sharegpt, messages), `{column}`
+templates for prompt/response, the sample design (distune/data/design.py), the tokenizer's chat template when
+it has one, and which tokens train (response / assistant turns only unless train_on_inputs). Imports neither
+ray nor deepspeed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from distune.data.sources import DataError
+from distune.data.design import Design
+from distune.data.sources import DataError, Source
 
 IGNORE = -100
 
@@ -28,30 +30,98 @@ class Sample:
     # in the order of the trained positions; `collate` scatters them onto those positions.
     extras: dict | None = None
     label: int | None = None  # sequence classification: the class index (then `labels` is empty)
+    positions: list[int] | None = None  # packed rows: position ids restarting at 0 for every packed sample
+
+
+def mark_trained(tokenizer: PreTrainedTokenizerBase, sample: Sample, left: str = "«", right: str = "»") -> str:
+    """The sample's text with every run of trained tokens between `left` and `right` (what the loss sees)."""
+    out, run, trained = [], [], None
+    for tid, label in zip(sample.input_ids, sample.labels):
+        if (label != IGNORE) != trained and run:
+            text = tokenizer.decode(run)
+            out.append(f"{left}{text}{right}" if trained else text)
+            run = []
+        trained = label != IGNORE
+        run.append(tid)
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"{left}{text}{right}" if trained else text)
+    return "".join(out)
 
 
 def template_fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
 class Renderer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, data_cfg, source: str):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, data_cfg, source: Source | str, seed: int = 0):
         self.tok = tokenizer
         self.cfg = data_cfg
-        self.source = source
+        self.source = source if isinstance(source, Source) else Source(source)
         self.chat = bool(data_cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
+        self.design = Design(data_cfg.design, data_cfg.labels, seed)
 
     # -- public -------------------------------------------------------------------------------------
 
-    def render(self, line: int, row: dict) -> Sample:
-        if self.cfg.format == "messages":
+    def render(self, line: int, row: dict, canonical: bool = False) -> Sample:
+        """One row -> token ids + loss mask. `canonical`: eval rows, which use the first instruction phrasing."""
+        row = self.normalise(line, row)
+        if self.cfg.format in ("messages", "sharegpt"):
             return self._render_messages(line, row)
-        prompt = self._fill(self.cfg.prompt, row, line, "data.prompt")
-        response = self._fill(self.cfg.response, row, line, "data.response")
+        prompt = self.prompt_text(line, row, canonical, normalised=True)
+        response = self.target_text(line, row)
         prompt_ids, completion_ids = self.pair(prompt, response)
         sample = self._assemble([(prompt_ids, False), (completion_ids, True)], line)
         sample.prompt_ids, sample.response = prompt_ids, response
         return sample
+
+    def normalise(self, line: int, row: dict) -> dict:
+        """Column renames, then the format's own columns as the templates' `prompt` / `response` / `messages`."""
+        if self.cfg.columns:
+            row = dict(row)
+            for name, column in self.cfg.columns.items():
+                if column not in row:
+                    raise DataError(f"{self.source.at(line)}: data.columns.{name} names column {column!r}, row "
+                                    f"has {', '.join(map(repr, row))}")
+                row[name] = row[column]
+        if self.cfg.format == "alpaca":
+            for key in ("instruction", "output"):
+                if not isinstance(row.get(key), str):
+                    raise DataError(f"{self.source.at(line)}: alpaca rows need a string {key!r} column "
+                                    f"(data.columns renames yours)")
+            extra = row.get("input") or ""
+            row = {**row, "prompt": row["instruction"] + (f"\n\n{extra}" if extra.strip() else ""),
+                   "response": row["output"]}
+        elif self.cfg.format == "sharegpt":
+            turns = row.get("conversations")
+            if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+                raise DataError(f"{self.source.at(line)}: sharegpt rows need a 'conversations' list of "
+                                f"{{from, value}} objects")
+            messages = []
+            for i, t in enumerate(turns):
+                role = SHAREGPT_ROLES.get(t.get("from"))
+                if role is None or not isinstance(t.get("value"), str):
+                    raise DataError(f"{self.source.at(line)}: conversations[{i}] needs 'from' in "
+                                    f"{sorted(SHAREGPT_ROLES)} and a string 'value'")
+                messages.append({"role": role, "content": t["value"]})
+            row = {**row, "messages": messages}
+        return row
+
+    def prompt_text(self, line: int, row: dict, canonical: bool = False, normalised: bool = False) -> str:
+        """The user turn: data.prompt filled from the row, with the design's instruction placed around it."""
+        row = row if normalised else self.normalise(line, row)
+        text = self._fill(self.cfg.prompt, row, line, "data.prompt")
+        return self.design.prompt(text, self.design.instruction(line, canonical))
+
+    def target_text(self, line: int, row: dict) -> str:
+        """The response as the design writes it (aspects, label format, rationale first)."""
+        d = self.cfg.design
+        response = None if d.aspects else self._fill(self.cfg.response, row, line, "data.response")
+        rationale = self._fill(d.rationale, row, line, "data.design.rationale") if d.reasoning == "cot" else None
+        return self.design.target(response, row, rationale, self.source.at(line))
 
     def pair(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
         """Token ids of the prompt (everything before the response) and of the response (+ end token)."""
@@ -70,31 +140,32 @@ class Renderer:
             completion = completion + [self.tok.eos_token_id]
         return prompt_ids, completion
 
-    def render_class(self, line: int, row: dict, labels: list[str]) -> Sample:
+    def render_class(self, line: int, row: dict, labels: list[str], canonical: bool = False) -> Sample:
         """Sequence classification: the prompt text as the model's input, the response as a class index."""
-        text = self._fill(self.cfg.prompt, row, line, "data.prompt")
+        row = self.normalise(line, row)
+        text = self.prompt_text(line, row, canonical, normalised=True)
         name = self._fill(self.cfg.response, row, line, "data.response").strip()
         if name not in labels:
-            raise DataError(f"{self.source} line {line}: class {name!r} is not one of data.labels {labels}")
+            raise DataError(f"{self.source.at(line)}: class {name!r} is not one of data.labels {labels}")
         ids = self.tok(text, truncation=True, max_length=self.cfg.max_length)["input_ids"]
         return Sample(ids, [], line, response=name, label=labels.index(name))
 
     def class_name(self, line: int, row: dict) -> str:
-        return self._fill(self.cfg.response, row, line, "data.response").strip()
+        return self._fill(self.cfg.response, self.normalise(line, row), line, "data.response").strip()
 
     # -- internals ----------------------------------------------------------------------------------
 
     def _render_messages(self, line: int, row: dict) -> Sample:
         messages = row.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise DataError(f"{self.source} line {line}: 'messages' must be a non-empty list")
+            raise DataError(f"{self.source.at(line)}: 'messages' must be a non-empty list")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
                     "system", "user", "assistant"):
-                raise DataError(f"{self.source} line {line}: messages[{i}] needs role system/user/assistant and "
+                raise DataError(f"{self.source.at(line)}: messages[{i}] needs role system/user/assistant and "
                                 f"string content")
         if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{self.source} line {line}: no assistant turn, nothing to train on")
+            raise DataError(f"{self.source.at(line)}: no assistant turn, nothing to train on")
         if not self.chat:
             raise DataError("data.format: messages needs a tokenizer with a chat template")
         # Render growing prefixes: text added by an assistant turn trains, everything else does not.
@@ -106,7 +177,7 @@ class Renderer:
             prefix = self._apply(messages[:i], generation_prompt=True)
             upto = self._apply(messages[: i + 1], generation_prompt=False)
             if not prefix.startswith(done) or not upto.startswith(prefix):
-                raise DataError(f"{self.source} line {line}: the chat template is not prefix-stable over turns")
+                raise DataError(f"{self.source.at(line)}: the chat template is not prefix-stable over turns")
             pieces += [(self._ids(prefix[len(done):]), False), (self._ids(upto[len(prefix):]), True)]
             done = upto
         rest = self._apply(messages, generation_prompt=False)[len(done):]
@@ -127,7 +198,7 @@ class Renderer:
         try:
             return template.format_map({k: "" if v is None else v for k, v in row.items()})
         except KeyError as e:
-            raise DataError(f"{self.source} line {line}: {key} uses column {e.args[0]!r}, row has "
+            raise DataError(f"{self.source.at(line)}: {key} uses column {e.args[0]!r}, row has "
                             f"{', '.join(map(repr, row))}") from None
 
     def _system(self) -> list[dict]:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from distune.data.loader import model_inputs
+
 
 @dataclass
 class TeacherSpec:
@@ -65,8 +67,7 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> TeacherOutput:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         output_hidden_states=self.hidden_states)
+        out = self.model(**model_inputs(batch), output_hidden_states=self.hidden_states)
         # Padded embedding rows (ids no tokenizer produces) are cut off: both sides see the same vocabulary.
         logits = out.logits[:, :-1, : self.vocab_size][positions]
         hidden = tuple(out.hidden_states) if self.hidden_states else None

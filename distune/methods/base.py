@@ -17,6 +17,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from distune.data.loader import model_inputs
+
 ENTRY_POINT_GROUP = "distune.methods"
 
 
@@ -54,7 +56,7 @@ class Method(ABC):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], frozen: dict[str, nn.Module]) -> LossOutput:
         """Token-level cross-entropy on the positions whose label is not -100 (the default objective);
         class cross-entropy for a sequence classifier's batch (`class_labels`)."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(**model_inputs(batch))
         if "class_labels" in batch:
             loss = nn.functional.cross_entropy(out.logits.float(), batch["class_labels"])
             return LossOutput(loss, {"ce": loss.detach()})

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from distune.data.loader import model_inputs
 from distune.distill.divergences import DIVERGENCES, distill_loss
 from distune.distill.teacher import TeacherSpec, trained_positions
 from distune.paths import anchor
@@ -191,7 +192,7 @@ class Distill(Method):
         if on_policy:
             batch = self._student_samples(model, batch)
         hidden = c.hidden.weight > 0
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=hidden)
+        out = model(**model_inputs(batch), output_hidden_states=hidden)
         positions = trained_positions(batch["labels"])
         t = teacher(batch, positions)
         vocab = getattr(teacher, "vocab_size", None) or out.logits.shape[-1]
@@ -219,7 +220,7 @@ class Distill(Method):
         """Cross-architecture: a classifier student matches the teacher's distribution over the classes
         (its verbalizer probabilities, from the cache); tokenizers never meet."""
         c = self.config
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch)).logits
         t = teacher(batch, None)
         ce = nn.functional.cross_entropy(logits.float(), batch["class_labels"])
         kd = distill_loss(c.divergence, logits, teacher_logits=t.logits, temperature=c.temperature,

@@ -145,3 +145,25 @@ def test_cli_prints_every_stage(tiny_model, tiny_data, teacher_model, tmp_path, 
         assert re.search(rf"^\s*{row}\s+\d", out, re.M), out
     assert "colocated*" in out and "cached" in out and "remote" in out and "CPU workers" in out
     assert set(json.loads(out_json.read_text())["stages"]) == {"0", "1", "2", "3"}
+
+
+def test_show_samples_marks_trained_tokens_and_counts_truncation(make_config, tmp_path, capsys):
+    from distune.cli import main as cli_main
+
+    cfg = make_config(data={"prompt": "Sentiment: {text}", "response": "{label}", "max_length": 31,
+                            "design": {"instruction": "Label the tweet.", "instruction_position": "last"}})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert cli_main(["plan", str(path), "--show-samples", "2"]) == 0
+    out = capsys.readouterr().out
+    samples = re.findall(r"--- sample \d \(data #\d+, (\d+) tokens, (\d+) trained «marked»( TRUNCATED)?\)\n(.*?)(?=\n---)",
+                         out, re.S)
+    assert len(samples) == 2
+    for n_tokens, n_trained, cut, text in samples:
+        marked = re.findall("«(.*?)»", text, re.S)
+        assert len(marked) == 1 and "Sentiment:" not in marked[0]  # only the response trains
+        assert text.index("Sentiment:") < text.index("Label the tweet.")  # instruction placed last
+        assert bool(cut) == (int(n_tokens) >= 31)
+    # Every tiny sample renders to 32 tokens: at 31 each loses its last token and says so.
+    assert "--- 96 of 96 samples truncated at data.max_length=31" in out
+    assert "warning: 96 samples are cut at data.max_length=31" in out
