@@ -48,6 +48,8 @@ EXTRA_COMMANDS = {
                                                    "its top-k log-probs to method.cache_dir"),
     "generate": ("distune.generate", "have the teacher write responses into a dataset (sequence-level "
                                      "distillation)"),
+    "eval": ("distune.eval.command", "score the task as zero-shot / few-shot / CoT / self-consistency prompting "
+                                     "and as fine-tuned checkpoints, with format errors counted"),
 }
 
 

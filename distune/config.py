@@ -8,11 +8,13 @@ Owns: the schema of every YAML key, `a.b.c=value` overrides, and error messages 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_serializer,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -101,14 +103,25 @@ class DesignSection(Strict):
         return v
 
 
+def _anchor_path(v: str | None) -> str | None:
+    # Resolved where the config is loaded (the driver): Ray workers run in another working directory.
+    return v if v is None or v.startswith(("pkg:", "hf:")) else str(Path(v).expanduser().absolute())
+
+
+# Keys that shape the whole mixture (batches, tokens, the label set), so a task cannot set its own.
+GLOBAL_DATA_KEYS = ("tasks", "mixture_temperature", "packing", "group_by_length", "max_length", "use_chat_template",
+                    "train_on_inputs", "labels")
+
+
 class DataSection(Strict):
-    path: str = Field(..., description="JSONL / CSV / TSV / parquet file, a datasets folder (save_to_disk), "
-                      "or hf:<hub id>[:config] (pkg:<package>/<file> is allowed).")
+    path: str | None = Field(None, description="JSONL / CSV / TSV / parquet file, a datasets folder (save_to_disk), "
+                             "or hf:<hub id>[:config] (pkg:<package>/<file> is allowed). Required unless every "
+                             "data.tasks entry gives its own.")
 
     @field_validator("path")
     @classmethod
-    def _anchor(cls, v: str) -> str:
-        return v if v.startswith(("pkg:", "hf:")) else str(Path(v).expanduser().absolute())
+    def _anchor(cls, v: str | None) -> str | None:
+        return _anchor_path(v)
     split: str = Field("train", description="Split of a datasets folder or hub dataset.")
     format: Literal["prompt_response", "alpaca", "sharegpt", "messages"] = Field(
         "prompt_response", description="prompt_response: the prompt/response templates; alpaca: instruction, "
@@ -139,6 +152,65 @@ class DataSection(Strict):
     encoding: str = "utf-8"
     encoding_errors: Literal["strict", "replace"] = Field(
         "strict", description="replace: undecodable bytes become U+FFFD instead of an error.")
+    tasks: list[TaskSection] | None = Field(
+        None, description="A multi-task mixture: each entry has a name, a weight and data.* keys that replace the "
+        "top-level ones for that task (its own file, templates, design, limit, eval split).")
+    mixture_temperature: float = Field(
+        1.0, gt=0, description="Task i is drawn in proportion to (weight_i x rows_i) ** (1 / T): 1 = by size, "
+        "large = uniform over tasks (small tasks upsampled).")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_entries(cls, v):
+        # Validated entry by entry so that every message names data.tasks.<i>.<key>.
+        if v is None:
+            return v
+        if not isinstance(v, list) or not v:
+            raise ValueError("must be a non-empty list of task mappings")
+        out, seen = [], {}
+        for i, item in enumerate(v):
+            if not isinstance(item, (dict, TaskSection)):
+                raise ValueError(f"data.tasks.{i}: must be a mapping with a name, a weight and data.* keys")
+            if isinstance(item, dict):
+                for key in item:
+                    if key in GLOBAL_DATA_KEYS:
+                        raise ValueError(f"data.tasks.{i}.{key}: applies to the whole mixture; set data.{key} "
+                                         f"instead")
+                try:
+                    item = TaskSection.model_validate(item)
+                except ValidationError as e:
+                    raise ValueError(describe_error(e, TaskSection, prefix=("data", "tasks", str(i)))) from None
+            if item.name in seen:
+                raise ValueError(f"data.tasks.{i}.name: {item.name!r} is already data.tasks.{seen[item.name]}'s name")
+            seen[item.name] = i
+            out.append(item)
+        return out
+
+    @model_validator(mode="after")
+    def _path_or_tasks(self) -> DataSection:
+        if self.tasks:
+            self.task_sections()  # every task's merged section must validate now, not on the workers
+        elif self.path is None:
+            raise ValueError("data.path: required key is missing (or give data.tasks)")
+        return self
+
+    def task_sections(self) -> list[tuple[str, float, DataSection]]:
+        """(name, weight, effective data section) per task: the top-level keys, replaced by the task's own."""
+        base = self.model_dump(exclude={"tasks", "mixture_temperature"})
+        out = []
+        for i, task in enumerate(self.tasks or ()):
+            merged = {**base, **task.model_dump(include=task.model_fields_set - {"name", "weight"})}
+            if merged["path"] is None:
+                raise ValueError(f"data.tasks.{i}.path: required key is missing (no data.path to default to)")
+            try:
+                # model_validate, not model_copy: a task's format must still suit the design it ends up with.
+                out.append((task.name, task.weight, DataSection.model_validate(merged)))
+            except ValidationError as e:
+                at = f"data.tasks.{i}"
+                # The section's own checks name `data.<key>`: say which task's key it is.
+                raise ValueError(describe_error(e, DataSection, prefix=tuple(at.split(".")))
+                                 .replace(f"{at}: data.", f"{at}.", 1)) from None
+        return out
 
     @model_validator(mode="after")
     def _design_fits(self) -> DataSection:
@@ -162,6 +234,38 @@ class DataSection(Strict):
         if isinstance(v, int) and v < 0:
             raise ValueError("must be >= 0")
         return v
+
+
+class _TaskKeys(Strict):
+    """One task of data.tasks. Its other keys are the per-task data.* keys (TaskSection below): a key given
+    here replaces the top-level value whole (design included), a key left out inherits it."""
+
+    name: str = Field(..., description="Task name (a plain word, unique): tags its samples, warnings and stats.")
+    weight: float = Field(1.0, gt=0, description="Multiplies the task's row count in the mixture.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_word(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", v):
+            raise ValueError("must be a plain word (letters, digits, '_' or '-')")
+        return v
+
+    @field_validator("path", check_fields=False)
+    @classmethod
+    def _anchor(cls, v: str | None) -> str | None:
+        return _anchor_path(v)
+
+    @model_serializer(mode="wrap")
+    def _given_keys_only(self, handler):
+        # Unset keys inherit; dumped as nulls they would come back as overrides when workers re-read the config.
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set or k in ("name", "weight")}
+
+
+TaskSection = create_model(
+    "TaskSection", __base__=_TaskKeys, __module__=__name__,
+    **{k: (f.annotation, Field(None, description=f.description))
+       for k, f in DataSection.model_fields.items() if k not in GLOBAL_DATA_KEYS})
+DataSection.model_rebuild()
 
 
 class TrainSection(Strict):

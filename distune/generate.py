@@ -53,7 +53,9 @@ def add_arguments(p) -> None:
 def command(cfg, summary: dict, args) -> int:
     from distune.config import ConfigError
     from distune.data import Renderer
+    from distune.data import DataError
     from distune.data.dataset import sampled_rows
+    from distune.data.sources import BadRows
     from distune.models import load_tokenizer, resolve_model_source
     from distune.validate import target_uses_gpu
 
@@ -83,17 +85,26 @@ def command(cfg, summary: dict, args) -> int:
     source = resolve_model_source(teacher.path)
     tokenizer = load_tokenizer(source, teacher.trust_remote_code)
 
-    data_source, rows = sampled_rows(cfg.data, cfg.run.seed)  # the rows training uses...
+    bad = BadRows() if cfg.data.bad_rows == "skip" else None
+    data_source, rows = sampled_rows(cfg.data, cfg.run.seed, bad)  # the rows training uses...
     rows.sort(key=lambda r: r[0])  # ...written back in file order
     # Prompts are rendered here, not in the shards: a bad row fails before any model loads, naming its line.
     renderer = Renderer(tokenizer, cfg.data, data_source, cfg.run.seed)
     items = []
     for line, row in rows:
-        prompt = renderer.prompt_text(line, row)
+        try:
+            prompt = renderer.prompt_text(line, row)
+        except DataError as e:
+            if bad is None:
+                raise
+            bad.add(str(e))
+            continue
         if args.rationale:
             prompt = f"{prompt}\n\n{args.rationale_instruction}"
         items.append((line, row, renderer.pair(prompt, "")[0]))
 
+    if bad is not None and bad.count:
+        print(f"warning: {bad.summary()}")
     from distune.cluster.tasks import run_shards
 
     settings = {"source": source, "dtype": teacher.dtype, "trust_remote_code": teacher.trust_remote_code,
@@ -139,36 +150,51 @@ def generate_shard(settings: dict, items: list, index: int, count: int) -> dict:
     tok = load_tokenizer(settings["source"], settings["trust_remote_code"])
     model = load_model(settings["source"], settings["dtype"], settings["trust_remote_code"], settings["layers"])
     model.to(device).eval()
-    eos = model.generation_config.eos_token_id
-    stops = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])
-    sampling = ({"do_sample": True, "temperature": settings["temperature"], "top_p": settings["top_p"],
-                 "top_k": 0}  # top_k=0: no hidden top-50 cut beyond what the user asked for
-                if settings["temperature"] > 0 else {"do_sample": False})
-    n, size = settings["num_samples"], settings["batch_size"]
-    # Similar lengths share a batch, so less compute goes to padding; the driver restores file order.
-    mine = sorted(items[index::count], key=lambda item: len(item[2]))
-    result = {"rows": [], "generated_tokens": 0, "empty": 0, "unparsed": 0}
-    for start in range(0, len(mine), size):
-        batch = mine[start:start + size]
-        width = max(len(ids) for _, _, ids in batch)
-        # Left padding: every prompt ends where generation starts; the mask hides the pads.
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(ids)) + ids for _, _, ids in batch])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, _, ids in batch])
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=settings["max_new_tokens"], num_return_sequences=n,
-                                 pad_token_id=tok.pad_token_id, use_cache=True, **sampling)
-        for k, seq in enumerate(out[:, width:].tolist()):
-            line, row, _ = batch[k // n]  # generate returns a prompt's n samples next to each other
-            length = next((i + 1 for i, t in enumerate(seq) if t in stops), len(seq))
-            result["generated_tokens"] += length
-            text = tok.decode(seq[:length], skip_special_tokens=True).strip()
+    mine = items[index::count]
+    texts, tokens = complete(model, tok, [ids for _, _, ids in mine], settings, device)
+    result = {"rows": [], "generated_tokens": tokens, "empty": 0, "unparsed": 0}
+    for (line, row, _), samples in zip(mine, texts):
+        for text in samples:
             made = _columns(text, settings["rationale"]) if text else None
             if made is None:
                 result["unparsed" if text else "empty"] += 1
             else:
                 result["rows"].append((line, {**row, **made}))
     return result
+
+
+def complete(model, tok, prompts: list[list[int]], settings: dict, device) -> tuple[list[list[str]], int]:
+    """settings["num_samples"] texts per prompt (token ids, chat template applied), in the order given, and the
+    number of tokens generated. Batched by similar length, left-padded; stops at the model's end tokens.
+    settings: max_new_tokens, temperature (0 = greedy), top_p, num_samples, batch_size."""
+    import torch
+
+    eos = model.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])
+    sampling = ({"do_sample": True, "temperature": settings["temperature"], "top_p": settings["top_p"],
+                 "top_k": 0}  # top_k=0: no hidden top-50 cut beyond what the user asked for
+                if settings["temperature"] > 0 else {"do_sample": False})
+    n, size = settings["num_samples"], settings["batch_size"]
+    # Similar lengths share a batch, so less compute goes to padding; results go back to the given order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    texts: list[list[str]] = [[] for _ in prompts]
+    tokens = 0
+    for start in range(0, len(order), size):
+        batch = order[start:start + size]
+        width = max(len(prompts[i]) for i in batch)
+        # Left padding: every prompt ends where generation starts; the mask hides the pads.
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in batch])
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=settings["max_new_tokens"], num_return_sequences=n,
+                                 pad_token_id=tok.pad_token_id, use_cache=True, **sampling)
+        for k, seq in enumerate(out[:, width:].tolist()):
+            length = next((i + 1 for i, t in enumerate(seq) if t in stops), len(seq))
+            tokens += length
+            # generate returns a prompt's n samples next to each other
+            texts[batch[k // n]].append(tok.decode(seq[:length], skip_special_tokens=True).strip())
+    return texts, tokens
 
 
 def _columns(text: str, rationale: bool) -> dict | None:

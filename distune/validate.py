@@ -53,6 +53,12 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
 
     if cfg.model.layers is not None:
         _check_layers(cfg, model_config)
+    # A class cache is keyed by data line, and every task's file has its own line 1, 2, ... (checked before
+    # preflight, which would first ask for the cache to be built).
+    if cfg.data.tasks and cfg.model.task == "sequence_classification" and getattr(
+            cfg.method_config(), "signal", None) == "cached":
+        raise ConfigError("data.tasks: a classifier's teacher cache is keyed by data line, which tasks share; "
+                          "use method.signal: online, or one data file")
     method = build_method(cfg.method.name, cfg.method.model_extra or {})
     prepared = preflight(method.frozen_models(), tokenizer, model_config, check_cache, cfg.model.task)
     gkd = getattr(cfg.method_config(), "gkd", None)

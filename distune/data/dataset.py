@@ -1,4 +1,5 @@
-"""Build the train / eval sample lists from a data file: read, render, check, split.
+"""Build the train / eval sample lists from a data file: read, render, check, split; or, with data.tasks, from
+one such file per task, mixed by temperature sampling (FLAN / T5).
 
 Every rank builds the same lists (seeded), so no data moves between processes. Imports neither ray nor
 deepspeed.
@@ -6,8 +7,8 @@ deepspeed.
 
 from __future__ import annotations
 
+import math
 import random
-from pathlib import Path
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -31,6 +32,8 @@ def sampled_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Sourc
     """The data's rows (line or row number, row) in the seeded order training uses, cut to data.limit.
     With `bad`, malformed rows are recorded there and dropped instead of raising."""
     on_bad = bad.add if bad is not None else None
+    if data_cfg.path is None:
+        raise DataError("data.path: not set (a data.tasks mixture has no single file to read here)")
     if data_cfg.path.startswith(HUB_PREFIX):
         source, rows = describe(data_cfg.path, None), list(read_hub(data_cfg.path, data_cfg.split))
     else:
@@ -49,6 +52,13 @@ def sampled_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Sourc
 
 def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None = None,
                 task: str = "causal_lm") -> Splits:
+    if data_cfg.tasks:
+        return _mixture(data_cfg, tokenizer, seed, choices, task)
+    return _one_source(data_cfg, tokenizer, seed, choices, task)
+
+
+def _one_source(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None, task: str,
+                labels: list[str] | None = None) -> Splits:
     bad = BadRows() if data_cfg.bad_rows == "skip" else None
     source, rows = sampled_rows(data_cfg, seed, bad)
     n_eval = data_cfg.eval_size if isinstance(data_cfg.eval_size, int) else round(len(rows) * data_cfg.eval_size)
@@ -57,8 +67,7 @@ def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
 
     renderer = Renderer(tokenizer, data_cfg, source, seed)
     if task == "sequence_classification":
-        labels = data_cfg.labels or class_names(renderer, rows if data_cfg.path.startswith(HUB_PREFIX) else None,
-                                                 data_cfg)
+        labels = labels or data_cfg.labels or class_names(renderer, _hub_rows(data_cfg, rows), data_cfg)
         splits = _class_splits(renderer, rows, data_cfg, n_eval, labels, bad)
     else:
         splits = _lm_splits(renderer, rows, data_cfg, n_eval, bad)
@@ -70,6 +79,80 @@ def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
         splits.warnings.insert(0, bad.summary())
     splits.stats["skipped_rows"] = bad.count if bad is not None else 0
     return splits
+
+
+def _mixture(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None,
+             task: str) -> Splits:
+    """Each task's splits as if it were the only data, then its training samples drawn in proportion to
+    (weight x size) ** (1 / mixture_temperature); eval is every task's eval split, unsampled."""
+    sections = data_cfg.task_sections()
+    labels = data_cfg.labels
+    if task == "sequence_classification" and labels is None:
+        labels = _mixture_classes(sections, tokenizer, seed)
+    parts = []
+    for name, _, cfg in sections:
+        try:
+            part = _one_source(cfg, tokenizer, seed, choices, task, labels)
+        except DataError as e:
+            raise DataError(f"[task {name}] {e}") from None
+        for s in part.train + part.eval:
+            s.task = name
+        parts.append(part)
+
+    sizes = [len(p.train) for p in parts]
+    # In log space: a small temperature raises sizes to large powers.
+    logs = [math.log(weight * n) / data_cfg.mixture_temperature for (_, weight, _), n in zip(sections, sizes)]
+    mass = [math.exp(x - max(logs)) for x in logs]
+    shares = [m / sum(mass) for m in mass]
+    rng = random.Random(seed)
+    train, eval_s, per_task, warnings = [], [], {}, []
+    for (name, _, _), part, share in zip(sections, parts, shares):
+        count = round(sum(sizes) * share)
+        pool = part.train
+        # Without replacement while the task has enough rows; beyond that all of them plus seeded repeats.
+        train += rng.sample(pool, count) if count <= len(pool) else pool + rng.choices(pool, k=count - len(pool))
+        eval_s += part.eval
+        per_task[name] = {"rows": len(pool), "share": round(share, 4), "drawn": count}
+        warnings += [f"[task {name}] {w}" for w in part.warnings]
+        if not count:
+            warnings.append(f"[task {name}] no training samples drawn (share {share:.4f}); raise its weight or "
+                            f"data.mixture_temperature")
+    rng.shuffle(train)
+    truncated = sum(p.truncated for p in parts)
+    stats = _totals(train, eval_s, truncated)
+    if task == "sequence_classification":
+        stats["classes"] = len(labels)
+    else:
+        stats["trained_token_fraction"] = (sum(sum(t != IGNORE for t in s.labels) for s in train)
+                                           / max(1, sum(len(s.input_ids) for s in train)))
+    stats |= {"skipped_rows": sum(p.stats["skipped_rows"] for p in parts), "tasks": per_task}
+    return Splits(train, eval_s, truncated, stats, labels if task == "sequence_classification" else None, warnings)
+
+
+def _mixture_classes(sections: list, tokenizer: PreTrainedTokenizerBase, seed: int) -> list[str]:
+    """The label map of a classification mixture: every task's classes together, sorted."""
+    names: set[str] = set()
+    for name, _, cfg in sections:
+        try:
+            source, rows = sampled_rows(cfg, seed, BadRows() if cfg.bad_rows == "skip" else None)
+            names |= _class_set(Renderer(tokenizer, cfg, source, seed), _hub_rows(cfg, rows), cfg)
+        except DataError as e:
+            raise DataError(f"[task {name}] {e}") from None
+    if len(names) < 2:
+        raise DataError(f"data.tasks: sequence classification needs at least 2 classes, the tasks have "
+                        f"{sorted(names)}")
+    return sorted(names)
+
+
+def _hub_rows(data_cfg, rows: list) -> list | None:
+    # A hub dataset is only read once (its sampled rows); a local file is re-read whole for its classes.
+    return rows if data_cfg.path.startswith(HUB_PREFIX) else None
+
+
+def _totals(train_s: list[Sample], eval_s: list[Sample], truncated: int) -> dict:
+    lengths = [len(s.input_ids) for s in train_s]
+    return {"train_rows": len(train_s), "eval_rows": len(eval_s), "truncated": truncated,
+            "mean_tokens": sum(lengths) / max(1, len(lengths)), "max_tokens": max(lengths, default=0)}
 
 
 def _render_all(rows: list, n_eval: int, bad: BadRows | None, render) -> list[Sample]:
@@ -100,11 +183,9 @@ def _lm_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, bad: BadRo
     samples = _render_all(rows, n_eval, bad, render)
     truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in samples)
     eval_s, train_s = samples[:n_eval], samples[n_eval:]
-    lengths = [len(s.input_ids) for s in train_s]
     everything = sum(IGNORE not in s.labels for s in train_s)
-    stats = {"train_rows": len(train_s), "eval_rows": len(eval_s), "truncated": truncated,
-             "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
-             "trained_token_fraction": sum(sum(t != IGNORE for t in s.labels) for s in train_s) / sum(lengths)}
+    stats = _totals(train_s, eval_s, truncated) | {"trained_token_fraction": sum(
+        sum(t != IGNORE for t in s.labels) for s in train_s) / sum(len(s.input_ids) for s in train_s)}
     warnings = []
     if everything:
         why = ("data.train_on_inputs: true" if data_cfg.train_on_inputs
@@ -118,6 +199,14 @@ def _lm_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, bad: BadRo
 
 def class_names(renderer: Renderer, rows: list | None, data_cfg) -> list[str]:
     """The label map from the data: every distinct class in the whole file (not only the sampled rows), sorted."""
+    names = sorted(_class_set(renderer, rows, data_cfg))
+    if len(names) < 2:
+        raise DataError(f"{renderer.source.name}: sequence classification needs at least 2 classes, the data has "
+                        f"{names}")
+    return names
+
+
+def _class_set(renderer: Renderer, rows: list | None, data_cfg) -> set[str]:
     if rows is None:
         path = resolve_path(data_cfg.path)
         rows = read_rows(path, data_cfg.encoding, data_cfg.encoding_errors, data_cfg.split,
@@ -129,10 +218,6 @@ def class_names(renderer: Renderer, rows: list | None, data_cfg) -> list[str]:
         except DataError:
             if data_cfg.bad_rows != "skip":
                 raise
-    names = sorted(names)
-    if len(names) < 2:
-        raise DataError(f"{renderer.source.name}: sequence classification needs at least 2 classes, the data has "
-                        f"{names}")
     return names
 
 
@@ -142,7 +227,5 @@ def _class_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, labels:
                                                                                                    canonical))
     truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in samples)
     eval_s, train_s = samples[:n_eval], samples[n_eval:]
-    lengths = [len(s.input_ids) for s in train_s]
-    stats = {"train_rows": len(train_s), "eval_rows": len(eval_s), "truncated": truncated,
-             "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths), "classes": len(labels)}
+    stats = _totals(train_s, eval_s, truncated) | {"classes": len(labels)}
     return Splits(train_s, eval_s, truncated, stats, labels)

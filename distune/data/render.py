@@ -31,6 +31,7 @@ class Sample:
     extras: dict | None = None
     label: int | None = None  # sequence classification: the class index (then `labels` is empty)
     positions: list[int] | None = None  # packed rows: position ids restarting at 0 for every packed sample
+    task: str | None = None  # data.tasks mixtures: the task the sample came from
 
 
 def mark_trained(tokenizer: PreTrainedTokenizerBase, sample: Sample, left: str = "«", right: str = "»") -> str:
@@ -112,9 +113,23 @@ class Renderer:
 
     def prompt_text(self, line: int, row: dict, canonical: bool = False, normalised: bool = False) -> str:
         """The user turn: data.prompt filled from the row, with the design's instruction placed around it."""
+        return self.design.prompt(self.input_text(line, row, normalised), self.design.instruction(line, canonical))
+
+    def input_text(self, line: int, row: dict, normalised: bool = False) -> str:
+        """data.prompt filled from the row, without the instruction."""
         row = row if normalised else self.normalise(line, row)
-        text = self._fill(self.cfg.prompt, row, line, "data.prompt")
-        return self.design.prompt(text, self.design.instruction(line, canonical))
+        return self._fill(self.cfg.prompt, row, line, "data.prompt")
+
+    def conversation(self, turns: list[tuple[str, str]], query: str) -> list[int]:
+        """Prompt ids for in-context learning: demonstration (user, assistant) turns, then the query, ending
+        where the model's answer starts (the chat template's generation prompt; plain text without one)."""
+        if self.chat:
+            messages = self._system() + [m for u, a in turns for m in (
+                {"role": "user", "content": u}, {"role": "assistant", "content": a})]
+            return self._ids(self._apply(messages + [{"role": "user", "content": query}], generation_prompt=True))
+        # Like training's plain-text samples (prompt, then response): separators belong in data.prompt.
+        text = "".join(f"{u}{a}\n\n" for u, a in turns) + query
+        return self.tok(text, add_special_tokens=True)["input_ids"]
 
     def target_text(self, line: int, row: dict) -> str:
         """The response as the design writes it (aspects, label format, rationale first)."""
