@@ -25,25 +25,16 @@ import copy
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
+from cli_runs import run_cli  # bench/: the same folder as this script
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # wandb_records: reads what an offline W&B run logged
-
-
-def run_cli(args: list[str], log: Path) -> float:
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "distune", *args, "--no-progress"], stdout=f,
-                              stderr=subprocess.STDOUT, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"distune {' '.join(args)} failed ({proc.returncode}); see {log}")
-    return time.perf_counter() - t0
 
 
 def arm_config(base: dict, name: str, work: Path, **changes) -> Path:
@@ -78,6 +69,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distill_quality.json")
     p.add_argument("--reuse-teacher", action="store_true", help="keep a teacher export from an earlier run")
     p.add_argument("--arms", choices=["all", "decoder", "encoder"], default="all")
+    p.add_argument("--report-only", action="store_true", help="train nothing: score the runs already in --work")
     p.add_argument("--encoder-steps", type=int, default=100)
     p.add_argument("--encoder-lr", type=float, default=5e-5)
     args = p.parse_args()
@@ -85,12 +77,13 @@ def main() -> None:
     base = yaml.safe_load((ROOT / "configs" / "quickstart-teacher.yaml").read_text())  # data, prompt, LoRA recipe
     base["wandb"]["mode"] = "offline"
     base["eval"]["every"] = 25
+    base["eval"]["before_training"] = True  # the quickstart skips it; the report shows before -> after
     arms: dict[str, dict] = {}
 
     # 1. The teacher, fine-tuned on the task.
     teacher_cfg = arm_config(base, "teacher", args.work, train={"max_steps": args.teacher_steps})
     teacher_dir = args.work / "teacher"
-    if not (args.reuse_teacher and (teacher_dir / "results.json").is_file()):
+    if not ((args.reuse_teacher or args.report_only) and (teacher_dir / "results.json").is_file()):
         arms["teacher"] = {"seconds": run_cli(["run", str(teacher_cfg)], args.work / "teacher.log")}
     teacher_export = teacher_dir / "export"
 
@@ -122,14 +115,22 @@ def main() -> None:
         }
     for name, change in plans.items():
         sections = {"model": student_model, "train": student_train, **change}
-        cfg = arm_config(base, name, args.work, **sections)
+        cfg = args.work / f"{name}.yaml" if args.report_only else arm_config(base, name, args.work, **sections)
+        cache_log, log = args.work / f"{name}-cache.log", args.work / f"{name}.log"
         arms[name] = {}
+        if args.report_only:  # wall times from the files each step left (config written, logs closed)
+            start = cache_log.stat().st_mtime if cache_log.exists() else cfg.stat().st_mtime
+            if cache_log.exists():
+                arms[name]["cache_seconds"] = start - cfg.stat().st_mtime
+            arms[name]["seconds"] = log.stat().st_mtime - start
+        elif change["method"].get("signal") == "cached":
+            arms[name]["cache_seconds"] = run_cli(["cache-teacher", str(cfg), "--force"], cache_log)
         if change["method"].get("signal") == "cached":
-            arms[name]["cache_seconds"] = run_cli(["cache-teacher", str(cfg), "--force"], args.work / f"{name}-cache.log")
             meta = json.loads((Path(change["method"]["cache_dir"]) / "meta.json").read_text())
             arms[name]["cache_bytes_per_token"] = meta["bytes_per_token"]
             arms[name]["cache_mib"] = meta["bytes"] / 2**20
-        arms[name]["seconds"] = run_cli(["run", str(cfg)], args.work / f"{name}.log")
+        if not args.report_only:
+            arms[name]["seconds"] = run_cli(["run", str(cfg)], log)
 
     # 3. Scores (arms of an earlier invocation are kept in the JSON, so --arms encoder adds to a decoder run).
     if args.out.is_file():
@@ -137,7 +138,8 @@ def main() -> None:
         arms = {**{k: v for k, v in earlier.items() if k not in plans and k not in arms}, **arms}
     for name in ["teacher", *plans]:
         res = json.loads((args.work / name / "results.json").read_text())
-        arms.setdefault(name, {}).update(before=res["before"]["eval/accuracy"], after=res["after"]["eval/accuracy"],
+        arms.setdefault(name, {}).update(before=res.get("before", {}).get("eval/accuracy"),
+                                         after=res["after"]["eval/accuracy"],
                                          curve=curve(args.work / name))
     teacher = arms["teacher"]["after"]
     for a in arms.values():
@@ -151,7 +153,8 @@ def main() -> None:
     for name, a in arms.items():
         extra = f" (+ cache {a['cache_seconds']:.0f} s)" if "cache_seconds" in a else ""
         secs = f"{a['seconds']:.0f} s{extra}" if "seconds" in a else "reused"
-        lines.append(f"| {name} | {a['before']:.1%} | {a['after']:.1%} | {a['of_teacher']:.1%} | {secs} |")
+        before = f"{a['before']:.1%}" if a["before"] is not None else "-"
+        lines.append(f"| {name} | {before} | {a['after']:.1%} | {a['of_teacher']:.1%} | {secs} |")
     table = "\n".join(lines)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(table)

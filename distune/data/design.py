@@ -156,13 +156,19 @@ def _empty(v) -> bool:
 
 
 def _single(text: str, names: list[str] | None) -> tuple[str, bool]:
-    """A single label: the first line; with a label set, a label found at the start counts, the rest is extra."""
+    """A single label. With a label set: a label at the start (anything after it is extra text), else the first
+    label named anywhere in the answer ("The sentiment is neutral." -> neutral, extra text), as lm-eval-harness's
+    first-match filters do; no label named -> the first line, which then is an invalid label."""
     first, _, rest = text.partition("\n")
     first = first.strip().rstrip(".")
     if names:
         for n in sorted(names, key=len, reverse=True):
             if first.lower().startswith(n.lower()):
                 return n, bool(first[len(n):].strip(" .") or rest.strip())
+        hits = [(m.start(), n) for n in names
+                for m in [re.search(rf"(?<!\w){re.escape(n)}(?!\w)", text, re.IGNORECASE)] if m]
+        if hits:
+            return min(hits)[1], True
     return first, bool(rest.strip())
 
 

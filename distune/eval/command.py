@@ -45,6 +45,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dev-size", type=int, default=40, help="training rows that score instruction candidates")
     p.add_argument("--out", help="folder for eval.json, eval.md, predictions.jsonl, eval.png "
                                  "(default: the run directory's eval/)")
+    p.add_argument("--rescore", action="store_true",
+                   help="generate nothing: parse and score the outputs already in --out again (after a parser or "
+                        "label change); the instruction search is kept as it was")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
     p.add_argument("--shards", type=int, help="parallel Ray tasks (default: cluster.num_workers)")
     p.add_argument("--address", help="join this Ray cluster instead of starting one")
@@ -105,6 +108,10 @@ def command(cfg, summary: dict, args) -> int:
                               f"({', '.join(gold.errors)}); check data.labels / eval.choices against the data")
         golds.append(gold.values)
 
+    out = Path(args.out).expanduser().absolute() if args.out else cfg.run_dir / "eval"
+    if args.rescore:
+        return _rescore(out, builder, labels, cfg)
+
     models = {"prompted": prompt_source, **{n: resolve_model_source(p) for n, p in checkpoints.items()}}
     settings = _settings(args)
     arms: dict[str, list] = {}  # arm -> requests (model key, settings key, prompt ids)
@@ -124,27 +131,53 @@ def command(cfg, summary: dict, args) -> int:
     outputs, seconds, tokens = runner.run(arms)
     results, predictions = _score(arms, outputs, seconds, tokens, builder, golds, eval_ex, tok, labels)
 
-    from distune.eval import report
-
-    out = Path(args.out).expanduser().absolute() if args.out else cfg.run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    text = report.table(results)
-    print(text)
     payload = {"config": cfg.run.name, "data": cfg.data.path, "rows": len(eval_ex), "labels": labels,
                "prompted_model": prompt_source, "checkpoints": checkpoints,
                "settings": {k: getattr(args, k) for k in ("shots", "select", "embedder", "samples", "temperature",
                                                            "max_new_tokens", "cot_max_new_tokens", "limit")},
                "results": results, "instruction_search": search}
+    return _write(out, payload, predictions, cfg)
+
+
+def _write(out: Path, payload: dict, predictions: list[dict], cfg) -> int:
+    from distune.eval import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = payload["results"]
+    text = report.table(results)
+    print(text)
     report.write_json(out / "eval.json", payload)
     (out / "eval.md").write_text(text + "\n")
     with open(out / "predictions.jsonl", "w") as f:
         f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-    drawn = report.plot(results, out / "eval.png", f"{cfg.run.name}: {len(eval_ex)} held-out rows")
+    drawn = report.plot(results, out / "eval.png", f"{cfg.run.name}: {payload['rows']} held-out rows")
     run_id = report.log_wandb(cfg.wandb, out, f"{cfg.run.name}-eval", results, predictions)
     print(f"wrote {out}/eval.json, eval.md, predictions.jsonl" + (", eval.png" if drawn else
                                                                    " (no plot: pip install matplotlib)")
           + (f"; W&B run {run_id} ({cfg.wandb.mode})" if run_id else ""))
     return 0
+
+
+def _rescore(out: Path, builder, labels, cfg) -> int:
+    from distune.config import ConfigError
+    from distune.eval.metrics import score
+    from distune.eval.prompts import majority
+
+    if not (out / "eval.json").is_file() or not (out / "predictions.jsonl").is_file():
+        raise ConfigError(f"--rescore: {out} has no eval.json and predictions.jsonl of an earlier eval")
+    payload = json.loads((out / "eval.json").read_text())
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    by_arm: dict[str, list] = {}
+    for p in predictions:
+        design = builder.design_for(p["arm"] if p["arm"] in MODES else "zero_shot")
+        samples = [design.parse(t) for t in p["output"]]
+        parsed = majority(samples) if len(samples) > 1 else samples[0]
+        p["parsed"], p["errors"] = parsed.values, parsed.errors
+        by_arm.setdefault(p["arm"], []).append((p["gold"], parsed))
+    for arm, pairs in by_arm.items():
+        payload["results"][arm]["metrics"] = score([g for g, _ in pairs], [q for _, q in pairs], labels)
+    payload["rescored"] = time.strftime("%Y-%m-%d %H:%M")
+    return _write(out, payload, predictions, cfg)
 
 
 def _checkpoints(specs: list[str]) -> dict[str, str]:

@@ -75,6 +75,13 @@ def test_every_mode_and_a_checkpoint(positive_run, capsys):
     assert row["eval/results/_type"] == "table-file" and row["eval/results/nrows"] == 6
     assert row["eval/predictions/nrows"] == 36
 
+    # --rescore re-parses the saved outputs without generating: the same figures, instruction search kept.
+    assert cli_main(["eval", str(path), "--checkpoint", f"tuned={cfg.run_dir / 'export'}", "--rescore",
+                     "--out", str(out), "--no-progress"]) == 0
+    again = json.loads((out / "eval.json").read_text())
+    assert again["rescored"] and again["instruction_search"] == search
+    assert {a: r["metrics"] for a, r in again["results"].items()} == {a: r["metrics"] for a, r in results.items()}
+
 
 def test_bad_arguments_fail_before_any_work(positive_run, capsys):
     path, cfg = positive_run

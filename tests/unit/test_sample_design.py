@@ -130,6 +130,9 @@ def test_parse_error_types():
     assert single.parse("positive").values == {"label": "positive"} and single.parse("positive").errors == []
     assert single.parse("Positive, clearly.").errors == ["extra_text"]
     assert single.parse("great").errors == ["invalid_label"]
+    found = single.parse("The sentiment of this tweet is neutral, not negative.")  # first label named, counted
+    assert found.values == {"label": "neutral"} and found.errors == ["extra_text"]
+    assert single.parse("I'd call it non-negativeish").errors == ["invalid_label"]  # whole words only
     numeric = design(label_format="numeric")
     assert numeric.parse("2").values == {"label": "positive"}
     cot = design(reasoning="cot")
