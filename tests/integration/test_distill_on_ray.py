@@ -82,9 +82,12 @@ def test_remote_teacher_actor_group(ray_cluster, make_config, tiny_teacher):
     assert rows[-1]["train/kd"] < 0.95 * rows[0]["train/kd"]
 
 
-def test_gkd_on_policy_under_zero3(ray_cluster, make_config, tiny_teacher):
-    cfg = _distill(make_config, tiny_teacher, 3, name="gkd", divergence="jsd", divergence_params={"beta": 0.5},
-                   gkd={"lmbda": 0.5, "max_new_tokens": 6})
+@pytest.mark.parametrize("stage, signal", [(3, {}), (2, {"signal": "remote", "top_k": 16})],
+                         ids=["online-zero3", "remote-zero2"])
+def test_gkd_on_policy(ray_cluster, make_config, tiny_teacher, stage, signal):
+    """The student's own samples scored by the teacher: colocated (ZeRO-3), or on its Ray actor (top-k)."""
+    cfg = _distill(make_config, tiny_teacher, stage, name=f"gkd{stage}", divergence="jsd",
+                   divergence_params={"beta": 0.5}, gkd={"lmbda": 0.5, "max_new_tokens": 6}, **signal)
     fit(cfg, str(cfg.model.path), show_progress=False)
     assert _results(cfg)["step"] == 6
     rows = _history(cfg)
