@@ -277,7 +277,7 @@ def plot(report: dict, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     panels = [("sentiment", "results", "accuracy", "Twitter sentiment: accuracy per arm (SmolLM2-135M)"),
-              ("sde", "arms", "entity_f1", "NER as 10 aspects: entity F1 per SDE arm (LoRA)")]
+              ("sde", "arms", "entity_f1", f"NER as {len(report.get('sde', {}).get('entity_columns', []))} aspects: entity F1 per SDE arm (LoRA)")]
     for ax, (part, key, metric, title) in zip(axes, panels):
         ax.set_title(title, fontsize=9)
         if part not in report:
@@ -352,7 +352,7 @@ def main() -> None:
     if "sentiment" in report:
         text += ["## Sentiment: prompting vs fine-tuning vs distillation", "", sentiment_table(report["sentiment"]), ""]
     if "sde" in report:
-        text += ["## Sample design ablation: NER as a 10-aspect task", "", sde_table(report["sde"]), ""]
+        text += [f"## Sample design ablation: NER as a {len(report['sde']['entity_columns'])}-aspect task", "", sde_table(report["sde"]), ""]
     args.out.with_suffix(".md").write_text("\n".join(text))
     print("\n".join(text))
     plot(report, args.out.with_suffix(".png"))
