@@ -135,8 +135,12 @@ class Renderer:
         """The response as the design writes it (aspects, label format, rationale first)."""
         d = self.cfg.design
         response = None if d.aspects else self._fill(self.cfg.response, row, line, "data.response")
-        rationale = self._fill(d.rationale, row, line, "data.design.rationale") if d.reasoning == "cot" else None
+        rationale = self.rationale_text(line, row) if d.reasoning == "cot" else None
         return self.design.target(response, row, rationale, self.source.at(line))
+
+    def rationale_text(self, line: int, row: dict) -> str:
+        """data.design.rationale filled from a (normalised) row; DataError when the row lacks its columns."""
+        return self._fill(self.cfg.design.rationale, row, line, "data.design.rationale")
 
     def pair(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
         """Token ids of the prompt (everything before the response) and of the response (+ end token)."""

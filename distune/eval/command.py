@@ -92,14 +92,17 @@ def command(cfg, summary: dict, args) -> int:
     renderer = Renderer(tok, cfg.data.model_copy(update={"labels": labels}), cfg.data.path, cfg.run.seed)
     neighbours = None
     prompt_source = resolve_model_source(args.prompt_model) if args.prompt_model else summary["model_source"]
-    if "few_shot" in "".join(modes) or "self_consistency" in modes:
-        if args.select == "nearest":
-            embedder = resolve_model_source(args.embedder) if args.embedder else prompt_source
-            print(f"embedding {len(eval_ex)} queries and {len(train_ex)} training rows with {embedder} ...")
-            neighbours = nearest([renderer.input_text(e.line, e.row) for e in eval_ex],
-                                 [renderer.input_text(e.line, e.row) for e in train_ex], embedder, args.shots)
+    wants_demos = any(m != "zero_shot" for m in modes)
+    if wants_demos and args.select == "nearest" and not args.rescore:  # --rescore builds no prompts
+        embedder = resolve_model_source(args.embedder) if args.embedder else prompt_source
+        print(f"embedding {len(eval_ex)} queries and {len(train_ex)} training rows with {embedder} ...")
+        neighbours = nearest([renderer.input_text(e.line, e.row) for e in eval_ex],
+                             [renderer.input_text(e.line, e.row) for e in train_ex], embedder, args.shots)
     builder = PromptBuilder(renderer, train_ex, min(args.shots, len(train_ex)), args.select, cfg.run.seed,
                             neighbours)
+    out = Path(args.out).expanduser().absolute() if args.out else cfg.run_dir / "eval"
+    if args.rescore:  # the saved predictions carry their gold answers
+        return _rescore(out, builder, labels, cfg)
     golds = []
     for e in eval_ex:
         gold = builder.design.parse(renderer.target_text(e.line, renderer.normalise(e.line, e.row)))
@@ -107,10 +110,6 @@ def command(cfg, summary: dict, args) -> int:
             raise ConfigError(f"{cfg.data.path} line {e.line}: the design's own target does not parse back "
                               f"({', '.join(gold.errors)}); check data.labels / eval.choices against the data")
         golds.append(gold.values)
-
-    out = Path(args.out).expanduser().absolute() if args.out else cfg.run_dir / "eval"
-    if args.rescore:
-        return _rescore(out, builder, labels, cfg)
 
     models = {"prompted": prompt_source, **{n: resolve_model_source(p) for n, p in checkpoints.items()}}
     settings = _settings(args)

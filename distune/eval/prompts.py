@@ -70,7 +70,7 @@ class PromptBuilder:
         answer = self.r.target_text(ex.line, row)
         sep = "\n" if "\n" in answer else " "
         try:
-            rationale = self.r._fill(self.r.cfg.design.rationale, row, ex.line, "data.design.rationale").strip()
+            rationale = self.r.rationale_text(ex.line, row).strip()
         except DataError:  # no rationale columns in this data: demonstrations show the answer format only
             rationale = ""
         return f"{rationale}\n{ANSWER}{sep}{answer}" if rationale else f"{ANSWER}{sep}{answer}"
