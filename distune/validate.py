@@ -69,6 +69,10 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         why = ("a classifier reads one sample per row" if cfg.model.task != "causal_lm"
                else "on-policy samples continue each prompt separately (method.gkd)")
         raise ConfigError(f"data.packing: {why}; set it false")
+    trains = getattr(method, "student", method)  # distill: the wrapped student decides what the model sees
+    if cfg.data.packing and not trains.supports_packing:
+        raise ConfigError(f"data.packing: method {trains.name!r} prepends virtual tokens and cannot keep packed "
+                          f"samples apart; set it false")
     if cfg.model.task == "sequence_classification" and cfg.eval.choices:
         raise ConfigError("eval.choices: a sequence classifier is scored by its head over data.labels; remove "
                           "eval.choices")

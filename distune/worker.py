@@ -78,7 +78,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     steps_per_epoch = max(1, batches.per_epoch // grad_accum)
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     ds_config = build_ds_config(cfg, grad_accum)
-    engine = build_training_engine(model, ds_config, cfg.train, total)
+    engine = build_training_engine(model, ds_config, cfg.train, total, method.optimizer_groups(model))
     frozen = frozen_models.build(prepared, ds_config, splits.train, remote)
     if groups is not None:
         batches.samples = pack(splits.train, groups)  # again, now with the teacher's per-sample extras

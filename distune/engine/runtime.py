@@ -45,8 +45,13 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float):
+def lr_lambda(warmup: int, total: int, min_ratio: float, stop_after: bool = False):
+    """Linear warmup, then cosine to min_ratio at `total`. `stop_after`: 0 past `total` (a parameter group whose
+    own schedule ended before the run's, e.g. one adapter of several: with lr 0 AdamW leaves it unchanged)."""
+
     def f(step: int) -> float:
+        if stop_after and step >= total:
+            return 0.0
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -55,21 +60,36 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, total_steps: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, total_steps: int,
+                          groups: list[dict] | None = None):
+    """`groups` (from the method; default: every trainable parameter in one group) are dicts with `params` and
+    optional `name`, `lr` (absolute; default train.lr), `lr_scale` (x lr; LoRA+), `warmup_steps`, `total_steps`,
+    `min_lr_ratio` (a schedule of the group's own; the run's by default). Each group keeps its own AdamW state."""
+    if groups is None:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if not any(p.requires_grad for g in groups for p in g["params"]):
         raise ValueError("the method left no parameter with requires_grad=True: nothing would train")
-    if train_cfg.weight_decay:
-        # Biases and norms take no weight decay.
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train_cfg.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-    else:
-        # One group: every extra group is another set of flat buffers and kernels in ZeRO's optimizer.
-        groups = [{"params": params, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr, betas=train_cfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(train_cfg.warmup_steps, total_steps, train_cfg.min_lr_ratio))
+    torch_groups, lambdas = [], []
+    for g in groups:
+        params = [p for p in g["params"] if p.requires_grad]
+        lr = g.get("lr") or train_cfg.lr
+        lr = lr * g.get("lr_scale", 1.0)
+        own_total = g.get("total_steps")
+        schedule = lr_lambda(g.get("warmup_steps", train_cfg.warmup_steps), own_total or total_steps,
+                             g.get("min_lr_ratio", train_cfg.min_lr_ratio), stop_after=own_total is not None)
+        if train_cfg.weight_decay:
+            # Biases and norms take no weight decay.
+            parts = [([p for p in params if p.ndim >= 2], train_cfg.weight_decay),
+                     ([p for p in params if p.ndim < 2], 0.0)]
+        else:
+            # One group: every extra group is another set of flat buffers and kernels in ZeRO's optimizer.
+            parts = [(params, 0.0)]
+        for part, decay in parts:
+            if part:
+                torch_groups.append({"params": part, "weight_decay": decay, "lr": lr, "name": g.get("name", "default")})
+                lambdas.append(schedule)
+    optimizer = torch.optim.AdamW(torch_groups, lr=train_cfg.lr, betas=train_cfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     return engine

@@ -37,6 +37,9 @@ class LossOutput:
 class Method(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     name: ClassVar[str] = ""
+    # False where the method cannot keep packed samples apart (prompt learning prepends virtual tokens, and
+    # PEFT drops the position ids that packing relies on): validation refuses data.packing then.
+    supports_packing: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -62,6 +65,13 @@ class Method(ABC):
             return LossOutput(loss, {"ce": loss.detach()})
         loss, n_tokens = causal_lm_loss(out.logits, batch["labels"])
         return LossOutput(loss, {"ce": loss.detach(), "trained_tokens": n_tokens})
+
+    def optimizer_groups(self, model: nn.Module) -> list[dict] | None:
+        """Parameter groups for the optimizer (None: every trainable parameter in one group at train.lr).
+        Each is a dict with `params` and optional `name`, `lr` (absolute), `lr_scale` (x the group's lr),
+        `warmup_steps`, `total_steps`, `min_lr_ratio` (a schedule of the group's own: lr is 0 after it ends).
+        Only parameters with requires_grad are used."""
+        return None
 
     def export_keys(self, model: nn.Module) -> set[str] | None:
         """Names of the parameters the export needs (None: all of them). Under ZeRO-3 only these are gathered."""

@@ -9,6 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from distune.methods.base import Method, MethodConfig, register_method
+from distune.methods.peft_task import peft_task_type
 
 
 class LoraOptions(MethodConfig):
@@ -29,7 +30,7 @@ class Lora(Method):
         c = self.config
         peft_cfg = LoraConfig(
             r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=c.target_modules,
-            use_rslora=c.use_rslora, use_dora=c.use_dora, bias=c.bias, task_type=_task_type(model))
+            use_rslora=c.use_rslora, use_dora=c.use_dora, bias=c.bias, task_type=peft_task_type(model))
         return get_peft_model(model, peft_cfg)  # freezes the base, adapters require grad
 
     def export_keys(self, model: nn.Module) -> set[str]:
@@ -40,7 +41,3 @@ class Lora(Method):
         # partitioned module) is what makes the "empty adapter" bug impossible.
         model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
 
-
-def _task_type(model: nn.Module) -> str:
-    # PEFT's SEQ_CLS also trains (and saves) the new classification head in full, as it must.
-    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
