@@ -26,12 +26,15 @@ class LoraOptions(MethodConfig):
 class Lora(Method):
     Config = LoraOptions
 
-    def adapt(self, model: nn.Module) -> nn.Module:
+    def peft_config(self, model: nn.Module) -> LoraConfig:
+        """The PEFT config this method adds (also used to add it as one adapter of several)."""
         c = self.config
-        peft_cfg = LoraConfig(
+        return LoraConfig(
             r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=c.target_modules,
             use_rslora=c.use_rslora, use_dora=c.use_dora, bias=c.bias, task_type=peft_task_type(model))
-        return get_peft_model(model, peft_cfg)  # freezes the base, adapters require grad
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        return get_peft_model(model, self.peft_config(model))  # freezes the base, adapters require grad
 
     def export_keys(self, model: nn.Module) -> set[str]:
         return {n for n, p in model.named_parameters() if p.requires_grad}
