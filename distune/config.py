@@ -52,6 +52,10 @@ class ModelSection(Strict):
     task: Literal["causal_lm", "sequence_classification"] = Field(
         "causal_lm", description="causal_lm: next-token loss on the response; sequence_classification: a "
         "classification head over data.labels (encoders such as BERT/MiniLM, or decoders).")
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        None, description="QLoRA: load the frozen base through bitsandbytes (4bit = NF4 with double quantisation, "
+        "compute in model.dtype; 8bit = LLM.int8) and train a PEFT method on top. CUDA GPUs only, ZeRO stage 0-2, "
+        "needs `pip install 'distune[qlora]'`.")
     layers: int | list[int] | None = Field(
         None, description="Keep only these decoder blocks: k = every k-th (0, k, 2k, ...) or a list. With "
         "model.path set to the teacher, this initialises a student from the teacher's layers.")

@@ -11,12 +11,16 @@ import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from distune.paths import looks_local, resolve_path
+
+# PEFT warns on every generate() step of a prompt-learning adapter; it drops position ids by design there.
+warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,7 +92,7 @@ def is_adapter_folder(source: str) -> bool:
 
 def load_model(source: str, dtype: str = "fp32", trust_remote_code: bool = False,
                layers: int | list[int] | None = None, labels: list[str] | None = None,
-               pad_token_id: int | None = None) -> torch.nn.Module:
+               pad_token_id: int | None = None, quantization: str | None = None) -> torch.nn.Module:
     """A causal LM, or with `labels` a sequence classifier with a fresh head over those classes. A PEFT
     adapter folder loads its base and merges the adapter in (e.g. a fine-tuned teacher exported by a
     `lora` run). `layers` keeps a subset of the decoder blocks (see `keep_layers`)."""
@@ -104,12 +108,65 @@ def load_model(source: str, dtype: str = "fp32", trust_remote_code: bool = False
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
-                                                         trust_remote_code=trust_remote_code).merge_and_unload()
+                                                         trust_remote_code=trust_remote_code)
+        # A prompt-learning adapter (prompt / p-tuning / prefix) has nothing to merge: it stays a PeftModel.
+        model = align_virtual_tokens(model) if model.active_peft_config.is_prompt_learning else model.merge_and_unload()
+    elif quantization:
+        model = _load_quantized(source, dtype, trust_remote_code, quantization)
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     if layers is not None:
         keep_layers(model, layers)
     model.config.use_cache = False  # no KV cache while training
+    return model
+
+
+def _load_quantized(source: str, dtype: str, trust_remote_code: bool, bits: str) -> torch.nn.Module:
+    """QLoRA's base: bitsandbytes 4-bit NF4 (double-quantised, computing in `dtype`) or 8-bit, on this rank's
+    GPU, prepared for training adapters on top (norms in fp32, input grads for checkpointing)."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"model.quantization: {bits} needs a CUDA GPU (bitsandbytes)")
+    compute = DTYPES[dtype] if dtype != "fp32" else torch.bfloat16
+    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute) if bits == "4bit"
+             else BitsAndBytesConfig(load_in_8bit=True))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=compute, quantization_config=quant,
+                                                 device_map={"": torch.cuda.current_device()},
+                                                 trust_remote_code=trust_remote_code)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def align_virtual_tokens(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a prompt-learning PeftModel's outputs line up with its inputs again.
+
+    Prompt tuning and P-tuning prepend `num_virtual_tokens` positions, so logits, hidden states and QA span
+    logits come back that much longer than input_ids. Everything downstream (losses, teachers, eval) indexes
+    positions of the *input*: a forward hook cuts the virtual positions off once, here. Prefix tuning adds
+    keys/values only (outputs already line up) and generation does not go through this forward. Idempotent."""
+    if getattr(model, "_distune_aligned", False):
+        return model
+    n = model.active_peft_config.num_virtual_tokens
+    prepends = model.active_peft_config.peft_type.value in ("PROMPT_TUNING", "P_TUNING")
+
+    def cut(module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        length = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
+        if not prepends or not hasattr(output, "keys"):
+            return output
+        for key in ("logits", "start_logits", "end_logits"):
+            value = output.get(key)
+            # Sequence-classification logits are [batch, classes]: only position-indexed outputs are cut.
+            if value is not None and (key != "logits" or value.dim() == 3) and value.shape[1] == length + n:
+                output[key] = value[:, n:]
+        if output.get("hidden_states") is not None:
+            output["hidden_states"] = tuple(h[:, n:] for h in output["hidden_states"])
+        return output
+
+    model.register_forward_hook(cut, with_kwargs=True)
+    model._distune_aligned = True
     return model
 
 

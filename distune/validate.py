@@ -38,6 +38,8 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
                               f"this machine has {torch.cuda.device_count()}")
         if cfg.model.dtype == "bf16" and not torch.cuda.is_bf16_supported():
             raise ConfigError("model.dtype: bf16 is not supported by this GPU; use fp16 or fp32")
+    if cfg.model.quantization:
+        _check_quantization(cfg, uses_gpu)
     grad_accum = cfg.grad_accum_steps()
 
     try:
@@ -98,6 +100,24 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         teachers["labels"] = splits.labels
     return {"model_source": source, "model_type": model_config.model_type, **teachers, "grad_accum": grad_accum,
             "total_steps": total, "steps_per_epoch": steps_per_epoch, **splits.stats, "warnings": splits.warnings}
+
+
+def _check_quantization(cfg: RunConfig, uses_gpu: bool) -> None:
+    import importlib.util
+
+    what = f"model.quantization: {cfg.model.quantization} (QLoRA)"
+    if not uses_gpu or not torch.cuda.is_available():
+        raise ConfigError(f"{what} loads the base through bitsandbytes, which needs CUDA GPUs; "
+                          f"{'cluster.use_gpu is false' if not uses_gpu else 'this machine has no CUDA device'}. "
+                          f"Set model.quantization: null to train the unquantised base")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{what} needs bitsandbytes: pip install 'distune[qlora]'")
+    trains = getattr(cfg.method_config(), "student", {"name": cfg.method.name})
+    name = trains["name"] if isinstance(trains, dict) else cfg.method.name
+    if name == "full":
+        raise ConfigError(f"{what}: quantised weights cannot be trained in full; use a PEFT method (lora, ia3, ...)")
+    if cfg.deepspeed.stage == 3:
+        raise ConfigError(f"{what}: ZeRO-3 would partition the packed 4/8-bit weights; use deepspeed.stage 0-2")
 
 
 def _check_layers(cfg: RunConfig, model_config) -> None:

@@ -60,7 +60,8 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     method = build_method(cfg.method.name, cfg.method.model_extra or {})
     method.seed = cfg.run.seed
     student = load_model(source, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.layers,
-                         labels=splits.labels if classifier else None, pad_token_id=tokenizer.pad_token_id)
+                         labels=splits.labels if classifier else None, pad_token_id=tokenizer.pad_token_id,
+                         quantization=cfg.model.quantization)
     prepared = frozen_models.preflight(method.frozen_models(), tokenizer, student.config, task=cfg.model.task)
     method.see_frozen_configs({name: p.config for name, p in prepared.items()})
     model = method.adapt(student)

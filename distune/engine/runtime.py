@@ -62,7 +62,14 @@ def lr_lambda(warmup: int, total: int, min_ratio: float, stop_after: bool = Fals
 
 def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, total_steps: int,
                           groups: list[dict] | None = None):
-    """`groups` (from the method; default: every trainable parameter in one group) are dicts with `params` and
+    optimizer, scheduler = build_optimizer(model, train_cfg, total_steps, groups)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, dist_init_required=False)
+    return engine
+
+
+def build_optimizer(model: torch.nn.Module, train_cfg, total_steps: int, groups: list[dict] | None = None):
+    """AdamW + LambdaLR. `groups` (from the method; default: every trainable parameter in one group) are dicts with `params` and
     optional `name`, `lr` (absolute; default train.lr), `lr_scale` (x lr; LoRA+), `warmup_steps`, `total_steps`,
     `min_lr_ratio` (a schedule of the group's own; the run's by default). Each group keeps its own AdamW state."""
     if groups is None:
@@ -89,10 +96,7 @@ def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, to
                 torch_groups.append({"params": part, "weight_decay": decay, "lr": lr, "name": g.get("name", "default")})
                 lambdas.append(schedule)
     optimizer = torch.optim.AdamW(torch_groups, lr=train_cfg.lr, betas=train_cfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, dist_init_required=False)
-    return engine
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 def grad_norm(engine) -> torch.Tensor | None:

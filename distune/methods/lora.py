@@ -1,14 +1,14 @@
-"""`lora`: PEFT LoRA adapters (rsLoRA / DoRA switches); export is a PEFT adapter folder."""
+"""`lora`: PEFT LoRA adapters with the rsLoRA, DoRA and LoRA+ variants; export is a PEFT adapter folder."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from pydantic import Field
 from torch import nn
 
-from distune.methods.base import Method, MethodConfig, register_method
+from distune.methods.base import MethodConfig, register_method
+from distune.methods.peft_adapter import PeftMethod
 from distune.methods.peft_task import peft_task_type
 
 
@@ -20,27 +20,25 @@ class LoraOptions(MethodConfig):
     use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
     use_dora: bool = False  # weight-decomposed LoRA
     bias: str = "none"
+    lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: the B matrices train at lr x lr_ratio (the paper suggests 16), A at lr.")
 
 
 @register_method("lora")
-class Lora(Method):
+class Lora(PeftMethod):
     Config = LoraOptions
 
     def peft_config(self, model: nn.Module) -> LoraConfig:
-        """The PEFT config this method adds (also used to add it as one adapter of several)."""
         c = self.config
         return LoraConfig(
             r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=c.target_modules,
             use_rslora=c.use_rslora, use_dora=c.use_dora, bias=c.bias, task_type=peft_task_type(model))
 
-    def adapt(self, model: nn.Module) -> nn.Module:
-        return get_peft_model(model, self.peft_config(model))  # freezes the base, adapters require grad
-
-    def export_keys(self, model: nn.Module) -> set[str]:
-        return {n for n, p in model.named_parameters() if p.requires_grad}
-
-    def export(self, model, state_dict, out_dir: Path) -> None:
-        # state_dict holds the gathered adapter tensors: saving from it (not from the possibly ZeRO-3
-        # partitioned module) is what makes the "empty adapter" bug impossible.
-        model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
-
+    def optimizer_groups(self, model: nn.Module) -> list[dict] | None:
+        if self.config.lr_ratio is None:
+            return None
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # LoRA+ (Hayou et al. 2024): B is the output side of the update; a higher rate there speeds learning.
+        b = [p for n, p in trained if "lora_B" in n or "lora_embedding_B" in n]
+        rest = [p for n, p in trained if not ("lora_B" in n or "lora_embedding_B" in n)]
+        return [{"name": "lora_A", "params": rest}, {"name": "lora_B", "params": b, "lr_scale": self.config.lr_ratio}]

@@ -93,3 +93,38 @@ def test_bad_arguments_fail_before_any_work(positive_run, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["eval", str(path), "--modes", "none"]) == 2
     assert "nothing to score" in capsys.readouterr().err
+
+
+def test_a_prompt_tuned_checkpoint_is_scored(positive_run, tiny_model, tmp_path):
+    """Prompt learning has nothing to merge: eval runs the base with the trained virtual tokens in front, and
+    answers exactly what PEFT's own loading of the adapter generates."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, _ = positive_run
+    raw = yaml.safe_load(path.read_text())
+    raw["run"]["name"] = "prompt"
+    raw["method"] = {"name": "prompt_tuning", "num_virtual_tokens": 8}
+    raw["train"] |= {"max_steps": 4, "lr": 0.1}
+    cfg = load_config(raw)
+    fit(cfg, str(tiny_model), show_progress=False)
+    out = tmp_path / "eval"
+    assert cli_main(["eval", str(path), "--modes", "zero_shot", "--checkpoint", f"prompt={cfg.run_dir / 'export'}",
+                     "--limit", "3", "--max-new-tokens", "4", "--out", str(out), "--no-progress"]) == 0
+    assert "prompt" in json.loads((out / "eval.json").read_text())["results"]
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    tuned = [p for p in preds if p["arm"] == "prompt"]
+    base = {p["line"]: p["output"] for p in preds if p["arm"] == "zero_shot"}
+    assert len(tuned) == 3 and any(p["output"] != base[p["line"]] for p in tuned)  # the virtual tokens steer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), cfg.run_dir / "export").eval()
+    for p in tuned:
+        ids = tok(p["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        text = tok.decode(new, skip_special_tokens=False).split("<|end|>")[0]
+        assert p["output"] == [tok.decode(tok(text, add_special_tokens=False).input_ids,
+                                          skip_special_tokens=True).strip()]
