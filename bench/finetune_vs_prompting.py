@@ -1,6 +1,6 @@
 """Prompt it, fine-tune it, or distil it? And which sample design to fine-tune with? Two reports, real offline data.
 
-    python bench/finetune_vs_prompting.py [--part all|sentiment|sde] [--out bench/results/finetune_vs_prompting.json]
+    python bench/finetune_vs_prompting.py [--part all|sentiment|sde|prompt_tuned] [--out bench/results/finetune_vs_prompting.json]
     # ~3 h on 2 idle CPU cores (estimated from the smoke test below; part 2 is ~2.5 h of it)
     python bench/finetune_vs_prompting.py --lora-steps 2 --sde-steps 2 --limit 4 --sde-limit 40 --sde-eval-size 8 \\
         --search-instructions 2 --dev-size 4 --samples 2 --cot-max-new-tokens 64 --work /tmp/ftvp-smoke \\
@@ -14,6 +14,8 @@ held-out tweets:
      (5 CoT samples, majority vote) and zero_shot_searched (the best of 4 instructions the model proposes
      itself, picked on 30 training rows: APE);
    - lora: the same model LoRA-fine-tuned on that prompt (the teacher recipe, 50 steps);
+   - prompt_tuned (--part prompt_tuned, added to an earlier sentiment part): the LoRA arm's training config with
+     method prompt_tuning instead (20 virtual tokens initialised from the instruction, lr 3e-2);
    - distilled: the 49.5M student of bench/distill_quality.py (distill-online arm; --distilled), trained with the
      quickstart prompt, so a second `distune eval` scores it with that prompt (arm `distilled`); the arm
      `distilled_other_prompt` is the same student asked with the design prompt above, which it never saw.
@@ -159,6 +161,44 @@ def sentiment(args, base: dict) -> dict:
             "instruction_search": main["instruction_search"], "results": results}
 
 
+def prompt_tuned(args, base: dict, report: dict) -> None:
+    """Adds the arm `prompt_tuned` to an earlier sentiment part: the LoRA arm's own training config (same data,
+    steps, batch, schedule) with method prompt_tuning (virtual tokens initialised from the instruction), scored by
+    the same `distune eval` config on the same held-out tweets."""
+    if "sentiment" not in report:
+        raise SystemExit("--part prompt_tuned adds to an earlier sentiment part: run --part sentiment first")
+    work = args.work
+    lora_cfg = (args.lora_export.expanduser().absolute().parent / "config.yaml" if args.lora_export
+                else work / "sentiment-lora" / "config.yaml")
+    cfg = yaml.safe_load(lora_cfg.read_text())
+    cfg["method"] = {"name": "prompt_tuning", "num_virtual_tokens": args.prompt_tokens, "init": "text",
+                     "init_text": SENTIMENT_INSTRUCTION}
+    cfg["train"] |= {"lr": args.prompt_lr}
+    cfg["run"] |= {"name": "sentiment-prompt-tuned", "output_dir": str(work)}
+    cfg["checkpoint"] = {"every": 25, "keep": 1}  # a long CPU run: resumable
+    path = work / "sentiment-prompt-tuned.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    export = work / "sentiment-prompt-tuned" / "export"
+    train_s = None
+    if not (args.reuse and export.is_dir()):
+        train_s = run_cli(["run", str(path)], work / "sentiment-prompt-tuned.log")
+    budget = ["--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens)]
+    run_cli(["eval", str(work / "sentiment-lora.yaml"), "--modes", "none", "--checkpoint", f"prompt_tuned={export}",
+             *budget, "--out", str(work / "sentiment-prompt-tuned-eval")], work / "sentiment-prompt-tuned-eval.log")
+    arm = eval_results(work / "sentiment-prompt-tuned-eval")["results"]["prompt_tuned"]
+    arm["prompt"] = f"design prompt (trained on it; {args.prompt_tokens} virtual tokens)"
+    part = report["sentiment"]
+    results = {k: v for k, v in part["results"].items() if k != "prompt_tuned"}
+    order = list(results)
+    order.insert(order.index("lora") + 1 if "lora" in order else len(order), "prompt_tuned")
+    results["prompt_tuned"] = arm
+    part["results"] = {k: results[k] for k in order}
+    part["prompt_tuned"] = {"config": str(path), "train_seconds": train_s, "lr": args.prompt_lr,
+                            "num_virtual_tokens": args.prompt_tokens, "steps": cfg["train"]["max_steps"],
+                            "same_budget_as": str(lora_cfg), "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+
+
 def sentiment_table(part: dict) -> str:
     lines = ["| arm | prompt | accuracy | macro-F1 | format errors | seconds |", "|---|---|---|---|---|---|"]
     for arm, r in part["results"].items():
@@ -168,6 +208,11 @@ def sentiment_table(part: dict) -> str:
     train = part["lora_train_seconds"]
     lines.append(f"\n{part['rows']} held-out tweets; lora trained in "
                  f"{f'{train:.0f} s' if train is not None else 'an earlier run (--reuse)'}.")
+    if "prompt_tuned" in part:
+        pt = part["prompt_tuned"]
+        took = f"{pt['train_seconds']:.0f} s" if pt["train_seconds"] is not None else "an earlier run"
+        lines.append(f"prompt_tuned: the LoRA arm's training config ({pt['steps']} steps, same data and batch) with "
+                     f"method prompt_tuning, lr {pt['lr']}, trained in {took}.")
     if not part["distilled"]["found"]:
         lines.append(part["distilled"]["note"])
     return "\n".join(lines)
@@ -286,7 +331,7 @@ def plot(report: dict, path: Path) -> None:
         arms = report[part][key]
         values = [100 * a["metrics"][metric] for a in arms.values()]
         xs = range(len(values))
-        colours = {"baseline": "tab:gray", "lora": "tab:orange", "distilled": "tab:orange",
+        colours = {"baseline": "tab:gray", "lora": "tab:orange", "prompt_tuned": "tab:orange", "distilled": "tab:orange",
                    "distilled_other_prompt": "tab:orange"}
         ax.bar(xs, values, color=[colours.get(n, "tab:blue") for n in arms])
         for x, v in zip(xs, values):
@@ -301,7 +346,10 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["all", "sentiment", "sde"], default="all")
+    p.add_argument("--part", choices=["all", "sentiment", "sde", "prompt_tuned"], default="all",
+                   help="prompt_tuned: add the prompt-tuned arm to an earlier sentiment part")
+    p.add_argument("--prompt-lr", type=float, default=3e-2, help="prompt_tuned arm's learning rate")
+    p.add_argument("--prompt-tokens", type=int, default=20, help="prompt_tuned arm's virtual tokens")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-ftvp")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "finetune_vs_prompting.json")
     p.add_argument("--reuse", action="store_true", help="keep exports of an earlier run instead of training again")
@@ -339,13 +387,16 @@ def main() -> None:
 
     # Parts of an earlier invocation are kept (each with its date), so --part sde adds to a sentiment run.
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    report |= {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
-               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    if args.part != "prompt_tuned":  # an added arm keeps the report's settings; its own go with the arm
+        report |= {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "settings": settings}
     for part, fn in [("sentiment", sentiment), ("sde", sde)]:
         if args.part in ("all", part):
             t0 = time.perf_counter()
             report[part] = fn(args, base)
             report[part] |= {"date": report["date"], "wall_seconds": time.perf_counter() - t0}
+    if args.part == "prompt_tuned":
+        prompt_tuned(args, base, report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
     text = []

@@ -71,8 +71,10 @@ def test_prompt_learning_resumes_exactly_under_zero3(ray_cluster, make_config, t
 
 
 def test_prompt_tuned_student_distils_from_an_online_teacher(ray_cluster, make_config, tiny_model, tiny_teacher):
+    """Also on-policy (GKD): PEFT's generate with virtual tokens, synced across the ZeRO-3 ranks."""
     cfg = make_config(method={"name": "distill", "student": METHODS["prompt_tuning"], "kd_weight": 1.0,
-                              "teacher": {"path": str(tiny_teacher), "dtype": "fp32"}, "temperature": 2.0},
+                              "teacher": {"path": str(tiny_teacher), "dtype": "fp32"}, "temperature": 2.0,
+                              "gkd": {"lmbda": 0.5, "max_new_tokens": 4}},
                       deepspeed={"stage": 3}, cluster={"num_workers": 2}, train={"max_steps": 6, "lr": 5e-2},
                       wandb={"mode": "offline"})
     fit(cfg, str(tiny_model), show_progress=False)
