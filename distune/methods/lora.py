@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from distune.methods.base import Method, MethodConfig, register_method
-from distune.methods.peft_task import peft_task_type
+from distune.methods.peft_task import peft_head_modules, peft_task_type
 
 
 class LoraOptions(MethodConfig):
@@ -31,7 +31,8 @@ class Lora(Method):
         c = self.config
         return LoraConfig(
             r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=c.target_modules,
-            use_rslora=c.use_rslora, use_dora=c.use_dora, bias=c.bias, task_type=peft_task_type(model))
+            use_rslora=c.use_rslora, use_dora=c.use_dora, bias=c.bias, task_type=peft_task_type(model),
+            exclude_modules=peft_head_modules(model) or None)
 
     def adapt(self, model: nn.Module) -> nn.Module:
         return get_peft_model(model, self.peft_config(model))  # freezes the base, adapters require grad
