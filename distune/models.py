@@ -135,6 +135,9 @@ def _load_head(auto, source: str, **kwargs) -> torch.nn.Module:
     if any(k.startswith(f"{prefix}.") for k in info["missing_keys"]) and any(
             k.startswith("model.") for k in info["unexpected_keys"]):
         model = auto.from_pretrained(source, key_mapping={r"^model\.": f"{prefix}."}, **kwargs)
+        # transformers reverses a load's key mapping when saving; forget it, so that an export keeps the head
+        # class's own names, which a plain AutoModelFor*.from_pretrained loads back.
+        model._weight_conversions = []
     return model
 
 
