@@ -269,3 +269,26 @@ def test_validate_names_the_bad_line(tiny_encoder, tmp_path):
                                        data={"eval_size": 2}))
     with pytest.raises(DataError, match=r"qa.jsonl line 10: answer '.*' is not at answer_start 0"):
         validate(cfg)
+
+
+def test_a_tagging_mixture_takes_every_tasks_tags(enc_tok, tmp_path):
+    pos_only = [r for r in tiny.ner_rows(40, seed=1) if all("NEG" not in t for t in r["ner"])]
+    a = tiny.write_jsonl(tmp_path / "a.jsonl", pos_only)
+    b = tiny.write_jsonl(tmp_path / "b.jsonl", tiny.ner_rows(20, seed=2))
+    data = DataSection(columns=NER_COLUMNS, eval_size=2, tasks=[{"name": "a", "path": str(a)},
+                                                                {"name": "b", "path": str(b)}])
+    splits = load_splits(data, enc_tok, 0, task="token_classification")
+    assert "B-NEG" not in {t for r in pos_only for t in r["ner"]} and splits.labels == TAGS
+    assert {s.task for s in splits.train} == {"a", "b"} and splits.stats["tags"] == 5
+
+
+def test_plan_shows_tags_and_answer_spans(tiny_encoder, ner_file, qa_file, tmp_path):
+    from distune.plan import show_samples
+
+    cfg = load_config(tiny.base_config(tiny_encoder, ner_file, tmp_path, model={"task": "token_classification"},
+                                       data={"columns": NER_COLUMNS}))
+    shown = show_samples(cfg, {"model_source": str(tiny_encoder)}, 1)
+    assert "/O" in shown or "/B-" in shown
+    cfg = load_config(tiny.base_config(tiny_encoder, qa_file, tmp_path, model={"task": "question_answering"}))
+    shown = show_samples(cfg, {"model_source": str(tiny_encoder)}, 1)
+    assert "«" in shown and ("[CLS] good [SEP]" in shown or "[CLS] bad [SEP]" in shown)
