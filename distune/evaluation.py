@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from distune.data import IGNORE, Sample, collate, eval_shard, model_inputs
+from distune.data import IGNORE, Sample, collate, eval_shard, input_positions, model_inputs
 from distune.eval import spans
 
 
@@ -126,9 +126,9 @@ def _tag(model, shard: list[tuple[Sample, float]], micro_batch: int, pad_id: int
         out, batch, weights = _forward(model, chunk, pad_id, device)
         gold = batch["tag_labels"]
         tagged = gold != IGNORE
-        per_token = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), gold, reduction="none",
-                                                      ignore_index=IGNORE)
-        pred = out.logits.argmax(-1)
+        logits = input_positions(out.logits, gold.shape[1]).float()
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), gold, reduction="none", ignore_index=IGNORE)
+        pred = logits.argmax(-1)
         totals[0] += (per_token.sum(1).double() * weights).sum()
         totals[1] += (((pred == gold) & tagged).sum(1).double() * weights).sum()
         totals[2] += (tagged.sum(1).double() * weights).sum()
@@ -152,15 +152,17 @@ def _answer(model, shard: list[tuple[Sample, float]], micro_batch: int, pad_id: 
     for start in range(0, len(shard), micro_batch):
         chunk = shard[start:start + micro_batch]
         out, batch, weights = _forward(model, chunk, pad_id, device)
-        ce = torch.nn.functional.cross_entropy
-        loss = (ce(out.start_logits.float(), batch["start_positions"], reduction="none")
-                + ce(out.end_logits.float(), batch["end_positions"], reduction="none")) / 2
+        ce, width = torch.nn.functional.cross_entropy, batch["input_ids"].shape[1]
+        starts = input_positions(out.start_logits, width).float()
+        ends = input_positions(out.end_logits, width).float()
+        loss = (ce(starts, batch["start_positions"], reduction="none")
+                + ce(ends, batch["end_positions"], reduction="none")) / 2
         totals[0] += (loss.double() * weights).sum()
         totals[3] += weights.sum()
         for i, ((s, _), w) in enumerate(zip(chunk, weights.tolist())):
             n = len(s.input_ids)
             allowed = torch.tensor([o is not None for o in s.span.offsets])
-            first, last = spans.best_span(out.start_logits[i, :n], out.end_logits[i, :n], allowed, max_tokens)
+            first, last = spans.best_span(starts[i, :n], ends[i, :n], allowed, max_tokens)
             text = s.span.context[s.span.offsets[first][0]:s.span.offsets[last][1]].strip()
             totals[1] += spans.exact_match(text, s.span.answers) * w
             totals[2] += spans.token_f1(text, s.span.answers) * w

@@ -58,6 +58,12 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def input_positions(outputs: torch.Tensor, width: int) -> torch.Tensor:
+    """A head's per-token outputs [B, T, ...] for the batch's own `width` tokens: prompt learning (prompt /
+    p-tuning) prepends virtual tokens to the sequence, so their outputs come first and are dropped here."""
+    return outputs[:, outputs.shape[1] - width:]
+
+
 def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
     """Indices of samples per packed row: first-fit by decreasing length (deterministic), each row <= capacity."""
     rows: list[list[int]] = []

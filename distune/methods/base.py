@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from distune.data.loader import model_inputs
+from distune.data.loader import input_positions, model_inputs
 
 ENTRY_POINT_GROUP = "distune.methods"
 
@@ -64,11 +64,13 @@ class Method(ABC):
         if "class_labels" in batch:
             loss = nn.functional.cross_entropy(out.logits.float(), batch["class_labels"])
             return LossOutput(loss, {"ce": loss.detach()})
+        width = batch["input_ids"].shape[1]
         if "tag_labels" in batch:
-            loss, n_tokens = tag_loss(out.logits, batch["tag_labels"])
+            loss, n_tokens = tag_loss(input_positions(out.logits, width), batch["tag_labels"])
             return LossOutput(loss, {"ce": loss.detach(), "trained_tokens": n_tokens})
         if "start_positions" in batch:
-            loss = span_loss(out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"])
+            loss = span_loss(input_positions(out.start_logits, width), input_positions(out.end_logits, width),
+                             batch["start_positions"], batch["end_positions"])
             return LossOutput(loss, {"ce": loss.detach()})
         loss, n_tokens = causal_lm_loss(out.logits, batch["labels"])
         return LossOutput(loss, {"ce": loss.detach(), "trained_tokens": n_tokens})

@@ -292,3 +292,34 @@ def test_plan_shows_tags_and_answer_spans(tiny_encoder, ner_file, qa_file, tmp_p
     cfg = load_config(tiny.base_config(tiny_encoder, qa_file, tmp_path, model={"task": "question_answering"}))
     shown = show_samples(cfg, {"model_source": str(tiny_encoder)}, 1)
     assert "«" in shown and ("[CLS] good [SEP]" in shown or "[CLS] bad [SEP]" in shown)
+
+
+@pytest.mark.parametrize("head", ["token_classification", "question_answering"])
+def test_prompt_learning_outputs_for_virtual_tokens_are_dropped(world_of_one, enc_tok, tiny_encoder, ner_file,
+                                                                qa_file, head):
+    """PEFT prompt / p-tuning prepend virtual tokens: loss and eval read the outputs of the input's own tokens."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    from distune.methods.peft_task import peft_task_type
+
+    data = DataSection(path=str(ner_file if head == "token_classification" else qa_file), eval_size=4,
+                       columns=NER_COLUMNS if head == "token_classification" else {})
+    splits = load_splits(data, enc_tok, 0, task=head)
+    base = load_model(str(tiny_encoder), labels=splits.labels, task=head).eval()
+    model = get_peft_model(base, PromptTuningConfig(task_type=peft_task_type(base), num_virtual_tokens=3)).eval()
+    batch = collate(splits.train[:2], enc_tok.pad_token_id)
+    loss = build_method("full", {}).loss(model, batch, {}).loss
+    with torch.no_grad():
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        out = model(**inputs, **({"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}))
+    if head == "token_classification":
+        assert out.logits.shape[1] == batch["input_ids"].shape[1] + 3
+        tagged = batch["tag_labels"] != -100
+        hand = torch.nn.functional.cross_entropy(out.logits[:, 3:][tagged], batch["tag_labels"][tagged])
+    else:
+        ce = torch.nn.functional.cross_entropy
+        hand = (ce(out.start_logits[:, 3:], batch["start_positions"])
+                + ce(out.end_logits[:, 3:], batch["end_positions"])) / 2
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-5)
+    got = evaluate(model, splits.eval, 2, enc_tok.pad_token_id, torch.device("cpu"), 0, 1, labels=splits.labels)
+    assert got["eval/loss"] > 0
