@@ -33,10 +33,17 @@ def words_and_tags(renderer: Renderer, line: int, row: dict) -> tuple[list[str],
     row = renderer.normalise(line, row)
     at = renderer.source.at(line)
     words, tags = row.get("tokens"), row.get("tags")
+    names = renderer.cfg.labels
+    if isinstance(tags, list) and names and all(type(t) is int for t in tags):
+        # Hugging Face datasets store tags as ClassLabel ids (conll2003's ner_tags): data.labels names them.
+        if any(not 0 <= t < len(names) for t in tags):
+            raise DataError(f"{at}: tag ids {tags} do not all index data.labels ({len(names)} names)")
+        tags = [names[t] for t in tags]
     for name, value in (("tokens", words), ("tags", tags)):
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            raise DataError(f"{at}: token_classification rows need a list of strings in {name!r} (data.columns "
-                            f"renames yours, e.g. {{tags: ner_tags}}); row has {', '.join(map(repr, row))}")
+            raise DataError(f"{at}: token_classification rows need a list of strings in {name!r} (tags may be "
+                            f"ids into data.labels; data.columns renames yours, e.g. {{tags: ner_tags}}); row has "
+                            f"{', '.join(map(repr, row))}")
     if not words:
         raise DataError(f"{at}: 'tokens' is empty")
     if len(words) != len(tags):

@@ -92,10 +92,14 @@ def test_best_span_is_valid_and_bounded():
 
 def test_first_subtoken_of_each_word_gets_the_tag(enc_tok, dec_tok):
     row = {"words": ["it", "greatfun", "was", "sad"], "ner": ["O", "B-POS", "I-POS", "B-NEG"]}
-    # BERT WordPiece: [CLS] it great ##fu ##n was sad [SEP]
+    # BERT WordPiece: [CLS] it great ##fu ##n was sad [SEP] (the tiny vocabulary's training may also pick
+    # ##f ##u ##n: the continuation pieces vary, the rule does not)
     s = render_tags(_renderer(enc_tok, columns=NER_COLUMNS), 1, row, TAGS)
-    assert enc_tok.convert_ids_to_tokens(s.input_ids) == ["[CLS]", "it", "great", "##fu", "##n", "was", "sad", "[SEP]"]
-    assert s.tags == [-100, 4, 1, -100, -100, 3, 0, -100]
+    tokens = enc_tok.convert_ids_to_tokens(s.input_ids)
+    pieces = tokens[3:-3]
+    assert tokens[:3] == ["[CLS]", "it", "great"] and tokens[-3:] == ["was", "sad", "[SEP]"]
+    assert pieces and all(p.startswith("##") for p in pieces)
+    assert s.tags == [-100, 4, 1] + [-100] * len(pieces) + [3, 0, -100]
     # Llama-style BPE, no special tokens added: it great fun was sad
     s = render_tags(_renderer(dec_tok, columns=NER_COLUMNS), 1, row, TAGS)
     assert dec_tok.convert_ids_to_tokens(s.input_ids) == ["it", "great", "fun", "was", "sad"]
@@ -323,3 +327,17 @@ def test_prompt_learning_outputs_for_virtual_tokens_are_dropped(world_of_one, en
     assert loss.item() == pytest.approx(hand.item(), rel=1e-5)
     got = evaluate(model, splits.eval, 2, enc_tok.pad_token_id, torch.device("cpu"), 0, 1, labels=splits.labels)
     assert got["eval/loss"] > 0
+
+
+def test_tag_ids_are_names_from_data_labels(enc_tok, tmp_path):
+    rows = [{"words": r["words"], "ner": [TAGS.index(t) for t in r["ner"]]} for r in tiny.ner_rows(10)]
+    path = tiny.write_jsonl(tmp_path / "ids.jsonl", rows)
+    named = tiny.write_jsonl(tmp_path / "names.jsonl", tiny.ner_rows(10))
+    cfg = {"columns": NER_COLUMNS, "eval_size": 2, "labels": TAGS}
+    by_id = load_splits(DataSection(path=str(path), **cfg), enc_tok, 0, task="token_classification")
+    by_name = load_splits(DataSection(path=str(named), **cfg), enc_tok, 0, task="token_classification")
+    assert [s.tags for s in by_id.train] == [s.tags for s in by_name.train]
+    rows[3]["ner"][0] = 7
+    tiny.write_jsonl(path, rows)
+    with pytest.raises(DataError, match=r"line 4: tag ids .* do not all index data.labels \(5 names\)"):
+        load_splits(DataSection(path=str(path), **cfg), enc_tok, 0, task="token_classification")
