@@ -152,11 +152,14 @@ def main() -> None:
         results["arms"][name] = {"task": task, "method": method, "steps": run["step"], "before": run["before"],
                                  "after": run["after"], "wall_s": wall if wall is not None else old.get("wall_s", 0),
                                  "command": f"python bench/heads.py --arms {name} --steps {args.steps}"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    md = table(results)
-    args.out.with_suffix(".md").write_text(md + "\n")
-    print(md)
+        save(results, args.out)  # after every arm: a later arm's failure keeps the earlier ones
+    print(table(results))
+
+
+def save(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(table(results) + "\n")
 
 
 if __name__ == "__main__":

@@ -53,8 +53,8 @@ class ModelSection(Strict):
         "causal_lm", description="What the head predicts (any method trains it; encoders such as BERT/MiniLM or "
         "decoders). causal_lm: next-token loss on the response; sequence_classification: a class over data.labels "
         "from data.prompt's text; token_classification: a tag per word (e.g. BIO NER) from list columns 'tokens' "
-        "and 'tags', tag set data.labels (default: every tag in the data, sorted), scored by token accuracy and "
-        "entity F1; question_answering: an extractive answer span from columns 'question', 'context' and SQuAD's "
+        "and 'tags', tag set data.labels (default: every tag in the data, sorted; integer tags index it), scored by "
+        "token accuracy and entity F1; question_answering: an extractive answer span from columns 'question', 'context' and SQuAD's "
         "'answers' {text, answer_start} (or flat 'answer' + 'answer_start'), scored by exact match and F1. "
         "data.columns renames your columns to these names.")
     layers: int | list[int] | None = Field(
