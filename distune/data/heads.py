@@ -58,7 +58,7 @@ def render_tags(renderer: Renderer, line: int, row: dict, labels: list[str]) -> 
     for tag in tags:
         if tag not in labels:
             raise DataError(f"{renderer.source.at(line)}: tag {tag!r} is not one of data.labels {labels}")
-    enc = _encode(renderer, line, words, is_split_into_words=True)
+    enc = _encode(renderer, line, _as_in_text(renderer.tok, words), is_split_into_words=True)
     ids, previous = [], None
     for word in enc.word_ids():
         ids.append(IGNORE if word is None or word == previous else labels.index(tags[word]))
@@ -66,6 +66,16 @@ def render_tags(renderer: Renderer, line: int, row: dict, labels: list[str]) -> 
     if all(t == IGNORE for t in ids):
         raise DataError(f"{renderer.source.at(line)}: no word survives data.max_length={renderer.cfg.max_length}")
     return Sample(enc["input_ids"], [], line, tags=ids)
+
+
+def _as_in_text(tok, words: list[str]) -> list[str]:
+    """Byte-level BPE (GPT-2, SmolLM2, Llama 3) marks a word's leading space inside its first token ('ĠState'),
+    but pre-split words reach it without one ('State', a token the model rarely saw mid-sentence). Give every
+    word after the first its space, as in running text (what Hugging Face's add_prefix_space does for
+    RoBERTa); word_ids() still counts the list's words. WordPiece and SentencePiece mark words themselves."""
+    if "ByteLevel" not in repr(getattr(getattr(tok, "backend_tokenizer", None), "pre_tokenizer", None)):
+        return words
+    return words[:1] + [" " + w for w in words[1:]]
 
 
 def tag_set(renderer: Renderer, line: int, row: dict) -> set[str]:

@@ -100,9 +100,11 @@ def test_first_subtoken_of_each_word_gets_the_tag(enc_tok, dec_tok):
     assert tokens[:3] == ["[CLS]", "it", "great"] and tokens[-3:] == ["was", "sad", "[SEP]"]
     assert pieces and all(p.startswith("##") for p in pieces)
     assert s.tags == [-100, 4, 1] + [-100] * len(pieces) + [3, 0, -100]
-    # Llama-style BPE, no special tokens added: it great fun was sad
+    # Byte-level BPE, no special tokens added; words after the first keep their leading space (Ġ), as in the
+    # running text "it greatfun was sad"
     s = render_tags(_renderer(dec_tok, columns=NER_COLUMNS), 1, row, TAGS)
-    assert dec_tok.convert_ids_to_tokens(s.input_ids) == ["it", "great", "fun", "was", "sad"]
+    assert dec_tok.convert_ids_to_tokens(s.input_ids) == dec_tok.tokenize("it greatfun was sad")
+    assert dec_tok.convert_ids_to_tokens(s.input_ids) == ["it", "Ġgreat", "fun", "Ġwas", "Ġsad"]
     assert s.tags == [4, 1, -100, 3, 0]
     # Truncation keeps the words that fit; the cut ones are not labelled.
     s = render_tags(_renderer(enc_tok, columns=NER_COLUMNS, max_length=4), 1, row, TAGS)
