@@ -47,7 +47,7 @@ def test_head_x_method_x_stage(ray_cluster, world_of_one, tiny_model, tiny_encod
     cfg = load_config(tiny.base_config(
         model_dir, head_data[head], tmp_path, model={"task": head}, method={"name": method},
         data={"columns": columns}, deepspeed={"stage": stage}, cluster={"num_workers": workers},
-        train={"max_steps": 3, "lr": 2e-2 if method == "lora" else 5e-3}, eval={"before_training": True}))
+        train={"max_steps": 3, "lr": 5e-3}, eval={"before_training": True}))
     fit(cfg, str(model_dir), show_progress=False)
 
     results = json.loads((cfg.run_dir / "results.json").read_text())
