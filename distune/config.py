@@ -49,9 +49,14 @@ class ModelSection(Strict):
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp16 needs a GPU).")
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    task: Literal["causal_lm", "sequence_classification"] = Field(
-        "causal_lm", description="causal_lm: next-token loss on the response; sequence_classification: a "
-        "classification head over data.labels (encoders such as BERT/MiniLM, or decoders).")
+    task: Literal["causal_lm", "sequence_classification", "token_classification", "question_answering"] = Field(
+        "causal_lm", description="What the head predicts (any method trains it; encoders such as BERT/MiniLM or "
+        "decoders). causal_lm: next-token loss on the response; sequence_classification: a class over data.labels "
+        "from data.prompt's text; token_classification: a tag per word (e.g. BIO NER) from list columns 'tokens' "
+        "and 'tags', tag set data.labels (default: every tag in the data, sorted; integer tags index it), scored by "
+        "token accuracy and entity F1; question_answering: an extractive answer span from columns 'question', 'context' and SQuAD's "
+        "'answers' {text, answer_start} (or flat 'answer' + 'answer_start'), scored by exact match and F1. "
+        "data.columns renames your columns to these names.")
     quantization: Literal["4bit", "8bit"] | None = Field(
         None, description="QLoRA: load the frozen base through bitsandbytes (4bit = NF4 with double quantisation, "
         "compute in model.dtype; 8bit = LLM.int8) and train a PEFT method on top. CUDA GPUs only, ZeRO stage 0-2, "
@@ -147,8 +152,9 @@ class DataSection(Strict):
     eval_size: int | float = Field(0.1, description="Held-out rows: a count, or a fraction in (0, 1).")
     labels: list[str] | None = Field(
         None, description="The label set: class names for model.task sequence_classification (default: the "
-        "distinct responses in the data, sorted), the order for design.label_format numeric, and the valid "
-        "values when eval parses answers.")
+        "distinct responses in the data, sorted), tag names for token_classification (default: every tag in "
+        "the data, sorted), the order for design.label_format numeric, and the valid values when eval parses "
+        "answers.")
     packing: bool = Field(False, description="Pack short training samples into rows of max_length; each keeps "
                           "its own positions and attends only to itself.")
     group_by_length: bool = Field(False, description="Batch training samples of similar length together "
@@ -295,6 +301,8 @@ class EvalSection(Strict):
     choices: list[str] | None = Field(
         None, description="Candidate responses; enables accuracy = the choice the model scores highest.")
     micro_batch_size: int = Field(8, gt=0)
+    max_answer_tokens: int = Field(30, gt=0, description="model.task question_answering: the longest answer span "
+                                   "(in tokens) a prediction may be.")
 
 
 class CheckpointSection(Strict):

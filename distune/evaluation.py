@@ -1,4 +1,5 @@
-"""Held-out evaluation during training: token loss, and accuracy over `eval.choices`.
+"""Held-out evaluation during training: token loss, and accuracy over `eval.choices`; for a task head, its
+own loss and scores (class accuracy; token accuracy and entity F1; answer exact match and F1).
 
 Accuracy scores each candidate response by the summed log-probability of its tokens after the prompt
 and picks the highest: a classification metric that needs no generation and no output parsing.
@@ -11,20 +12,30 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from distune.data import IGNORE, Sample, collate, eval_shard
+from distune.data import IGNORE, Sample, collate, eval_shard, model_inputs
+from distune.eval import spans
 
 
 @torch.no_grad()
 def evaluate(model, samples: list[Sample], micro_batch: int, pad_id: int, device: torch.device,
              rank: int, world: int, choices: list[str] | None = None,
-             choice_ids: list[list[int]] | None = None) -> dict[str, float]:
+             choice_ids: list[list[int]] | None = None, labels: list[str] | None = None,
+             max_answer_tokens: int = 30) -> dict[str, float]:
+    """`labels`: a token classifier's tag names (entities are read from them); `max_answer_tokens`: the
+    longest answer span a QA head's prediction may be."""
     was_training = model.training
     model.eval()
     shard = eval_shard(samples, rank, world)
+    head = None
     if samples and samples[0].label is not None:
-        out = _classify(model, shard, micro_batch, pad_id, device)
+        head = _classify(model, shard, micro_batch, pad_id, device)
+    elif samples and samples[0].tags is not None:
+        head = _tag(model, shard, micro_batch, pad_id, device, labels)
+    elif samples and samples[0].span is not None:
+        head = _answer(model, shard, micro_batch, pad_id, device, max_answer_tokens)
+    if head is not None:
         model.train(was_training)
-        return out
+        return head
     # [loss_sum, tokens, correct, counted]
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for start in range(0, len(shard), micro_batch):
@@ -89,13 +100,71 @@ def _classify(model, shard: list[tuple[Sample, float]], micro_batch: int, pad_id
     """Sequence classification: mean class cross-entropy and accuracy of the head's argmax, over all ranks."""
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # [loss_sum, correct, counted]
     for start in range(0, len(shard), micro_batch):
-        chunk = shard[start:start + micro_batch]
-        weights = torch.tensor([w for _, w in chunk], device=device, dtype=torch.float64)
-        batch = {k: v.to(device) for k, v in collate([s for s, _ in chunk], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        out, batch, weights = _forward(model, shard[start:start + micro_batch], pad_id, device)
+        logits = out.logits.float()
         loss = torch.nn.functional.cross_entropy(logits, batch["class_labels"], reduction="none")
         totals[0] += (loss.double() * weights).sum()
         totals[1] += ((logits.argmax(-1) == batch["class_labels"]).double() * weights).sum()
         totals[2] += weights.sum()
     dist.all_reduce(totals)
     return {"eval/loss": (totals[0] / totals[2]).item(), "eval/accuracy": (totals[1] / totals[2]).item()}
+
+
+def _forward(model, chunk: list[tuple[Sample, float]], pad_id: int, device):
+    weights = torch.tensor([w for _, w in chunk], device=device, dtype=torch.float64)
+    batch = {k: v.to(device) for k, v in collate([s for s, _ in chunk], pad_id).items()}
+    return model(**model_inputs(batch)), batch, weights
+
+
+def _tag(model, shard: list[tuple[Sample, float]], micro_batch: int, pad_id: int, device,
+         labels: list[str]) -> dict[str, float]:
+    """Token classification: mean tag CE and accuracy over tagged tokens (the first sub-token of each word),
+    entity precision / recall / F1 with exact span match over the words' tags."""
+    totals = torch.zeros(6, dtype=torch.float64, device=device)  # [loss, correct, tagged, hit, predicted, gold]
+    for start in range(0, len(shard), micro_batch):
+        chunk = shard[start:start + micro_batch]
+        out, batch, weights = _forward(model, chunk, pad_id, device)
+        gold = batch["tag_labels"]
+        tagged = gold != IGNORE
+        logits = out.logits.float()
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), gold, reduction="none", ignore_index=IGNORE)
+        pred = logits.argmax(-1)
+        totals[0] += (per_token.sum(1).double() * weights).sum()
+        totals[1] += (((pred == gold) & tagged).sum(1).double() * weights).sum()
+        totals[2] += (tagged.sum(1).double() * weights).sum()
+        for i, w in enumerate(weights.tolist()):
+            words_gold = [labels[t] for t in gold[i][tagged[i]].tolist()]
+            words_pred = [labels[t] for t in pred[i][tagged[i]].tolist()]
+            totals[3:] += torch.tensor(spans.entity_counts(words_gold, words_pred), device=device) * w
+    dist.all_reduce(totals)
+    scores = spans.f1(*totals[3:].tolist())
+    return {"eval/loss": (totals[0] / totals[2].clamp(min=1)).item(),
+            "eval/token_accuracy": (totals[1] / totals[2].clamp(min=1)).item(),
+            "eval/entity_precision": scores["precision"], "eval/entity_recall": scores["recall"],
+            "eval/entity_f1": scores["f1"]}
+
+
+def _answer(model, shard: list[tuple[Sample, float]], micro_batch: int, pad_id: int, device,
+            max_tokens: int) -> dict[str, float]:
+    """Extractive QA: mean of start / end CE; the best valid span (in the context, start <= end, at most
+    `max_tokens` long) decoded to text and scored with SQuAD's exact match and token F1."""
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # [loss, exact, f1, counted]
+    for start in range(0, len(shard), micro_batch):
+        chunk = shard[start:start + micro_batch]
+        out, batch, weights = _forward(model, chunk, pad_id, device)
+        ce = torch.nn.functional.cross_entropy
+        starts, ends = out.start_logits.float(), out.end_logits.float()
+        loss = (ce(starts, batch["start_positions"], reduction="none")
+                + ce(ends, batch["end_positions"], reduction="none")) / 2
+        totals[0] += (loss.double() * weights).sum()
+        totals[3] += weights.sum()
+        for i, ((s, _), w) in enumerate(zip(chunk, weights.tolist())):
+            n = len(s.input_ids)
+            allowed = torch.tensor([o is not None for o in s.span.offsets])
+            first, last = spans.best_span(starts[i, :n], ends[i, :n], allowed, max_tokens)
+            text = s.span.context[s.span.offsets[first][0]:s.span.offsets[last][1]].strip()
+            totals[1] += spans.exact_match(text, s.span.answers) * w
+            totals[2] += spans.token_f1(text, s.span.answers) * w
+    dist.all_reduce(totals)
+    return {"eval/loss": (totals[0] / totals[3]).item(), "eval/exact_match": (totals[1] / totals[3]).item(),
+            "eval/f1": (totals[2] / totals[3]).item()}

@@ -92,16 +92,17 @@ def is_adapter_folder(source: str) -> bool:
 
 def load_model(source: str, dtype: str = "fp32", trust_remote_code: bool = False,
                layers: int | list[int] | None = None, labels: list[str] | None = None,
-               pad_token_id: int | None = None, quantization: str | None = None) -> torch.nn.Module:
-    """A causal LM, or with `labels` a sequence classifier with a fresh head over those classes. A PEFT
-    adapter folder loads its base and merges the adapter in (e.g. a fine-tuned teacher exported by a
-    `lora` run). `layers` keeps a subset of the decoder blocks (see `keep_layers`)."""
-    if labels is not None:
-        from transformers import AutoModelForSequenceClassification
-
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, num_labels=len(labels),
-            id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)})
+               pad_token_id: int | None = None, task: str | None = None, quantization: str | None = None) -> torch.nn.Module:
+    """A causal LM, or a model with a fresh task head (`task`; `labels` alone means sequence classification):
+    a classifier over `labels` (sequence or token classification), or an extractive QA head. A PEFT adapter
+    folder loads its base and merges the adapter in (e.g. a fine-tuned teacher exported by a `lora` run).
+    `layers` keeps a subset of the decoder blocks (see `keep_layers`)."""
+    task = task or ("sequence_classification" if labels is not None else "causal_lm")
+    if task != "causal_lm":
+        options = {} if labels is None else {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                                             "label2id": {name: i for i, name in enumerate(labels)}}
+        model = _load_head(head_class(task), source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                           **options)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id  # decoders read the last non-pad token's state
     elif is_adapter_folder(source):
@@ -118,6 +119,33 @@ def load_model(source: str, dtype: str = "fp32", trust_remote_code: bool = False
     if layers is not None:
         keep_layers(model, layers)
     model.config.use_cache = False  # no KV cache while training
+    return model
+
+
+# model.task -> the transformers auto class of its head.
+HEADS = {"sequence_classification": "AutoModelForSequenceClassification",
+         "token_classification": "AutoModelForTokenClassification",
+         "question_answering": "AutoModelForQuestionAnswering"}
+
+
+def head_class(task: str):
+    import transformers
+
+    return getattr(transformers, HEADS[task])
+
+
+def _load_head(auto, source: str, **kwargs) -> torch.nn.Module:
+    """`auto.from_pretrained`, with the base weights found under a causal LM checkpoint's name for them:
+    transformers' LlamaForQuestionAnswering names its base `transformer` where LlamaForCausalLM (and so every
+    Llama checkpoint) says `model`, so a plain load would leave the whole base randomly initialised."""
+    model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
+    prefix = model.base_model_prefix
+    if any(k.startswith(f"{prefix}.") for k in info["missing_keys"]) and any(
+            k.startswith("model.") for k in info["unexpected_keys"]):
+        model = auto.from_pretrained(source, key_mapping={r"^model\.": f"{prefix}."}, **kwargs)
+        # transformers reverses a load's key mapping when saving; forget it, so that an export keeps the head
+        # class's own names, which a plain AutoModelFor*.from_pretrained loads back.
+        model._weight_conversions = []
     return model
 
 
@@ -165,8 +193,7 @@ def align_virtual_tokens(model: torch.nn.Module) -> torch.nn.Module:
             output["hidden_states"] = tuple(h[:, n:] for h in output["hidden_states"])
         return output
 
-    model.register_forward_hook(cut, with_kwargs=True)
-    model._distune_aligned = True
+    model._distune_aligned = model.register_forward_hook(cut, with_kwargs=True)  # the handle: .remove() undoes it
     return model
 
 
@@ -199,9 +226,7 @@ def keep_layers(model: torch.nn.Module, layers: int | list[int]) -> None:
 def meta_model(config: PretrainedConfig, trust_remote_code: bool = False, task: str = "causal_lm",
                layers: int | list[int] | None = None) -> torch.nn.Module:
     """The architecture on the meta device: shapes only, no weights read (a 70B model costs nothing)."""
-    from transformers import AutoModelForSequenceClassification
-
-    auto = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+    auto = head_class(task) if task in HEADS else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=trust_remote_code)
     if layers is not None:

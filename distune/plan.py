@@ -184,7 +184,7 @@ def capacity(plan: dict, uses_gpu: bool) -> str:
 
 def show_samples(cfg, summary: dict, n: int) -> str:
     """The first n training samples rendered (template, design, chat template), trained tokens marked."""
-    from distune.data import IGNORE, load_splits
+    from distune.data import IGNORE, Sample, load_splits
     from distune.data.render import mark_trained
     from distune.models import load_tokenizer
 
@@ -195,6 +195,16 @@ def show_samples(cfg, summary: dict, n: int) -> str:
         if s.label is not None:  # a classifier: the input text and its class
             lines += [f"--- sample {i + 1} (data #{s.line}, {len(s.input_ids)} tokens, class {s.response!r})",
                       tokenizer.decode(s.input_ids)]
+            continue
+        if s.tags is not None:  # a token classifier: each tagged (first) sub-token with its tag
+            tags = " ".join(f"{tokenizer.convert_ids_to_tokens(t)}/{splits.labels[g]}"
+                            for t, g in zip(s.input_ids, s.tags) if g != IGNORE)
+            lines += [f"--- sample {i + 1} (data #{s.line}, {len(s.input_ids)} tokens)", tags]
+            continue
+        if s.span is not None:  # extractive QA: the gold answer span «marked» in question + context
+            span = [t if s.span.start <= k <= s.span.end else IGNORE for k, t in enumerate(s.input_ids)]
+            lines += [f"--- sample {i + 1} (data #{s.line}, {len(s.input_ids)} tokens, answer «marked»)",
+                      mark_trained(tokenizer, Sample(s.input_ids, span, s.line))]
             continue
         trained = sum(t != IGNORE for t in s.labels)
         cut = " TRUNCATED" if len(s.input_ids) >= cfg.data.max_length else ""

@@ -62,22 +62,23 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         raise ConfigError("data.tasks: a classifier's teacher cache is keyed by data line, which tasks share; "
                           "use method.signal: online, or one data file")
     method = build_method(cfg.method.name, cfg.method.model_extra or {})
+    _check_head(cfg, method)
     prepared = preflight(method.frozen_models(), tokenizer, model_config, check_cache, cfg.model.task)
     gkd = getattr(cfg.method_config(), "gkd", None)
     if gkd is not None and gkd.lmbda > 0 and cfg.data.train_on_inputs:
         raise ConfigError("method.gkd.lmbda: on-policy samples continue each prompt, and the prompt ends at the "
                           "first trained token; with data.train_on_inputs: true there is none. Set it false")
     if cfg.data.packing and (cfg.model.task != "causal_lm" or (gkd is not None and gkd.lmbda > 0)):
-        why = ("a classifier reads one sample per row" if cfg.model.task != "causal_lm"
+        why = (f"a {cfg.model.task} head reads one sample per row" if cfg.model.task != "causal_lm"
                else "on-policy samples continue each prompt separately (method.gkd)")
         raise ConfigError(f"data.packing: {why}; set it false")
     trains = getattr(method, "student", method)  # distill: the wrapped student decides what the model sees
     if cfg.data.packing and not trains.supports_packing:
         raise ConfigError(f"data.packing: method {trains.name!r} prepends virtual tokens and cannot keep packed "
                           f"samples apart; set it false")
-    if cfg.model.task == "sequence_classification" and cfg.eval.choices:
-        raise ConfigError("eval.choices: a sequence classifier is scored by its head over data.labels; remove "
-                          "eval.choices")
+    if cfg.model.task != "causal_lm" and cfg.eval.choices:
+        raise ConfigError(f"eval.choices: a {cfg.model.task} model is scored by its head (over data.labels for "
+                          f"classifiers); remove eval.choices")
 
     splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
     rows = len(splits.train)
@@ -127,3 +128,17 @@ def _check_layers(cfg: RunConfig, model_config) -> None:
         meta_model(model_config, cfg.model.trust_remote_code, cfg.model.task, cfg.model.layers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_head(cfg: RunConfig, method) -> None:
+    """Token classification and extractive QA read fixed columns (after data.columns) and have no teacher
+    signal: a distillation teacher's class probabilities exist for sequence classification only."""
+    if cfg.model.task not in ("token_classification", "question_answering"):
+        return
+    if cfg.data.format != "prompt_response":
+        raise ConfigError(f"data.format: a {cfg.model.task} head reads its own columns, not {cfg.data.format} "
+                          f"rows; remove data.format and rename columns with data.columns")
+    if method.frozen_models():
+        raise ConfigError(f"method.name: {cfg.method.name!r} needs a teacher signal, which distune has for "
+                          f"causal_lm and sequence_classification only, not model.task {cfg.model.task}; train it "
+                          f"with full or a PEFT method")

@@ -53,14 +53,13 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
 
     # Build: same seed on every rank so adapters start identical; per-rank seed afterwards for dropout.
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
-    classifier = cfg.model.task == "sequence_classification"
     splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     method = build_method(cfg.method.name, cfg.method.model_extra or {})
     method.seed = cfg.run.seed
     student = load_model(source, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.layers,
-                         labels=splits.labels if classifier else None, pad_token_id=tokenizer.pad_token_id,
+                         labels=splits.labels, pad_token_id=tokenizer.pad_token_id, task=cfg.model.task,
                          quantization=cfg.model.quantization)
     prepared = frozen_models.preflight(method.frozen_models(), tokenizer, student.config, task=cfg.model.task)
     method.see_frozen_configs({name: p.config for name, p in prepared.items()})
@@ -92,8 +91,9 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     emit = reporter.progress if rank == 0 else (lambda event: None)
     if rank == 0:
         st = splits.stats
-        trained = (f"{len(splits.labels)} classes" if classifier
-                   else f"{100 * st['trained_token_fraction']:.1f}% of tokens trained")
+        trained = (f"{100 * st['trained_token_fraction']:.1f}% of tokens trained" if cfg.model.task == "causal_lm"
+                   else f"{st['answers_cut']} answers cut" if "answers_cut" in st
+                   else f"{len(splits.labels)} {'tags' if 'tags' in st else 'classes'}")
         emit({"kind": "info", "text": f"data: {st['train_rows']} train / {st['eval_rows']} eval samples, "
                                       f"{st['mean_tokens']:.1f} tokens mean (max {st['max_tokens']}), "
                                       f"{trained}, {st['truncated']} truncated"
@@ -114,7 +114,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
         choices_note = f" x {len(cfg.eval.choices)} choices" if cfg.eval.choices else ""
         emit({"kind": "info", "text": f"evaluating {len(splits.eval)} held-out samples{choices_note} ..."})
         return run_eval(model or engine, splits.eval, cfg.eval.micro_batch_size, tokenizer.pad_token_id, dev, rank, world,
-                        cfg.eval.choices, choice_ids)
+                        cfg.eval.choices, choice_ids, splits.labels, cfg.eval.max_answer_tokens)
 
     def save(s: TrainState) -> None:
         reporter.checkpoint(s.step, {"step": s.step},

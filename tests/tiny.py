@@ -32,6 +32,58 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+INTENSIFIERS = ["very", "so", "really"]
+
+
+def ner_rows(n: int, seed: int = 0) -> list[dict]:
+    """Word/BIO-tag rows over the tiny tokenizers' words: a sentiment word is an entity (POS or NEG), an
+    intensifier right before it belongs to it (B-POS I-POS); some words split into several sub-tokens."""
+    rng = random.Random(seed)
+    plain = [w for w in FILLER if w not in INTENSIFIERS]
+    rows = []
+    for _ in range(n):
+        tokens, tags = [], []
+        for _ in range(rng.randint(1, 2)):
+            kind = rng.choice(["positive", "negative"])
+            name = "POS" if kind == "positive" else "NEG"
+            tokens += rng.sample(plain, rng.randint(1, 2))
+            tags += ["O"] * (len(tokens) - len(tags))
+            if rng.random() < 0.4:
+                tokens.append(rng.choice(INTENSIFIERS))
+                tags.append(f"B-{name}")
+                tokens.append(rng.choice(WORDS[kind]))
+                tags.append(f"I-{name}")
+            else:
+                tokens.append(rng.choice(WORDS[kind]))
+                tags.append(f"B-{name}")
+        rows.append({"words": tokens, "ner": tags})
+    return rows
+
+
+def qa_rows(n: int, seed: int = 0, nested: bool = True) -> list[dict]:
+    """Extractive QA over the tiny tokenizers' words: the context holds a positive and a negative word (maybe
+    with an intensifier), the question `good` or `bad` asks for one of them. SQuAD's nested `answers`, or
+    flat `answer` + `answer_start` columns."""
+    rng = random.Random(seed)
+    plain = [w for w in FILLER if w not in INTENSIFIERS]
+    rows = []
+    for _ in range(n):
+        parts = rng.sample(plain, 3)
+        phrases = {}
+        for kind, avoid in (("positive", "good"), ("negative", "bad")):
+            word = rng.choice([w for w in WORDS[kind] if w != avoid])
+            phrases[kind] = f"{rng.choice(INTENSIFIERS)} {word}" if rng.random() < 0.3 else word
+            parts.insert(rng.randint(0, len(parts)), phrases[kind])
+        context = " ".join(parts)
+        kind = rng.choice(["positive", "negative"])
+        answer = phrases[kind]
+        start = f" {context} ".index(f" {answer} ")
+        question = "good" if kind == "positive" else "bad"
+        rows.append({"question": question, "context": context, "answers": {"text": [answer], "answer_start": [start]}}
+                    if nested else {"question": question, "context": context, "answer": answer, "answer_start": start})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -87,10 +139,12 @@ def build_encoder_dir(out: Path) -> Path:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     corpus = [r["text"] for r in sentiment_rows(400, seed=2)] + ["sentiment"]
     tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    tok.post_processor = processors.TemplateProcessing(  # BERT's: pairs get segment ids 0 / 1
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+                                   sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
     fast.save_pretrained(out)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -13,9 +13,14 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
+from distune.data.heads import QUESTION_ANSWERING, TOKEN_CLASSIFICATION, render_answer, render_tags, tag_set
 from distune.data.render import IGNORE, Renderer, Sample
 from distune.data.sources import HUB_PREFIX, BadRows, DataError, Source, describe, read_hub, read_rows
 from distune.paths import resolve_path
+
+# Tasks whose head predicts names from a label set (data.labels, or every name the data uses, sorted).
+LABELLED = ("sequence_classification", TOKEN_CLASSIFICATION)
+_LABEL_STAT = {"sequence_classification": "classes", TOKEN_CLASSIFICATION: "tags"}
 
 
 @dataclass
@@ -24,7 +29,7 @@ class Splits:
     eval: list[Sample]
     truncated: int = 0
     stats: dict = field(default_factory=dict)
-    labels: list[str] | None = None  # sequence classification: class names, index = class id
+    labels: list[str] | None = None  # sequence / token classification: class or tag names, index = id
     warnings: list[str] = field(default_factory=list)
 
 
@@ -66,9 +71,11 @@ def _one_source(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
         raise DataError(f"data.eval_size={data_cfg.eval_size} leaves no training rows out of {len(rows)}")
 
     renderer = Renderer(tokenizer, data_cfg, source, seed)
-    if task == "sequence_classification":
-        labels = labels or data_cfg.labels or class_names(renderer, _hub_rows(data_cfg, rows), data_cfg)
-        splits = _class_splits(renderer, rows, data_cfg, n_eval, labels, bad)
+    if task in LABELLED:
+        labels = labels or data_cfg.labels or class_names(renderer, _hub_rows(data_cfg, rows), data_cfg, task)
+        splits = _class_splits(renderer, rows, data_cfg, n_eval, labels, bad, task)
+    elif task == QUESTION_ANSWERING:
+        splits = _answer_splits(renderer, rows, data_cfg, n_eval, bad)
     else:
         splits = _lm_splits(renderer, rows, data_cfg, n_eval, bad)
     if choices:
@@ -87,8 +94,8 @@ def _mixture(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: l
     (weight x size) ** (1 / mixture_temperature); eval is every task's eval split, unsampled."""
     sections = data_cfg.task_sections()
     labels = data_cfg.labels
-    if task == "sequence_classification" and labels is None:
-        labels = _mixture_classes(sections, tokenizer, seed)
+    if task in LABELLED and labels is None:
+        labels = _mixture_classes(sections, tokenizer, seed, task)
     parts = []
     for name, _, cfg in sections:
         try:
@@ -120,27 +127,29 @@ def _mixture(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: l
     rng.shuffle(train)
     truncated = sum(p.truncated for p in parts)
     stats = _totals(train, eval_s, truncated)
-    if task == "sequence_classification":
-        stats["classes"] = len(labels)
+    if task in LABELLED:
+        stats[_LABEL_STAT[task]] = len(labels)
+    elif task == QUESTION_ANSWERING:
+        stats["answers_cut"] = sum(p.stats["answers_cut"] for p in parts)
     else:
         stats["trained_token_fraction"] = (sum(sum(t != IGNORE for t in s.labels) for s in train)
                                            / max(1, sum(len(s.input_ids) for s in train)))
     stats |= {"skipped_rows": sum(p.stats["skipped_rows"] for p in parts), "tasks": per_task}
-    return Splits(train, eval_s, truncated, stats, labels if task == "sequence_classification" else None, warnings)
+    return Splits(train, eval_s, truncated, stats, labels if task in LABELLED else None, warnings)
 
 
-def _mixture_classes(sections: list, tokenizer: PreTrainedTokenizerBase, seed: int) -> list[str]:
-    """The label map of a classification mixture: every task's classes together, sorted."""
+def _mixture_classes(sections: list, tokenizer: PreTrainedTokenizerBase, seed: int, task: str) -> list[str]:
+    """The label map of a classification mixture: every task's classes (or tags) together, sorted."""
     names: set[str] = set()
     for name, _, cfg in sections:
         try:
             source, rows = sampled_rows(cfg, seed, BadRows() if cfg.bad_rows == "skip" else None)
-            names |= _class_set(Renderer(tokenizer, cfg, source, seed), _hub_rows(cfg, rows), cfg)
+            names |= _class_set(Renderer(tokenizer, cfg, source, seed), _hub_rows(cfg, rows), cfg, task)
         except DataError as e:
             raise DataError(f"[task {name}] {e}") from None
     if len(names) < 2:
-        raise DataError(f"data.tasks: sequence classification needs at least 2 classes, the tasks have "
-                        f"{sorted(names)}")
+        raise DataError(f"data.tasks: {task.replace('_', ' ')} needs at least 2 {_LABEL_STAT[task]}, the tasks "
+                        f"have {sorted(names)}")
     return sorted(names)
 
 
@@ -155,13 +164,18 @@ def _totals(train_s: list[Sample], eval_s: list[Sample], truncated: int) -> dict
             "mean_tokens": sum(lengths) / max(1, len(lengths)), "max_tokens": max(lengths, default=0)}
 
 
-def _render_all(rows: list, n_eval: int, bad: BadRows | None, render) -> list[Sample]:
+def _render_all(rows: list, n_eval: int, bad: BadRows | None, render, dropped: list | None = None) -> list[Sample]:
     """Render rows in order; the first n_eval good ones are eval rows (canonical instruction). A DataError
-    skips the row under data.bad_rows: skip, and stops everything otherwise."""
+    skips the row under data.bad_rows: skip, and stops everything otherwise. A render that returns None drops
+    the row (its line goes to `dropped`)."""
     samples = []
     for line, row in rows:
         try:
-            samples.append(render(line, row, canonical=len(samples) < n_eval))
+            sample = render(line, row, canonical=len(samples) < n_eval)
+            if sample is None:
+                dropped.append(line)
+            else:
+                samples.append(sample)
         except DataError as e:
             if bad is None:
                 raise
@@ -197,16 +211,17 @@ def _lm_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, bad: BadRo
     return Splits(train_s, eval_s, truncated, stats, warnings=warnings)
 
 
-def class_names(renderer: Renderer, rows: list | None, data_cfg) -> list[str]:
-    """The label map from the data: every distinct class in the whole file (not only the sampled rows), sorted."""
-    names = sorted(_class_set(renderer, rows, data_cfg))
+def class_names(renderer: Renderer, rows: list | None, data_cfg, task: str = "sequence_classification") -> list[str]:
+    """The label map from the data: every distinct class (or tag) in the whole file (not only the sampled
+    rows), sorted."""
+    names = sorted(_class_set(renderer, rows, data_cfg, task))
     if len(names) < 2:
-        raise DataError(f"{renderer.source.name}: sequence classification needs at least 2 classes, the data has "
-                        f"{names}")
+        raise DataError(f"{renderer.source.name}: {task.replace('_', ' ')} needs at least 2 {_LABEL_STAT[task]}, "
+                        f"the data has {names}")
     return names
 
 
-def _class_set(renderer: Renderer, rows: list | None, data_cfg) -> set[str]:
+def _class_set(renderer: Renderer, rows: list | None, data_cfg, task: str) -> set[str]:
     if rows is None:
         path = resolve_path(data_cfg.path)
         rows = read_rows(path, data_cfg.encoding, data_cfg.encoding_errors, data_cfg.split,
@@ -214,7 +229,8 @@ def _class_set(renderer: Renderer, rows: list | None, data_cfg) -> set[str]:
     names = set()
     for line, row in rows:
         try:
-            names.add(renderer.class_name(line, row))
+            names |= (tag_set(renderer, line, row) if task == TOKEN_CLASSIFICATION
+                      else {renderer.class_name(line, row)})
         except DataError:
             if data_cfg.bad_rows != "skip":
                 raise
@@ -222,10 +238,29 @@ def _class_set(renderer: Renderer, rows: list | None, data_cfg) -> set[str]:
 
 
 def _class_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, labels: list[str],
-                  bad: BadRows | None) -> Splits:
-    samples = _render_all(rows, n_eval, bad, lambda line, row, canonical: renderer.render_class(line, row, labels,
-                                                                                                   canonical))
+                  bad: BadRows | None, task: str) -> Splits:
+    if task == TOKEN_CLASSIFICATION:
+        samples = _render_all(rows, n_eval, bad, lambda line, row, canonical: render_tags(renderer, line, row, labels))
+    else:
+        samples = _render_all(rows, n_eval, bad, lambda line, row, canonical: renderer.render_class(
+            line, row, labels, canonical))
     truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in samples)
     eval_s, train_s = samples[:n_eval], samples[n_eval:]
-    stats = _totals(train_s, eval_s, truncated) | {"classes": len(labels)}
-    return Splits(train_s, eval_s, truncated, stats, labels)
+    stats = _totals(train_s, eval_s, truncated) | {_LABEL_STAT[task]: len(labels)}
+    warnings = [f"{truncated} samples are cut at data.max_length={data_cfg.max_length}; their cut words are "
+                "neither trained nor scored"] if truncated and task == TOKEN_CLASSIFICATION else []
+    return Splits(train_s, eval_s, truncated, stats, labels, warnings)
+
+
+def _answer_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, bad: BadRows | None) -> Splits:
+    """Extractive QA: a row whose answer lies beyond data.max_length is dropped and counted (no stride:
+    one sample per row, so a row's answer is trained and scored from one window)."""
+    cut = []
+    samples = _render_all(rows, n_eval, bad, lambda line, row, canonical: render_answer(renderer, line, row),
+                          dropped=cut)
+    truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in samples)
+    eval_s, train_s = samples[:n_eval], samples[n_eval:]
+    stats = _totals(train_s, eval_s, truncated) | {"answers_cut": len(cut)}
+    warnings = [f"{len(cut)} rows dropped: data.max_length={data_cfg.max_length} cuts their answer out of the "
+                f"context (first: {renderer.source.at(cut[0])})"] if cut else []
+    return Splits(train_s, eval_s, truncated, stats, None, warnings)

@@ -18,6 +18,8 @@ from distune.data.sources import DataError
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     if samples[0].label is not None:
         return _collate_classes(samples, pad_id)
+    if samples[0].tags is not None or samples[0].span is not None:
+        return _collate_heads(samples, pad_id)
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
@@ -50,7 +52,10 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if "position_ids" in batch:
         # use_cache=False: with a KV cache object present transformers does not look for packed positions.
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "token_type_ids" in batch:  # question/context pairs for encoders with segment embeddings
+        inputs["token_type_ids"] = batch["token_type_ids"]
+    return inputs
 
 
 def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -87,17 +92,43 @@ def pack(samples: list[Sample], groups: list[list[int]]) -> list[Sample]:
     return out
 
 
-def _collate_classes(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Sequence classification: padded inputs, one class index per sample, per-sample extras stacked."""
+def _padded(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids and their attention mask (the inputs of every head's batch)."""
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
     for i, s in enumerate(samples):
         ids[i, :len(s.input_ids)] = torch.tensor(s.input_ids)
         mask[i, :len(s.input_ids)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "class_labels": torch.tensor([s.label for s in samples])}
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _collate_classes(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Sequence classification: padded inputs, one class index per sample, per-sample extras stacked."""
+    batch = _padded(samples, pad_id) | {"class_labels": torch.tensor([s.label for s in samples])}
     for key in samples[0].extras or {}:
         batch[key] = torch.stack([torch.as_tensor(s.extras[key]).float() for s in samples])
+    return batch
+
+
+def _collate_heads(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token classification: `tag_labels` [B, W] (-100 on padding); extractive QA: `start_positions` and
+    `end_positions` [B], plus `token_type_ids` where the tokenizer gave segment ids."""
+    batch = _padded(samples, pad_id)
+    width = batch["input_ids"].shape[1]
+    if samples[0].tags is not None:
+        tags = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+        for i, s in enumerate(samples):
+            tags[i, :len(s.tags)] = torch.tensor(s.tags)
+        batch["tag_labels"] = tags
+    else:
+        batch["start_positions"] = torch.tensor([s.span.start for s in samples])
+        batch["end_positions"] = torch.tensor([s.span.end for s in samples])
+    if samples[0].token_type_ids is not None:
+        types = torch.zeros((len(samples), width), dtype=torch.long)
+        for i, s in enumerate(samples):
+            types[i, :len(s.token_type_ids)] = torch.tensor(s.token_type_ids)
+        batch["token_type_ids"] = types
     return batch
 
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
 from distune.data.design import Design
 from distune.data.sources import DataError, Source
+
+if TYPE_CHECKING:
+    from distune.data.heads import AnswerSpan
 
 IGNORE = -100
 
@@ -32,6 +36,9 @@ class Sample:
     label: int | None = None  # sequence classification: the class index (then `labels` is empty)
     positions: list[int] | None = None  # packed rows: position ids restarting at 0 for every packed sample
     task: str | None = None  # data.tasks mixtures: the task the sample came from
+    tags: list[int] | None = None  # token classification: a tag id per token, -100 where none is trained
+    span: AnswerSpan | None = None  # extractive QA: the gold answer's token span and the context's offsets
+    token_type_ids: list[int] | None = None  # segment ids of a pair, for encoders that have them (BERT)
 
 
 def mark_trained(tokenizer: PreTrainedTokenizerBase, sample: Sample, left: str = "«", right: str = "»") -> str:

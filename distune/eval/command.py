@@ -75,8 +75,8 @@ def command(cfg, summary: dict, args) -> int:
         if not ok:
             raise ConfigError(f"{flag}: out of range")
     if cfg.model.task != "causal_lm":
-        raise ConfigError("model.task: distune eval scores generated answers; a sequence classifier is scored by "
-                          "its head in `distune run` (eval/accuracy)")
+        raise ConfigError(f"model.task: distune eval scores generated answers; a {cfg.model.task} model is scored "
+                          f"by its head in `distune run` (its eval/* metrics)")
     if getattr(cfg.data, "tasks", None):
         raise ConfigError("data.tasks: distune eval scores one task at a time; point it at one task's config")
 

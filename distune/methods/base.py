@@ -57,11 +57,18 @@ class Method(ABC):
         """Called before `adapt` with the frozen models' HF configs (e.g. a teacher's width). No-op by default."""
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], frozen: dict[str, nn.Module]) -> LossOutput:
-        """Token-level cross-entropy on the positions whose label is not -100 (the default objective);
-        class cross-entropy for a sequence classifier's batch (`class_labels`)."""
+        """Token-level cross-entropy on the positions whose label is not -100 (the default objective); for a
+        task head's batch, the head's loss: class CE (`class_labels`), per-token tag CE (`tag_labels`), or the
+        mean of the answer start and end CEs (`start_positions`, `end_positions`)."""
         out = model(**model_inputs(batch))
         if "class_labels" in batch:
             loss = nn.functional.cross_entropy(out.logits.float(), batch["class_labels"])
+            return LossOutput(loss, {"ce": loss.detach()})
+        if "tag_labels" in batch:
+            loss, n_tokens = tag_loss(out.logits, batch["tag_labels"])
+            return LossOutput(loss, {"ce": loss.detach(), "trained_tokens": n_tokens})
+        if "start_positions" in batch:
+            loss = span_loss(out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"])
             return LossOutput(loss, {"ce": loss.detach()})
         loss, n_tokens = causal_lm_loss(out.logits, batch["labels"])
         return LossOutput(loss, {"ce": loss.detach(), "trained_tokens": n_tokens})
@@ -93,6 +100,20 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     loss = nn.functional.cross_entropy(picked, shift_labels[trained], reduction="sum")
     # A batch with no trained tokens is refused by the data layer; clamp keeps a stray one finite anyway.
     return loss / n_tokens.clamp(min=1), n_tokens.detach()
+
+
+def tag_loss(logits: torch.Tensor, tags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE over the tagged tokens (first sub-token of each word; no shift: a token's own tag)."""
+    tagged = tags != -100
+    loss = nn.functional.cross_entropy(logits[tagged].float(), tags[tagged], reduction="sum")
+    return loss / tagged.sum().clamp(min=1), tagged.sum().detach()
+
+
+def span_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, starts: torch.Tensor,
+              ends: torch.Tensor) -> torch.Tensor:
+    """Extractive QA: the mean of the start-position and end-position cross-entropies (BERT's SQuAD loss)."""
+    ce = nn.functional.cross_entropy
+    return (ce(start_logits.float(), starts) + ce(end_logits.float(), ends)) / 2
 
 
 # ------------------------------------------------------------------------------------------ registry

@@ -9,7 +9,7 @@ from torch import nn
 
 from distune.methods.base import MethodConfig, register_method
 from distune.methods.peft_adapter import PeftMethod
-from distune.methods.peft_task import peft_task_type
+from distune.methods.peft_task import peft_head_modules, peft_task_type
 
 
 class LoraOptions(MethodConfig):
@@ -32,7 +32,8 @@ class Lora(PeftMethod):
         c = self.config
         return LoraConfig(
             r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=c.target_modules,
-            use_rslora=c.use_rslora, use_dora=c.use_dora, bias=c.bias, task_type=peft_task_type(model))
+            use_rslora=c.use_rslora, use_dora=c.use_dora, bias=c.bias, task_type=peft_task_type(model),
+            exclude_modules=peft_head_modules(model) or None)
 
     def optimizer_groups(self, model: nn.Module) -> list[dict] | None:
         if self.config.lr_ratio is None:
