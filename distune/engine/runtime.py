@@ -45,12 +45,12 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float, stop_after: bool = False):
-    """Linear warmup, then cosine to min_ratio at `total`. `stop_after`: 0 past `total` (a parameter group whose
-    own schedule ended before the run's, e.g. one adapter of several: with lr 0 AdamW leaves it unchanged)."""
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup, then cosine to min_ratio at `total`; 0 past `total` (a parameter group whose schedule ends
+    before the run's, e.g. one adapter of several: with lr 0 AdamW leaves it unchanged)."""
 
     def f(step: int) -> float:
-        if stop_after and step >= total:
+        if step >= total:
             return 0.0
         if step < warmup:
             return (step + 1) / warmup
@@ -74,9 +74,8 @@ def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, to
         params = [p for p in g["params"] if p.requires_grad]
         lr = g.get("lr") or train_cfg.lr
         lr = lr * g.get("lr_scale", 1.0)
-        own_total = g.get("total_steps")
-        schedule = lr_lambda(g.get("warmup_steps", train_cfg.warmup_steps), own_total or total_steps,
-                             g.get("min_lr_ratio", train_cfg.min_lr_ratio), stop_after=own_total is not None)
+        schedule = lr_lambda(g.get("warmup_steps", train_cfg.warmup_steps), g.get("total_steps") or total_steps,
+                             g.get("min_lr_ratio", train_cfg.min_lr_ratio))
         if train_cfg.weight_decay:
             # Biases and norms take no weight decay.
             parts = [([p for p in params if p.ndim >= 2], train_cfg.weight_decay),
