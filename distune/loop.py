@@ -51,9 +51,11 @@ class Cadence:
 
 def train(engine, method, frozen: dict, feeds: list, state: TrainState, cadence: Cadence,
           device: torch.device, evaluate: Callable[[], dict], save: Callable[[TrainState], None],
-          log: Callable[[dict, int], None], emit: Callable[[dict], None]) -> TrainState:
-    """Run optimizer steps from `state` up to `cadence.stop_step` over `feeds` (distune.feeds.Feed). Returns the
-    final state."""
+          log: Callable[[dict, int], None], emit: Callable[[dict], None],
+          start_round: Callable[[], None] = lambda: None) -> TrainState:
+    """Run optimizer steps from `state` up to `cadence.stop_step` over `feeds` (distune.feeds.Feed); `start_round`
+    runs before each feed's round when there are several (the engine's accumulation window). Returns the final
+    state."""
     iters = {f.name: f.batches.iterate(*state.position(f.name)) for f in feeds}
     loss_acc = {f.name: torch.zeros((), device=device) for f in feeds}
     rounds = {f.name: 0 for f in feeds}  # micro-batch rounds since the last log, per feed
@@ -66,6 +68,8 @@ def train(engine, method, frozen: dict, feeds: list, state: TrainState, cadence:
         active = [f for f in feeds if state.step < f.steps]  # a feed past its steps has lr 0: it is skipped
         for n, feed in enumerate(active):
             method.activate(engine.module, feed.name)
+            if len(feeds) > 1:
+                start_round()
             for k in range(cadence.grad_accum):
                 engine.set_gradient_accumulation_boundary(n == len(active) - 1 and k == cadence.grad_accum - 1)
                 epoch, index, batch = next(iters[feed.name])

@@ -44,7 +44,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     select_accelerator(cfg)
     from distune.engine import checkpoint, export
     from distune.engine.ds_config import build_ds_config
-    from distune.engine.runtime import build_training_engine, device, init_distributed
+    from distune.engine.runtime import build_training_engine, device, init_distributed, start_round
 
     rank, world = init_distributed()
     dev = device()
@@ -135,7 +135,8 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     stop = min(run_steps, cfg.train.stop_after_steps or run_steps)
     emit({"kind": "start", "step": state.step, "total_steps": stop})
     cadence = Cadence(run_steps, stop, grad_accum, cfg.train.log_every, cfg.eval.every, cfg.checkpoint.every)
-    state = train(engine, method, frozen, feeds, state, cadence, dev, evaluate, save, tracker.log, emit)
+    state = train(engine, method, frozen, feeds, state, cadence, dev, evaluate, save, tracker.log, emit,
+                  lambda: start_round(engine))
 
     if state.step >= run_steps:
         results["after"] = evaluate()

@@ -94,6 +94,16 @@ def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, to
     return engine
 
 
+def start_round(engine) -> None:
+    """Before a round of micro-batches that trains other parameters than the round before it (one adapter of
+    several). ZeRO-3 copies a gradient into its partition buffer on a step's first micro-batch and adds to it on the
+    others, so a parameter first reached later in the step would add to the previous step's stale gradient. Its
+    zero_grad starts a new copy window (its parameters hold no gradient between backwards: they were partitioned).
+    Stages 0-2 accumulate into cleared buffers: nothing to do."""
+    if engine.zero_optimization_stage() == 3:
+        engine.optimizer.zero_grad()
+
+
 def grad_norm(engine) -> torch.Tensor | None:
     """Global gradient norm of the last step (before clipping), as a tensor, or None if unknown."""
     norm = engine.get_global_grad_norm()
