@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("config")
         sp.add_argument("overrides", nargs="*", help="key.path=value")
         import_module(module).add_arguments(sp)
+    for name, (module, help_text) in TOOL_COMMANDS.items():
+        import_module(module).add_arguments(sub.add_parser(name, help=help_text))
     return p
 
 
@@ -50,6 +52,12 @@ EXTRA_COMMANDS = {
                                      "distillation)"),
     "eval": ("distune.eval.command", "score the task as zero-shot / few-shot / CoT / self-consistency prompting "
                                      "and as fine-tuned checkpoints, with format errors counted"),
+}
+
+# Commands that take no run config: `add_arguments(parser)` and `command(args) -> exit code`, same rules.
+TOOL_COMMANDS = {
+    "adapters": ("distune.adapters.command", "adapter folders: list, export one from a run, merge into the base, "
+                                             "generate with several adapters on one base"),
 }
 
 
@@ -68,6 +76,12 @@ def _project_local_caches() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _project_local_caches()
+    if args.command in TOOL_COMMANDS:
+        try:
+            return import_module(TOOL_COMMANDS[args.command][0]).command(args)
+        except _user_errors() as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from distune.config import load_config
     from distune.validate import validate
 

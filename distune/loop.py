@@ -1,7 +1,12 @@
 """The training loop: loss -> backward -> step, with log / eval / checkpoint cadence. No callbacks.
 
-`engine` is anything with DeepSpeed's engine surface (forward, backward, step, get_lr,
-get_global_grad_norm); this module never imports deepspeed or ray. Metrics stay tensors between log
+`engine` is anything with DeepSpeed's engine surface (forward, backward, step, get_lr, get_global_grad_norm,
+set_gradient_accumulation_boundary, module); this module never imports deepspeed or ray.
+
+Each optimizer step runs one round of grad_accum micro-batches per feed that has steps left (one feed, or one
+per adapter: see distune.feeds), the method's `activate(model, feed)` before each round. DeepSpeed divides every
+loss by its gradient_accumulation_steps (= grad_accum), as a run of that feed alone does; the boundary, where
+the optimizer steps, is set explicitly on the step's last micro-batch, so it holds for any number of rounds. Metrics stay tensors between log
 steps: `.item()` is a device sync, paid once per `log_every` steps.
 """
 
@@ -9,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -18,15 +23,20 @@ import torch.distributed as dist
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
-    epoch: int = 0  # data position: the next micro-batch is (epoch, batch)
-    batch: int = 0
+    # Data position per feed ("" = the single feed): its next micro-batch is (epoch, batch).
+    positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def position(self, feed: str) -> tuple[int, int]:
+        return tuple(self.positions.get(feed, (0, 0)))
 
     def as_client_state(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_client_state(cls, client: dict) -> TrainState:
-        return cls(step=client["step"], epoch=client["epoch"], batch=client["batch"])
+        if "positions" not in client:  # a checkpoint from before feeds: one position
+            return cls(step=client["step"], positions={"": (client["epoch"], client["batch"])})
+        return cls(step=client["step"], positions={k: tuple(v) for k, v in client["positions"].items()})
 
 
 @dataclass
@@ -39,54 +49,75 @@ class Cadence:
     ckpt_every: int | None
 
 
-def train(engine, method, frozen: dict, batch_iter, per_epoch: int, state: TrainState, cadence: Cadence,
+def train(engine, method, frozen: dict, feeds: list, state: TrainState, cadence: Cadence,
           device: torch.device, evaluate: Callable[[], dict], save: Callable[[TrainState], None],
-          log: Callable[[dict, int], None], emit: Callable[[dict], None]) -> TrainState:
-    """Run optimizer steps from `state` up to `cadence.stop_step`. Returns the final state."""
-    loss_acc = torch.zeros((), device=device)
+          log: Callable[[dict, int], None], emit: Callable[[dict], None],
+          start_round: Callable[[], None] = lambda: None) -> TrainState:
+    """Run optimizer steps from `state` up to `cadence.stop_step` over `feeds` (distune.feeds.Feed); `start_round`
+    runs before each feed's round when there are several (the engine's accumulation window). Returns the final
+    state."""
+    iters = {f.name: f.batches.iterate(*state.position(f.name)) for f in feeds}
+    loss_acc = {f.name: torch.zeros((), device=device) for f in feeds}
+    rounds = {f.name: 0 for f in feeds}  # micro-batch rounds since the last log, per feed
     tokens_acc = torch.zeros((), device=device, dtype=torch.long)
     extra_acc: dict[str, torch.Tensor] = {}
     t_last, steps_since = time.perf_counter(), 0
     last_saved = state.step
     while state.step < cadence.stop_step:
         lr = float(engine.get_lr()[0])  # the rate this step uses (the scheduler moves it after the step)
-        for _ in range(cadence.grad_accum):
-            epoch, index, batch = next(batch_iter)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            out = method.loss(engine, batch, frozen)
-            engine.backward(out.loss)
-            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            loss_acc += out.loss.detach()
-            tokens_acc += batch["attention_mask"].sum()
-            for k, v in out.metrics.items():
-                extra_acc[k] = extra_acc.get(k, 0) + v.detach().float()
+        active = [f for f in feeds if state.step < f.steps]  # a feed past its steps has lr 0: it is skipped
+        for n, feed in enumerate(active):
+            method.activate(engine.module, feed.name)
+            if len(feeds) > 1:
+                start_round()
+            for k in range(cadence.grad_accum):
+                engine.set_gradient_accumulation_boundary(n == len(active) - 1 and k == cadence.grad_accum - 1)
+                epoch, index, batch = next(iters[feed.name])
+                batch = {key: v.to(device, non_blocking=True) for key, v in batch.items()}
+                out = method.loss(engine, batch, frozen)
+                engine.backward(out.loss)
+                engine.step()  # DeepSpeed steps the optimizer only at the boundary
+                loss_acc[feed.name] += out.loss.detach()
+                tokens_acc += batch["attention_mask"].sum()
+                for key, v in out.metrics.items():
+                    extra_acc[key] = extra_acc.get(key, 0) + v.detach().float()
+            per_epoch = feed.batches.per_epoch
+            state.positions[feed.name] = (epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)
+            rounds[feed.name] += 1
         state.step += 1
-        state.epoch, state.batch = (epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)
         steps_since += 1
 
         if state.step % cadence.log_every == 0 or state.step == cadence.stop_step:
-            # The one sync per log interval: global mean loss and token count across ranks.
-            packed = torch.stack([loss_acc / (steps_since * cadence.grad_accum), tokens_acc.float()])
+            # The one sync per log interval: global mean losses (per feed) and token count across ranks.
+            counted = [f for f in feeds if rounds[f.name]]
+            packed = torch.stack([loss_acc[f.name] / (rounds[f.name] * cadence.grad_accum) for f in counted]
+                                 + [tokens_acc.float()])
             dist.all_reduce(packed)
             now = time.perf_counter()
             world = dist.get_world_size()
+            losses = {f.name: packed[i].item() / world for i, f in enumerate(counted)}
+            position = state.position(feeds[0].name)
             metrics = {
-                "train/loss": packed[0].item() / world,
+                "train/loss": sum(losses.values()) / len(losses),
                 "train/lr": lr,
-                "train/tokens_per_s": packed[1].item() / (now - t_last),
+                "train/tokens_per_s": packed[-1].item() / (now - t_last),
                 "train/step_time_s": (now - t_last) / steps_since,
-                "train/epoch": state.epoch + state.batch / per_epoch,
+                "train/epoch": position[0] + position[1] / feeds[0].batches.per_epoch,
             }
+            if len(feeds) > 1:
+                metrics |= {f"{name}/train/loss": v for name, v in losses.items()}
             norm = engine.get_global_grad_norm()
             if norm is not None:
                 metrics["train/grad_norm"] = float(norm)
             for k, v in extra_acc.items():
                 if k != "ce":
-                    metrics[f"train/{k}"] = (v / (steps_since * cadence.grad_accum)).item()
+                    metrics[f"train/{k}"] = (v / (sum(rounds.values()) * cadence.grad_accum)).item()
             log(metrics, state.step)
             emit({"kind": "step", "step": state.step, "loss": metrics["train/loss"],
                   "tokens_per_s": metrics["train/tokens_per_s"]})
-            loss_acc.zero_()
+            for f in feeds:
+                loss_acc[f.name].zero_()
+                rounds[f.name] = 0
             tokens_acc.zero_()
             extra_acc.clear()
             t_last, steps_since = time.perf_counter(), 0

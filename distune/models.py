@@ -176,13 +176,13 @@ def align_virtual_tokens(model: torch.nn.Module) -> torch.nn.Module:
     keys/values only (outputs already line up) and generation does not go through this forward. Idempotent."""
     if getattr(model, "_distune_aligned", False):
         return model
-    n = model.active_peft_config.num_virtual_tokens
-    prepends = model.active_peft_config.peft_type.value in ("PROMPT_TUNING", "P_TUNING")
 
     def cut(module, args, kwargs, output):
+        config = module.active_peft_config  # read per call: several adapters on one base may differ
+        n = config.num_virtual_tokens if config.is_prompt_learning else 0
         ids = kwargs.get("input_ids", args[0] if args else None)
         length = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
-        if not prepends or not hasattr(output, "keys"):
+        if config.peft_type.value not in ("PROMPT_TUNING", "P_TUNING") or not hasattr(output, "keys"):
             return output
         for key in ("logits", "start_logits", "end_logits"):
             value = output.get(key)

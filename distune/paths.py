@@ -35,3 +35,17 @@ def anchor(value: str) -> str:
     if value.startswith(PKG_PREFIX) or not looks_local(value):
         return value
     return str(Path(value).expanduser().absolute())
+
+
+def named_paths(specs: list[str], flag: str) -> dict[str, str]:
+    """`NAME=PATH` command-line values (`--checkpoint`, `--adapter`) as {name: path}, in order; ValueError naming
+    the flag on a malformed or repeated one."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{flag}: {spec!r} must be NAME=PATH")
+        if name in out:
+            raise ValueError(f"{flag}: the name {name!r} is taken")
+        out[name] = path
+    return out

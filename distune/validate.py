@@ -7,12 +7,12 @@ Raises ConfigError / DataError with a one-line message. Imports neither ray nor 
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from distune.config import ConfigError, RunConfig
-from distune.data import load_splits, pack_groups
+from distune.data import load_splits
+from distune.feeds import build_feeds
 from distune.frozen import preflight
 from distune.methods import build_method
 from distune.models import layer_indices, load_model_config, meta_model, load_tokenizer, resolve_model_source
@@ -80,22 +80,32 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         raise ConfigError(f"eval.choices: a {cfg.model.task} model is scored by its head (over data.labels for "
                           f"classifiers); remove eval.choices")
 
+    streams = method.streams()
+    if streams is not None:
+        if not cfg.data.tasks:
+            raise ConfigError(f"data.tasks: method {cfg.method.name!r} trains one stream per data task "
+                              f"({streams[0].key}.task); list the tasks under data.tasks")
+        try:
+            method.check_model(meta_model(model_config, cfg.model.trust_remote_code, cfg.model.task, cfg.model.layers))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
-    rows = len(splits.train)
-    if cfg.data.packing:
-        groups = pack_groups([len(s.input_ids) for s in splits.train], cfg.data.max_length)
-        rows = len(groups)
+    world = cfg.cluster.num_workers
+    feeds, _ = build_feeds(cfg, splits, streams, grad_accum, 0, world, tokenizer.pad_token_id or 0)
+    for feed, stream in zip(feeds, streams or [None]):
+        if feed.batches.per_epoch < grad_accum:
+            rows = len(feed.batches.samples)
+            what = f" of task {stream.task!r} ({stream.key}.task)" if stream else ""
+            raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is larger than the {rows} "
+                              f"training {'rows' if cfg.data.packing else 'samples'}{what} can fill once")
+    if cfg.data.packing and not streams:
+        rows = len(feeds[0].batches.samples)
         splits.stats |= {"packed_rows": rows, "pack_fill": sum(len(s.input_ids) for s in splits.train)
                          / (rows * cfg.data.max_length)}
-    world, micro = cfg.cluster.num_workers, cfg.train.micro_batch_size
-    per_epoch = (rows // world) // micro
-    if per_epoch < grad_accum:
-        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is larger than the "
-                          f"{rows} training {'rows' if cfg.data.packing else 'samples'} can fill once")
     if (cfg.eval.every or cfg.eval.choices or cfg.eval.before_training) and not splits.eval:
         raise ConfigError("data.eval_size: evaluation is configured but the eval split is empty")
-    steps_per_epoch = per_epoch // grad_accum
-    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    steps_per_epoch = max(f.batches.per_epoch for f in feeds) // grad_accum
+    total = max(f.steps for f in feeds)
     teachers = {f"{name}_vocab": p.vocab_size for name, p in prepared.items() if p.vocab_size is not None}
     if splits.labels:
         teachers["labels"] = splits.labels

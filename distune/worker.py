@@ -11,7 +11,6 @@ Imports no ray; deepspeed only through distune.engine (imported after DS_ACCELER
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -24,7 +23,8 @@ import transformers
 
 from distune import frozen as frozen_models
 from distune.config import RunConfig, dump_config, load_config
-from distune.data import Renderer, ShardedBatches, load_splits, pack, pack_groups
+from distune.data import Renderer, load_splits
+from distune.feeds import build_feeds
 from distune.loop import Cadence, TrainState, train
 from distune.methods import build_method
 from distune.models import load_model, load_tokenizer, resolve_model_source
@@ -44,7 +44,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     select_accelerator(cfg)
     from distune.engine import checkpoint, export
     from distune.engine.ds_config import build_ds_config
-    from distune.engine.runtime import build_training_engine, device, init_distributed
+    from distune.engine.runtime import build_training_engine, device, init_distributed, start_round
 
     rank, world = init_distributed()
     dev = device()
@@ -71,17 +71,13 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     # Wrap. Packed rows are fixed from lengths alone (the step count is known before any teacher signal is
     # attached); the samples are merged after frozen models attach their per-sample extras.
     grad_accum = cfg.grad_accum_steps()
-    groups = pack_groups([len(s.input_ids) for s in splits.train], cfg.data.max_length) if cfg.data.packing else None
-    batches = ShardedBatches(splits.train if groups is None else pack(splits.train, groups),
-                             cfg.train.micro_batch_size, rank, world, cfg.run.seed, tokenizer.pad_token_id,
-                             cfg.data.group_by_length and groups is None)
-    steps_per_epoch = max(1, batches.per_epoch // grad_accum)
-    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    feeds, total = build_feeds(cfg, splits, method.streams(), grad_accum, rank, world, tokenizer.pad_token_id)
     ds_config = build_ds_config(cfg, grad_accum)
     engine = build_training_engine(model, ds_config, cfg.train, total, method.optimizer_groups(model))
     frozen = frozen_models.build(prepared, ds_config, splits.train, remote)
-    if groups is not None:
-        batches.samples = pack(splits.train, groups)  # again, now with the teacher's per-sample extras
+    for feed in feeds:
+        feed.repack()  # again, now with the teacher's per-sample extras
+    run_steps = max(f.steps for f in feeds)
 
     state = TrainState()
     with reporter.restore() as ckpt_dir:
@@ -97,7 +93,8 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
         emit({"kind": "info", "text": f"data: {st['train_rows']} train / {st['eval_rows']} eval samples, "
                                       f"{st['mean_tokens']:.1f} tokens mean (max {st['max_tokens']}), "
                                       f"{trained}, {st['truncated']} truncated"
-                                      + (f", packed into {len(batches.samples)} rows" if groups else "")})
+                                      + (f", packed into {len(feeds[0].batches.samples)} rows" if cfg.data.packing
+                                         and len(feeds) == 1 else "")})
         for w in splits.warnings:
             emit({"kind": "info", "text": f"warning: {w}"})
 
@@ -109,12 +106,16 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     def evaluate(model=None) -> dict:
         from distune.evaluation import evaluate as run_eval
 
-        if not splits.eval:
-            return {}
-        choices_note = f" x {len(cfg.eval.choices)} choices" if cfg.eval.choices else ""
-        emit({"kind": "info", "text": f"evaluating {len(splits.eval)} held-out samples{choices_note} ..."})
-        return run_eval(model or engine, splits.eval, cfg.eval.micro_batch_size, tokenizer.pad_token_id, dev, rank, world,
-                        cfg.eval.choices, choice_ids, splits.labels, cfg.eval.max_answer_tokens)
+        out = {}
+        for feed in filter(lambda f: f.eval, feeds):
+            choices_note = f" x {len(cfg.eval.choices)} choices" if cfg.eval.choices else ""
+            emit({"kind": "info", "text": f"evaluating {len(feed.eval)} held-out samples{choices_note}"
+                                          + (f" of {feed.name}" if feed.name else "") + " ..."})
+            method.activate(engine.module, feed.name)
+            metrics = run_eval(model or engine, feed.eval, cfg.eval.micro_batch_size, tokenizer.pad_token_id, dev,
+                               rank, world, cfg.eval.choices, choice_ids, splits.labels, cfg.eval.max_answer_tokens)
+            out |= {feed.prefix + k: v for k, v in metrics.items()}
+        return out
 
     def save(s: TrainState) -> None:
         reporter.checkpoint(s.step, {"step": s.step},
@@ -132,13 +133,13 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
         tracker.log(results["before"], 0)
         emit({"kind": "eval", "step": 0, "metrics": results["before"], "text": _eval_line("before training", 0, results["before"])})
 
-    stop = min(total, cfg.train.stop_after_steps or total)
+    stop = min(run_steps, cfg.train.stop_after_steps or run_steps)
     emit({"kind": "start", "step": state.step, "total_steps": stop})
-    cadence = Cadence(total, stop, grad_accum, cfg.train.log_every, cfg.eval.every, cfg.checkpoint.every)
-    state = train(engine, method, frozen, batches.iterate(state.epoch, state.batch), batches.per_epoch, state, cadence,
-                  dev, evaluate, save, tracker.log, emit)
+    cadence = Cadence(run_steps, stop, grad_accum, cfg.train.log_every, cfg.eval.every, cfg.checkpoint.every)
+    state = train(engine, method, frozen, feeds, state, cadence, dev, evaluate, save, tracker.log, emit,
+                  lambda: start_round(engine))
 
-    if state.step >= total:
+    if state.step >= run_steps:
         results["after"] = evaluate()
         tracker.log(results["after"], state.step)
         emit({"kind": "eval", "step": state.step, "metrics": results["after"],
@@ -152,7 +153,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     if rank == 0:
         _write_json(cfg.run_dir / "results.json", results)
     emit({"kind": "done", "step": state.step, "metrics": {"step": state.step},
-          "text": f"done at step {state.step}/{total}" + (f"; export: {results['export']}" if "export" in results else "")})
+          "text": f"done at step {state.step}/{run_steps}" + (f"; export: {results['export']}" if "export" in results else "")})
     return results
 
 

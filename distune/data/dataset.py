@@ -31,6 +31,7 @@ class Splits:
     stats: dict = field(default_factory=dict)
     labels: list[str] | None = None  # sequence / token classification: class or tag names, index = id
     warnings: list[str] = field(default_factory=list)
+    tasks: dict[str, Splits] = field(default_factory=dict)  # a data.tasks mixture: each task's own splits, unmixed
 
 
 def sampled_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Source, list[tuple[int, dict]]]:
@@ -135,7 +136,8 @@ def _mixture(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: l
         stats["trained_token_fraction"] = (sum(sum(t != IGNORE for t in s.labels) for s in train)
                                            / max(1, sum(len(s.input_ids) for s in train)))
     stats |= {"skipped_rows": sum(p.stats["skipped_rows"] for p in parts), "tasks": per_task}
-    return Splits(train, eval_s, truncated, stats, labels if task in LABELLED else None, warnings)
+    return Splits(train, eval_s, truncated, stats, labels if task in LABELLED else None, warnings,
+                  {name: part for (name, _, _), part in zip(sections, parts)})
 
 
 def _mixture_classes(sections: list, tokenizer: PreTrainedTokenizerBase, seed: int, task: str) -> list[str]:

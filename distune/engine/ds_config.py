@@ -27,8 +27,8 @@ def build_ds_config(cfg, grad_accum: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    if cfg.train.grad_clip is not None:
-        out["gradient_clipping"] = cfg.train.grad_clip
+    # DeepSpeed clips at 1.0 when the key is absent: 0 is how it is told not to clip (train.grad_clip: null).
+    out["gradient_clipping"] = cfg.train.grad_clip or 0.0
     return _merge(out, cfg.deepspeed.extra)
 
 

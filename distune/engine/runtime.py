@@ -45,12 +45,12 @@ def device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float, stop_after: bool = False):
-    """Linear warmup, then cosine to min_ratio at `total`. `stop_after`: 0 past `total` (a parameter group whose
-    own schedule ended before the run's, e.g. one adapter of several: with lr 0 AdamW leaves it unchanged)."""
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup, then cosine to min_ratio at `total`; 0 past `total` (a parameter group whose schedule ends
+    before the run's, e.g. one adapter of several: with lr 0 AdamW leaves it unchanged)."""
 
     def f(step: int) -> float:
-        if stop_after and step >= total:
+        if step >= total:
             return 0.0
         if step < warmup:
             return (step + 1) / warmup
@@ -81,9 +81,8 @@ def build_optimizer(model: torch.nn.Module, train_cfg, total_steps: int, groups:
         params = [p for p in g["params"] if p.requires_grad]
         lr = g.get("lr") or train_cfg.lr
         lr = lr * g.get("lr_scale", 1.0)
-        own_total = g.get("total_steps")
-        schedule = lr_lambda(g.get("warmup_steps", train_cfg.warmup_steps), own_total or total_steps,
-                             g.get("min_lr_ratio", train_cfg.min_lr_ratio), stop_after=own_total is not None)
+        schedule = lr_lambda(g.get("warmup_steps", train_cfg.warmup_steps), g.get("total_steps") or total_steps,
+                             g.get("min_lr_ratio", train_cfg.min_lr_ratio))
         if train_cfg.weight_decay:
             # Biases and norms take no weight decay.
             parts = [([p for p in params if p.ndim >= 2], train_cfg.weight_decay),
@@ -97,6 +96,16 @@ def build_optimizer(model: torch.nn.Module, train_cfg, total_steps: int, groups:
                 lambdas.append(schedule)
     optimizer = torch.optim.AdamW(torch_groups, lr=train_cfg.lr, betas=train_cfg.betas)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def start_round(engine) -> None:
+    """Before a round of micro-batches that trains other parameters than the round before it (one adapter of
+    several). ZeRO-3 copies a gradient into its partition buffer on a step's first micro-batch and adds to it on the
+    others, so a parameter first reached later in the step would add to the previous step's stale gradient. Its
+    zero_grad starts a new copy window (its parameters hold no gradient between backwards: they were partitioned).
+    Stages 0-2 accumulate into cleared buffers: nothing to do."""
+    if engine.zero_optimization_stage() == 3:
+        engine.optimizer.zero_grad()
 
 
 def grad_norm(engine) -> torch.Tensor | None:

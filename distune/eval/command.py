@@ -182,12 +182,15 @@ def _rescore(out: Path, builder, labels, cfg) -> int:
 def _checkpoints(specs: list[str]) -> dict[str, str]:
     from distune.config import ConfigError
 
+    from distune.paths import named_paths
+
+    try:
+        pairs = named_paths(specs, "--checkpoint")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     out = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--checkpoint: {spec!r} must be NAME=PATH")
-        if name in out or name in MODES or name == "zero_shot_searched":
+    for name, path in pairs.items():
+        if name in MODES or name == "zero_shot_searched":
             raise ConfigError(f"--checkpoint: the name {name!r} is taken")
         if not Path(path).expanduser().exists():
             raise ConfigError(f"--checkpoint {name}: {path} does not exist")

@@ -29,6 +29,16 @@ class MethodConfig(BaseModel):
 
 
 @dataclass
+class Stream:
+    """One stream of training micro-batches of a multi-stream method (see `Method.streams`)."""
+
+    name: str  # what `activate` receives, and the prefix of this stream's metrics
+    task: str  # the data.tasks entry it reads (train and eval split)
+    max_steps: int | None = None  # optimizer steps it trains (None: the run's default)
+    key: str = ""  # its config path, for error messages (e.g. method.adapters.0)
+
+
+@dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar, differentiable
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached; stay tensors until logged
@@ -79,6 +89,19 @@ class Method(ABC):
         `warmup_steps`, `total_steps`, `min_lr_ratio` (a schedule of the group's own: lr is 0 after it ends).
         Only parameters with requires_grad are used."""
         return None
+
+    def streams(self) -> list[Stream] | None:
+        """None (the default): one stream of micro-batches over the whole training set. A list: each optimizer step
+        runs one round of gradient-accumulation micro-batches per stream whose `max_steps` is not reached, each from
+        its own task, after `activate(model, stream.name)` (e.g. one adapter per task on a shared base)."""
+        return None
+
+    def activate(self, model: nn.Module, stream: str) -> None:
+        """Called before a stream's micro-batches and its evaluation. No-op by default."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Called by validation with the model built on the meta device (shapes, no weights): raise ValueError
+        naming the key for a config that cannot work with it. No-op by default."""
 
     def export_keys(self, model: nn.Module) -> set[str] | None:
         """Names of the parameters the export needs (None: all of them). Under ZeRO-3 only these are gathered."""
@@ -155,6 +178,25 @@ def get_method(name: str) -> type[Method]:
 
 def known_methods() -> list[str]:
     return sorted(set(_REGISTRY) | set(_entry_points()))
+
+
+def nested_method(spec: dict, at: tuple[str, ...], default: str) -> tuple[type[Method], MethodConfig]:
+    """A method named inside another method's keys (a distillation student, one adapter of several): its plugin and
+    typed options; a ValueError names the key path, e.g. `method.student.r` or `method.adapters.1.method.r`."""
+    from pydantic import ValidationError
+
+    from distune.config import describe_error
+
+    name = spec.get("name", default)
+    try:
+        plugin = get_method(name)
+    except KeyError:
+        raise ValueError(f"{'.'.join(at)}.name: unknown method {name!r}; known: {', '.join(known_methods())}") from None
+    try:
+        options = plugin.Config(**{k: x for k, x in spec.items() if k != "name"})
+    except ValidationError as e:
+        raise ValueError(describe_error(e, plugin.Config, prefix=at)) from None
+    return plugin, options
 
 
 def build_method(name: str, options: dict) -> Method:

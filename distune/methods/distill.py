@@ -24,7 +24,8 @@ from distune.data.loader import model_inputs
 from distune.distill.divergences import DIVERGENCES, distill_loss
 from distune.distill.teacher import TeacherSpec, trained_positions
 from distune.paths import anchor
-from distune.methods.base import LossOutput, Method, MethodConfig, build_method, causal_lm_loss, register_method
+from distune.methods.base import (LossOutput, Method, MethodConfig, build_method, causal_lm_loss, nested_method,
+                                  register_method)
 
 PROJECTION = "distill_projection"  # submodule name of the learned hidden-state projections
 
@@ -94,22 +95,10 @@ class DistillOptions(MethodConfig):
     @field_validator("student")
     @classmethod
     def _student(cls, v: dict) -> dict:
-        from pydantic import ValidationError
-
-        from distune.config import describe_error
-        from distune.methods.base import get_method, known_methods
-
         name = v.get("name", "full")
-        if name == "distill":
-            raise ValueError("a distillation student cannot itself be 'distill'")
-        try:
-            plugin = get_method(name)
-        except KeyError:
-            raise ValueError(f"unknown student method {name!r}; known: {', '.join(known_methods())}") from None
-        try:  # the student's own keys, validated by the student's Config, errors naming method.student.<key>
-            plugin.Config(**{k: x for k, x in v.items() if k != "name"})
-        except ValidationError as e:
-            raise ValueError(describe_error(e, plugin.Config, prefix=("method", "student"))) from None
+        if name in ("distill", "adapters"):
+            raise ValueError(f"method.student.name: a distillation student cannot itself be {name!r}")
+        nested_method(v, ("method", "student"), "full")  # errors name method.student.<key>
         return {"name": name, **v}
 
     @model_validator(mode="after")
