@@ -80,15 +80,15 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         raise ConfigError(f"eval.choices: a {cfg.model.task} model is scored by its head (over data.labels for "
                           f"classifiers); remove eval.choices")
 
+    try:
+        trains.check_model(meta_model(model_config, cfg.model.trust_remote_code, cfg.model.task, cfg.model.layers))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     streams = method.streams()
     if streams is not None:
         if not cfg.data.tasks:
             raise ConfigError(f"data.tasks: method {cfg.method.name!r} trains one stream per data task "
                               f"({streams[0].key}.task); list the tasks under data.tasks")
-        try:
-            method.check_model(meta_model(model_config, cfg.model.trust_remote_code, cfg.model.task, cfg.model.layers))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
     splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
     world = cfg.cluster.num_workers
     feeds, _ = build_feeds(cfg, splits, streams, grad_accum, 0, world, tokenizer.pad_token_id or 0)

@@ -36,6 +36,15 @@ class PromptLearningMethod(PeftMethod):
     def adapt(self, model: nn.Module) -> nn.Module:
         return align_virtual_tokens(super().adapt(model))
 
+    def check_model(self, model: nn.Module) -> None:
+        # PEFT hands prompt / P-tuning's virtual tokens to the model as embeddings, and a decoder's sequence
+        # classifier (its head is `score`; encoders' is `classifier`, read at position 0) then cannot find the
+        # last non-pad token: it reads the last column, a pad for every shorter row of a right-padded batch.
+        prepends = self.name in ("prompt_tuning", "p_tuning")
+        if prepends and type(model).__name__.endswith("ForSequenceClassification") and hasattr(model, "score"):
+            raise ValueError(f"method.name: {self.name} on a decoder's sequence classifier would read padding as "
+                             f"the last token; use prefix_tuning, lora or ia3 for this head")
+
     def export(self, model, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         name = model.active_adapter
         live = model.prompt_encoder[name]

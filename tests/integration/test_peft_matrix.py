@@ -24,7 +24,10 @@ METHODS = {
     "ia3": {"name": "ia3"},
     "lora_plus_rslora": {"name": "lora", "use_rslora": True, "lr_ratio": 8.0},
 }
-CELLS = [(m, s) for m in METHODS for s in (2, 3) if not (m == "lora_plus_rslora" and s == 2)]  # LoRA: z2 elsewhere
+# ZeRO-3 (partitioned weights, gathered exports) runs by default; ZeRO-2 cells are `slow` to keep the default run
+# short: prefix and prompt tuning also run at ZeRO-2 in the task-head cells below, LoRA in test_zero_matrix.py.
+CELLS = [pytest.param(m, s, marks=[pytest.mark.slow] if s == 2 else [], id=f"{m}-z{s}")
+         for m in METHODS for s in (2, 3) if not (m == "lora_plus_rslora" and s == 2)]
 
 
 def _eval_export(cfg, export, world_of_one):
@@ -35,7 +38,7 @@ def _eval_export(cfg, export, world_of_one):
     return evaluate(model, splits.eval, cfg.eval.micro_batch_size, tok.pad_token_id, torch.device("cpu"), 0, 1)
 
 
-@pytest.mark.parametrize(("method", "stage"), CELLS, ids=[f"{m}-z{s}" for m, s in CELLS])
+@pytest.mark.parametrize(("method", "stage"), CELLS)
 def test_peft_method_x_zero_stage(ray_cluster, world_of_one, make_config, tiny_model, method, stage):
     cfg = make_config(method=METHODS[method], deepspeed={"stage": stage}, cluster={"num_workers": 2},
                       train={"max_steps": 4, "lr": 3e-2}, eval={"before_training": True})
@@ -82,3 +85,53 @@ def test_prompt_tuned_student_distils_from_an_online_teacher(ray_cluster, make_c
     kd = [row["train/kd"] for row in wandb_records.logged(cfg.run_dir)["history"] if "train/kd" in row]
     assert len(kd) == 6 and kd[-1] < kd[0]  # the virtual tokens moved the student towards the teacher
     assert set(load_file(cfg.run_dir / "export" / "adapter_model.safetensors")) == {"prompt_embeddings"}
+
+
+HEAD_CELLS = [  # method, head, model, stage
+    ("p_tuning", "token_classification", "encoder", 3),
+    ("prefix_tuning", "question_answering", "decoder", 2),
+    ("ia3", "sequence_classification", "decoder", 3),
+    ("prompt_tuning", "sequence_classification", "encoder", 2),
+]
+HEAD_LR = {"ia3": 5e-3}  # the new head trains in full next to the scales: 2e-2 overshoots it
+HEAD_SCORE = {"token_classification": "eval/entity_f1", "question_answering": "eval/f1",
+              "sequence_classification": "eval/accuracy"}
+
+
+@pytest.mark.parametrize(("method", "head", "kind", "stage"), HEAD_CELLS,
+                         ids=[f"{m}-{h[:3]}-{k[:3]}-z{s}" for m, h, k, s in HEAD_CELLS])
+def test_peft_method_x_task_head(ray_cluster, world_of_one, tiny_model, tiny_encoder, tiny_data, tmp_path,
+                                 method, head, kind, stage):
+    """The heads' own matrix (test_heads_matrix.py) covers full and LoRA; these cells put the other PEFT methods on
+    every head, so prompt learning's virtual tokens meet tag, span and class outputs under Ray."""
+    import tiny
+    from distune.config import load_config
+    from distune.models import align_virtual_tokens
+
+    model_dir = tiny_encoder if kind == "encoder" else tiny_model
+    data = {"token_classification": lambda: tiny.write_jsonl(tmp_path / "ner.jsonl", tiny.ner_rows(48)),
+            "question_answering": lambda: tiny.write_jsonl(tmp_path / "qa.jsonl", tiny.qa_rows(48)),
+            "sequence_classification": lambda: tiny_data}[head]()
+    columns = {"tokens": "words", "tags": "ner"} if head == "token_classification" else {}
+    options = {k: v for k, v in METHODS[method].items() if k not in ("init", "init_text")}
+    steps = 3
+    cfg = load_config(tiny.base_config(
+        model_dir, data, tmp_path / "runs", model={"task": head}, method=options, data={"columns": columns,
+        **({"prompt": "{text}"} if head == "sequence_classification" else {})}, deepspeed={"stage": stage},
+        cluster={"num_workers": 2}, train={"max_steps": steps, "lr": HEAD_LR.get(method, 2e-2)},
+        eval={"before_training": True}))
+    fit(cfg, str(model_dir), show_progress=False)
+    results = json.loads((cfg.run_dir / "results.json").read_text())
+    assert results["step"] == steps and results["after"]["eval/loss"] != results["before"]["eval/loss"]
+    if head != "sequence_classification":  # a fresh 2-class head on 8 held-out rows is noise over 3 steps
+        assert results["after"]["eval/loss"] < results["before"]["eval/loss"]
+
+    export = cfg.run_dir / "export"
+    tok = load_tokenizer(str(export))
+    splits = load_splits(cfg.data, tok, cfg.run.seed, task=head)
+    base = load_model(str(model_dir), labels=splits.labels, task=head, pad_token_id=tok.pad_token_id)
+    trained = PeftModel.from_pretrained(base, export)
+    trained = align_virtual_tokens(trained) if trained.active_peft_config.is_prompt_learning else trained
+    again = evaluate(trained.eval(), splits.eval, 4, tok.pad_token_id, torch.device("cpu"), 0, 1, labels=splits.labels)
+    assert again["eval/loss"] == pytest.approx(results["after"]["eval/loss"], rel=1e-4)
+    assert again[HEAD_SCORE[head]] == pytest.approx(results["after"][HEAD_SCORE[head]], abs=1e-6)

@@ -164,3 +164,13 @@ def test_generation_with_virtual_tokens_equals_greedy_decoding_of_the_aligned_lo
             ids.append(int(logits[0, -1].argmax()))
         stop = next((i for i, t in enumerate(ids[len(prompt):]) if t == tok.eos_token_id), 5)
         assert got == [tok.decode(ids[len(prompt):len(prompt) + stop + 1], skip_special_tokens=True).strip()]
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning"])
+def test_virtual_tokens_on_a_decoder_classifier_are_refused(make_config, name):
+    """PEFT passes them as embeddings: the decoder's classifier would read a pad as the last token."""
+    from distune.validate import validate
+
+    cfg = make_config(method={"name": name}, model={"task": "sequence_classification"})
+    with pytest.raises(ConfigError, match=rf"method.name: {name} on a decoder's sequence classifier"):
+        validate(cfg)
