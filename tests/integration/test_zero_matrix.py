@@ -11,7 +11,10 @@ from transformers import AutoModelForCausalLM
 from distune.cluster.trainer import fit
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# Stages 0 and 1 are `slow`: 2 and 3 (sharded gradients / sharded weights) are where exports and checkpoints can
+# go wrong, and the default run must stay near 20 minutes on 2 cores.
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow),
+                                   2, 3])
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_zero_stage_x_method(ray_cluster, make_config, tiny_model, stage, method):
     lr = 3e-3 if method == "full" else 3e-2
@@ -40,7 +43,8 @@ def test_zero_stage_x_method(ray_cluster, make_config, tiny_model, stage, method
 
 
 @pytest.mark.parametrize("variant", [
-    {"method": {"name": "full"}, "deepspeed": {"stage": 2, "offload_optimizer": True}},
+    pytest.param({"method": {"name": "full"}, "deepspeed": {"stage": 2, "offload_optimizer": True}},
+                 marks=pytest.mark.slow),
     {"method": {"name": "lora"}, "deepspeed": {"stage": 3, "offload_optimizer": True, "offload_param": True},
      "model": {"dtype": "bf16"}},
     {"method": {"name": "lora", "use_dora": True}, "deepspeed": {"stage": 2},
