@@ -106,6 +106,11 @@ class Adapters(Method):
                 raise ValueError(f"method.adapters.{i}.method: a {c.peft_type.value} adapter next to "
                                  f"method.adapters.0's {first.value}: one run trains one PEFT type (PEFT keeps one "
                                  f"type per model); run the other type as its own job")
+        if configs[0].is_prompt_learning:
+            # Their export must run the prompt encoder from gathered weights (PromptLearningMethod.export), which
+            # this method's per-adapter save does not do: refused rather than a wrong export under ZeRO-3.
+            raise ValueError(f"method.adapters.0.method: {first.value} adapters train one per job for now; use "
+                             f"method.name: {self.entries[0].method['name']} per task, or lora / ia3 adapters here")
         prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(first, "")
         for i, a in enumerate(self.entries):
             if prefix and a.name in prefix:

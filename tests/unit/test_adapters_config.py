@@ -1,26 +1,10 @@
 """`method: adapters` is checked before scheduling: every message names method.adapters.<i>.<key>."""
 
 import pytest
-from peft import IA3Config
 
 import tiny
 from distune.config import ConfigError
-from distune.methods import Method, register_method
 from distune.validate import validate
-
-
-@register_method("ia3_for_tests")
-class _IA3(Method):
-    """An adapter method of another PEFT type (the real ia3 lives on main): enough to be refused next to LoRA."""
-
-    def peft_config(self, model):
-        return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-
-    def adapt(self, model):
-        return model
-
-    def export(self, model, state_dict, out_dir):
-        pass
 
 
 @pytest.fixture
@@ -61,8 +45,11 @@ def test_unknown_task_mixed_types_and_missing_tasks(make_config, two_tasks):
     with pytest.raises(ConfigError, match=r"method\.adapters\.1\.task: unknown task 'topics'; data\.tasks has: sent, mood"):
         validate(cfg)
     cfg = _cfg(make_config, two_tasks, [{"name": "first", "task": "sent"},
-                                        {"name": "second", "task": "mood", "method": {"name": "ia3_for_tests"}}])
+                                        {"name": "second", "task": "mood", "method": {"name": "ia3"}}])
     with pytest.raises(ConfigError, match=r"method\.adapters\.1\.method: a IA3 adapter next to .* LORA"):
+        validate(cfg)
+    cfg = _cfg(make_config, two_tasks, [{"name": "first", "task": "sent", "method": {"name": "prompt_tuning"}}])
+    with pytest.raises(ConfigError, match=r"method\.adapters\.0\.method: PROMPT_TUNING adapters train one per job"):
         validate(cfg)
     cfg = make_config(method={"name": "adapters", "adapters": [{"name": "first", "task": "sent"}]})
     with pytest.raises(ConfigError, match=r"data\.tasks: method 'adapters' trains one stream per data task"):
