@@ -65,6 +65,8 @@ def main() -> None:
     p.add_argument("--kd-weight", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--kd-positions", choices=["response", "all"], default="response",
+                   help="all: the KD term covers the prompt tokens too (heals the pruned student)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-distill")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distill_quality.json")
     p.add_argument("--reuse-teacher", action="store_true", help="keep a teacher export from an earlier run")
@@ -92,7 +94,8 @@ def main() -> None:
     student_train = {"max_steps": args.student_steps, "lr": args.student_lr, "warmup_steps": 10,
                      "log_every": 5}
     kd = {"name": "distill", "student": {"name": "full"}, "teacher": {"path": str(teacher_export), "dtype": "bf16"},
-          "kd_weight": args.kd_weight, "temperature": args.temperature, "divergence": "forward_kl"}
+          "kd_weight": args.kd_weight, "temperature": args.temperature, "divergence": "forward_kl",
+          "kd_positions": args.kd_positions}
     plans = {}
     if args.arms in ("all", "decoder"):
         plans |= {
@@ -109,7 +112,8 @@ def main() -> None:
                                                     "lr": args.encoder_lr}}
         plans |= {
             "minilm-sft": {**enc, "method": {"name": "full"}},
-            "minilm-distill": {**enc, "method": {**kd, "signal": "cached", "cache_dir": str(args.work / "class-cache"),
+            "minilm-distill": {**enc, "method": {**kd, "kd_positions": "response", "signal": "cached",
+                                                 "cache_dir": str(args.work / "class-cache"),
                                                  "teacher": {**kd["teacher"], "prompt": base["data"]["prompt"],
                                                              "system": base["data"]["system"]}}},
         }

@@ -133,7 +133,7 @@ def cache_shard(cfg_dict: dict, model_source: str, index: int, count: int) -> di
     splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices)
     teacher = OnlineTeacher(load_teacher(prep).to(device).eval(), prep.vocab_size, spec.top_k, spec.temperature)
     return cache.write_shard(splits.train, teacher, out_dir, index, count, cfg.eval.micro_batch_size,
-                             tokenizer.pad_token_id, device)
+                             tokenizer.pad_token_id, device, which=spec.positions)
 
 
 def _uncached(spec: TeacherSpec) -> TeacherSpec:

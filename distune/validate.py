@@ -62,6 +62,13 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         raise ConfigError("data.tasks: a classifier's teacher cache is keyed by data line, which tasks share; "
                           "use method.signal: online, or one data file")
     method = build_method(cfg.method.name, cfg.method.model_extra or {})
+    if getattr(cfg.method_config(), "kd_positions", "response") == "all":
+        if cfg.model.task != "causal_lm":
+            raise ConfigError(f"method.kd_positions: 'all' distils every token's next-token distribution; a "
+                              f"{cfg.model.task} student has none (it matches the teacher's classes)")
+        if cfg.data.packing:
+            raise ConfigError("method.kd_positions: 'all' would distil across the joins of packed samples; set "
+                              "data.packing false")
     _check_head(cfg, method)
     prepared = preflight(method.frozen_models(), tokenizer, model_config, check_cache, cfg.model.task)
     gkd = getattr(cfg.method_config(), "gkd", None)

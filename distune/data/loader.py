@@ -133,7 +133,11 @@ def _collate_heads(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor
 
 
 def _scatter_extras(samples: list[Sample], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """[B, W, ...] tensors: row p of a sample holds its extra for the position predicting token p+1."""
+    """[B, W, ...] tensors: row p of a sample holds its extra for the position predicting token p+1.
+
+    A sample carries one row per trained position, or one per position of the sample (a teacher cache
+    built with `kd_positions: all`, n-1 rows for n tokens). The count tells which; when both counts are
+    equal every position is trained, so the two sets are the same."""
     out = {}
     predicts = torch.zeros_like(labels, dtype=torch.bool)
     predicts[:, :-1] = labels[:, 1:] != IGNORE
@@ -144,9 +148,11 @@ def _scatter_extras(samples: list[Sample], labels: torch.Tensor) -> dict[str, to
         for i, s in enumerate(samples):
             rows = torch.as_tensor(s.extras[key]).to(dtype)
             where = predicts[i].nonzero().squeeze(1)
-            if len(where) != len(rows):
+            if len(rows) == len(s.input_ids) - 1:
+                where = torch.arange(len(rows))
+            elif len(where) != len(rows):
                 raise DataError(f"source line {s.line}: {key} has {len(rows)} rows for {len(where)} trained "
-                                "positions")
+                                f"positions (or {len(s.input_ids) - 1} with kd_positions: all)")
             full[i, where] = rows
         out[key] = full
     return out

@@ -7,7 +7,8 @@ see distune.cluster.jobs; `write_shard` is the per-shard work and runs anywhere)
 Layout of `cache_dir`:
     shard-00000-of-00004.npz   keys [S] (sample hash), offsets [S+1], ids [N, k], logp [N, k] (float16)
     meta.json                  written last: a cache is complete exactly when it exists
-Only trained positions are stored (with loss on responses, a few percent of all tokens). Ids are uint16
+Only the KD positions are stored: the trained ones by default (with loss on responses, a few percent
+of all tokens), every position with `method.kd_positions: all`. Ids are uint16
 when the vocabulary fits (else int32), log-probs float16 at the distillation temperature; numpy's zip
 deflate on top. A sample is keyed by a hash of its token ids and labels, so a cache built for other data,
 another template or another tokenizer is detected sample by sample, never silently misread.
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from distune.data import DataError, Sample, collate
-from distune.distill.teacher import OnlineTeacher, TeacherSpec, trained_positions
+from distune.distill.teacher import OnlineTeacher, TeacherSpec, kd_positions
 
 FORMAT = 1
 
@@ -46,15 +47,16 @@ def shard_name(index: int, count: int) -> str:
 
 
 def write_shard(samples: list[Sample], teacher: OnlineTeacher, out_dir: Path, index: int, count: int,
-                micro_batch: int, pad_id: int, device: torch.device, progress=None) -> dict:
-    """Run the teacher over `samples[index::count]` and write one shard atomically. Returns its stats."""
+                micro_batch: int, pad_id: int, device: torch.device, progress=None, which: str = "response") -> dict:
+    """Run the teacher over `samples[index::count]` and write one shard atomically. Returns its stats.
+    `which`: the KD positions stored (`response`: the trained ones; `all`: every position of the sample)."""
     mine = samples[index::count]
     keys, offsets, ids_parts, logp_parts = [], [0], [], []
     t0 = time.perf_counter()
     for start in range(0, len(mine), micro_batch):
         chunk = mine[start:start + micro_batch]
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        positions = trained_positions(batch["labels"])
+        positions = kd_positions(batch, which)
         out = teacher(batch, positions)
         per_sample = positions.sum(1).tolist()
         ids, logp = out.topk_ids.cpu(), out.topk_logp.cpu()
@@ -122,6 +124,7 @@ def write_meta(out_dir: Path, spec: TeacherSpec, vocab_size: int | None, shards:
     size = sum(s["bytes"] for s in shards)
     meta = {"format": FORMAT, "mode": "classes" if labels else "topk", "teacher": spec.path,
             "top_k": None if labels else spec.top_k, "temperature": None if labels else spec.temperature,
+            "kd_positions": None if labels else spec.positions,
             "vocab_size": vocab_size, "labels": labels, "data": data_path,
             "teacher_prompt": [spec.prompt, spec.system] if labels else None,
             "samples": sum(s["samples"] for s in shards), "positions": positions, "bytes": size,
@@ -150,7 +153,8 @@ def check_meta(meta: dict, spec: TeacherSpec, vocab_size: int | None, cache_dir,
                   "teacher_prompt": [spec.prompt, spec.system]}
     else:
         wanted = {"format": FORMAT, "mode": "topk", "teacher": spec.path, "top_k": spec.top_k,
-                  "temperature": spec.temperature, "vocab_size": vocab_size}
+                  "temperature": spec.temperature, "vocab_size": vocab_size, "kd_positions": spec.positions}
+    meta = {"kd_positions": "response", **meta}  # caches written before kd_positions existed hold responses
     for key, value in wanted.items():
         if meta.get(key) != value:
             raise CacheError(f"method.cache_dir: {cache_dir} was built with {key}={meta.get(key)!r}, this run "

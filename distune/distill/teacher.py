@@ -34,6 +34,7 @@ class TeacherSpec:
     remote: dict = field(default_factory=dict)  # actors, cpus_per_actor, gpus_per_actor
     prompt: str | None = None  # the teacher's own prompt template / system message (cross-architecture)
     system: str | None = None
+    positions: str = "response"  # response | all: which positions the KD term covers (see kd_positions)
 
 
 @dataclass
@@ -49,6 +50,18 @@ class TeacherOutput:
 def trained_positions(labels: torch.Tensor) -> torch.Tensor:
     """[B, L-1] bool: position p is trained when it predicts a labelled token p+1."""
     return labels[:, 1:] != -100
+
+
+def kd_positions(batch: dict[str, torch.Tensor], which: str) -> torch.Tensor:
+    """[B, L-1] bool: the positions the KD term covers.
+
+    `response`: the trained positions (the CE loss's). `all`: every position predicting a real token of
+    the same row (prompt included), so a student pruned from a bigger model also relearns language
+    modelling from the teacher's distributions ("healing", as Minitron distils on whole sequences)."""
+    if which == "response":
+        return trained_positions(batch["labels"])
+    mask = batch["attention_mask"].bool()
+    return mask[:, 1:] & mask[:, :-1]
 
 
 def topk_logprobs(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from distune.data.loader import model_inputs
 from distune.distill.divergences import DIVERGENCES, distill_loss
-from distune.distill.teacher import TeacherSpec, trained_positions
+from distune.distill.teacher import TeacherSpec, kd_positions, trained_positions
 from distune.paths import anchor
 from distune.methods.base import (LossOutput, Method, MethodConfig, build_method, causal_lm_loss, nested_method,
                                   register_method)
@@ -76,6 +76,9 @@ class DistillOptions(MethodConfig):
     divergence_params: dict[str, float] = Field(default_factory=dict, description="e.g. {beta: 0.5} for jsd.")
     temperature: float = Field(1.0, gt=0)
     kd_weight: float = Field(0.5, ge=0, le=1)
+    kd_positions: Literal["response", "all"] = Field(
+        "response", description="Where the KD term applies: the trained (response) positions, or every position "
+                                "of the row, prompt included (heals a student pruned from a bigger model).")
     hidden: HiddenOptions = Field(default_factory=HiddenOptions)
     gkd: GkdOptions = Field(default_factory=GkdOptions)
     remote: RemoteOptions = Field(default_factory=RemoteOptions)
@@ -132,7 +135,8 @@ class Distill(Method):
                                        trust_remote_code=c.teacher.trust_remote_code, signal=c.signal,
                                        top_k=c.top_k, temperature=c.temperature, hidden_states=c.hidden.weight > 0,
                                        cache_dir=c.cache_dir, remote=c.remote.model_dump(),
-                                       prompt=c.teacher.prompt, system=c.teacher.system)}
+                                       prompt=c.teacher.prompt, system=c.teacher.system,
+                                       positions=c.kd_positions)}
 
     def see_frozen_configs(self, configs) -> None:
         teacher = configs["teacher"]
@@ -182,7 +186,7 @@ class Distill(Method):
             batch = self._student_samples(model, batch)
         hidden = c.hidden.weight > 0
         out = model(**model_inputs(batch), output_hidden_states=hidden)
-        positions = trained_positions(batch["labels"])
+        positions = kd_positions(batch, c.kd_positions)
         t = teacher(batch, positions)
         vocab = getattr(teacher, "vocab_size", None) or out.logits.shape[-1]
         student_logits = out.logits[:, :-1, :vocab][positions]
@@ -191,7 +195,8 @@ class Distill(Method):
                           teacher_topk=None if t.logits is not None else (t.topk_ids, t.topk_logp),
                           **c.divergence_params)
         if on_policy:
-            ce, n_tokens = torch.zeros((), device=kd.device), positions.sum()  # no gold labels on own samples
+            # No gold labels on own samples.
+            ce, n_tokens = torch.zeros((), device=kd.device), trained_positions(batch["labels"]).sum()
             total = kd
         else:
             ce, n_tokens = causal_lm_loss(out.logits, batch["labels"])

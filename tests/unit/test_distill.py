@@ -18,7 +18,8 @@ import tiny
 from distune.config import ConfigError, load_config
 from distune.data import DataError, collate, load_splits
 from distune.distill import cache
-from distune.distill.teacher import CachedTeacher, OnlineTeacher, TeacherOutput, TeacherSpec, trained_positions
+from distune.distill.teacher import (CachedTeacher, OnlineTeacher, TeacherOutput, TeacherSpec, kd_positions,
+                                     trained_positions)
 from distune.distill.vocab import VocabMismatch, aligned_vocab_size
 from distune.frozen import preflight
 from distune.methods import build_method
@@ -241,6 +242,57 @@ def test_cache_is_small_and_complete(teacher_cache, data_cfg, tok):
     assert meta["bytes_per_token"] < 4 * len(tok) / 10
     assert meta["dense_fp32_bytes_per_token"] == 4 * len(tok)
     assert not list(cache_dir.glob(".tmp-*"))  # shard writes are atomic
+
+
+def test_kd_on_every_position_cached_equals_online(tiny_model, tiny_teacher, teacher_model, data_cfg, tok,
+                                                   tmp_path):
+    """kd_positions: all — the cache holds a row per position of each sample (n-1 for n tokens), the rows
+    land on the positions the online teacher scores, and the KD term covers prompt tokens too."""
+    samples = _train_samples(data_cfg, tok)[:6]
+    online = OnlineTeacher(teacher_model, len(tok), TOP_K, TEMPERATURE)
+    spec = TeacherSpec(path=str(tiny_teacher), dtype="fp32", signal="cached", top_k=TOP_K,
+                       temperature=TEMPERATURE, cache_dir=str(tmp_path), positions="all")
+    shards = [cache.write_shard(samples, online, tmp_path, 0, 1, 4, tok.pad_token_id, torch.device("cpu"),
+                                which="all")]
+    meta = cache.write_meta(tmp_path, spec, len(tok), shards, data_cfg.path)
+    assert meta["positions"] == sum(len(s.input_ids) - 1 for s in samples)
+    cache.check_meta(meta, spec, len(tok), tmp_path)
+    with pytest.raises(cache.CacheError, match=r"kd_positions='all', this run needs 'response'"):
+        cache.check_meta(meta, replace(spec, positions="response"), len(tok), tmp_path)
+
+    fresh = _train_samples(data_cfg, tok)[:6]
+    cache.attach(fresh, tmp_path)
+    batch = collate(fresh, tok.pad_token_id)
+    every = kd_positions(batch, "all")
+    response = trained_positions(batch["labels"])
+    assert every.sum() == meta["positions"] and bool((every | response).eq(every).all())  # responses included
+    assert every.sum() > 2 * response.sum()  # the prompts are most of the tokens
+    student = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    options = {"top_k": TOP_K, "temperature": TEMPERATURE, "kd_positions": "all"}
+    with torch.no_grad():
+        want = online(batch, every)
+        got = CachedTeacher()(batch, every)
+        assert torch.equal(got.topk_ids, want.topk_ids)
+        on = _method(tiny_teacher, **options).loss(student, batch, {"teacher": online})
+        cached = _method(tiny_teacher, signal="cached", cache_dir=str(tmp_path), **options).loss(
+            student, batch, {"teacher": CachedTeacher()})
+        only_responses = _method(tiny_teacher, top_k=TOP_K, temperature=TEMPERATURE).loss(
+            student, batch, {"teacher": online})
+    assert cached.metrics["kd"].item() == pytest.approx(on.metrics["kd"].item(), rel=2e-3)
+    assert torch.equal(on.metrics["ce"], only_responses.metrics["ce"])  # CE still trains the labels only
+    assert on.metrics["trained_tokens"] == only_responses.metrics["trained_tokens"] == response.sum()
+    assert abs(on.metrics["kd"].item() - only_responses.metrics["kd"].item()) > 1e-3
+
+
+@pytest.mark.parametrize("sections,fragment", [
+    ({"data": {"packing": True}}, "method.kd_positions: 'all' would distil across the joins of packed samples"),
+    ({"model": {"task": "sequence_classification"}, "data": {"labels": ["negative", "positive"]}},
+     "method.kd_positions: 'all' distils every token's next-token distribution; a sequence_classification"),
+])
+def test_kd_on_every_position_refusals(make_config, tiny_teacher, sections, fragment):
+    cfg = make_config(method=_teacher(tiny_teacher, kd_positions="all"), **sections)
+    with pytest.raises(ConfigError, match=fragment):
+        validate(cfg)
 
 
 # --------------------------------------------------------------------------------- 4. teacher_metrics
