@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 from importlib import import_module
@@ -118,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     fit(cfg, summary["model_source"], address=args.address, show_progress=not args.no_progress,
         verbose=args.verbose)
     print(f"run directory: {cfg.run_dir}")
+    done = json.loads((cfg.run_dir / "results.json").read_text())["step"]
+    if done < min(summary["total_steps"], cfg.train.stop_after_steps or summary["total_steps"]):
+        # Stopped on request (SIGTERM): the checkpoint is written; a non-zero exit makes schedulers retry.
+        print(f"stopped at step {done} of {summary['total_steps']}: run the same command again to resume",
+              file=sys.stderr)
+        return 143
     return 0
 
 

@@ -52,10 +52,11 @@ class Cadence:
 def train(engine, method, frozen: dict, feeds: list, state: TrainState, cadence: Cadence,
           device: torch.device, evaluate: Callable[[], dict], save: Callable[[TrainState], None],
           log: Callable[[dict, int], None], emit: Callable[[dict], None],
-          start_round: Callable[[], None] = lambda: None) -> TrainState:
+          start_round: Callable[[], None] = lambda: None,
+          stop_requested: Callable[[], bool] = lambda: False) -> TrainState:
     """Run optimizer steps from `state` up to `cadence.stop_step` over `feeds` (distune.feeds.Feed); `start_round`
-    runs before each feed's round when there are several (the engine's accumulation window). Returns the final
-    state."""
+    runs before each feed's round when there are several (the engine's accumulation window). When any rank's
+    `stop_requested()` says so, checkpoint after the current step and return early. Returns the final state."""
     iters = {f.name: f.batches.iterate(*state.position(f.name)) for f in feeds}
     loss_acc = {f.name: torch.zeros((), device=device) for f in feeds}
     rounds = {f.name: 0 for f in feeds}  # micro-batch rounds since the last log, per feed
@@ -128,11 +129,19 @@ def train(engine, method, frozen: dict, feeds: list, state: TrainState, cadence:
             log(metrics, state.step)
             emit({"kind": "eval", "step": state.step, "metrics": metrics})
             t_last = time.perf_counter()  # eval time is not training time
+        # Every rank takes part in this scalar all-reduce every step, so they agree on the step to stop at.
+        told = torch.tensor([float(stop_requested())], device=device)
+        dist.all_reduce(told, op=dist.ReduceOp.MAX)
+        preempted = bool(told.item()) and not at_end
         wants_ckpt = cadence.ckpt_every and state.step % cadence.ckpt_every == 0
         stopping_early = at_end and state.step < cadence.total_steps
-        if wants_ckpt or stopping_early or (at_end and cadence.ckpt_every):
+        if wants_ckpt or stopping_early or preempted or (at_end and cadence.ckpt_every):
             if state.step != last_saved:
                 save(state)
                 last_saved = state.step
             t_last = time.perf_counter()
+        if preempted:
+            emit({"kind": "info", "text": f"stop requested: checkpoint of step {state.step} written; run the same "
+                                          "command again to resume"})
+            break
     return state

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +30,10 @@ class Reporter(Protocol):
     def progress(self, event: dict) -> None:
         """Rank 0: a step or eval event for the user's terminal ({'kind': 'step'|'eval'|'info', ...})."""
 
+    def stop_requested(self) -> bool:
+        """Has this process been asked to stop (SIGTERM, preemption, the driver)? Cheap: called every step;
+        the loop agrees on it across ranks, then checkpoints and returns."""
+
 
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Published local checkpoints, oldest first (temp dirs start with '.' and are never listed)."""
@@ -36,11 +42,23 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 
 class LocalReporter:
-    def __init__(self, run_dir: Path, keep: int, rank: int, show_progress: bool = True):
+    def __init__(self, run_dir: Path, keep: int, rank: int, show_progress: bool = True, catch_sigterm: bool = False):
         self.root = run_dir / "checkpoints"
         self.keep, self.rank = keep, rank
         self._bar = None
         self._show = show_progress and rank == 0
+        self._stop = False
+        if catch_sigterm and threading.current_thread() is threading.main_thread():
+            # torchrun forwards SIGTERM to every rank (preemption, a scheduler's grace period): checkpoint
+            # at the next step boundary instead of dying mid-step. Only the rank's own program asks for it:
+            # a library caller (a test process) keeps its own SIGTERM behaviour.
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
 
     @contextlib.contextmanager
     def restore(self) -> Iterator[Path | None]:

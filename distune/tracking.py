@@ -48,7 +48,9 @@ class WandbTracker:
         self._run = wandb.init(
             project=wandb_cfg.project, entity=wandb_cfg.entity, mode=wandb_cfg.mode, dir=str(run_dir),
             id=run_id(run_dir), resume="allow", name=name, tags=wandb_cfg.tags, config=config,
-            settings=wandb.Settings(console="off", silent=True))
+            # The run file is flushed every second (wandb's default: 15 s), so a rank killed mid-run (node
+            # loss, OOM) loses at most a second of metrics, not everything since the last flush.
+            settings=wandb.Settings(console="off", silent=True, x_transaction_log_flush_interval=1.0))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)

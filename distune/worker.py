@@ -137,7 +137,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     emit({"kind": "start", "step": state.step, "total_steps": stop})
     cadence = Cadence(run_steps, stop, grad_accum, cfg.train.log_every, cfg.eval.every, cfg.checkpoint.every)
     state = train(engine, method, frozen, feeds, state, cadence, dev, evaluate, save, tracker.log, emit,
-                  lambda: start_round(engine))
+                  lambda: start_round(engine), reporter.stop_requested)
 
     if state.step >= run_steps:
         results["after"] = evaluate()
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = load_config(args[0], args[1:])
     rank = int(os.environ.get("RANK", "0"))
-    reporter = LocalReporter(cfg.run_dir, cfg.checkpoint.keep, rank)
+    reporter = LocalReporter(cfg.run_dir, cfg.checkpoint.keep, rank, catch_sigterm=True)
     run(cfg, reporter)
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,9 +24,16 @@ class ProgressSink:
 
     def __init__(self):
         self.events: list[dict] = []
+        self.stop = False
 
     def push(self, event: dict) -> None:
         self.events.append(event)
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
 
     def drain(self) -> list[dict]:
         out, self.events = self.events, []
@@ -33,8 +41,20 @@ class ProgressSink:
 
 
 class RayReporter:
+    POLL_S = 0.5  # how often a rank asks the driver's sink whether a stop was requested
+
     def __init__(self, sink):
         self.sink = sink
+        self._stop, self._polled = False, 0.0
+
+    def stop_requested(self) -> bool:
+        """The driver got SIGTERM (a preempted head, `distune stop`, a scheduler's grace period) and asked
+        for a checkpoint. Polled at most every POLL_S; the loop all-reduces the answer, so ranks agree."""
+        now = time.monotonic()
+        if self.sink is not None and not self._stop and now - self._polled >= self.POLL_S:
+            self._polled = now
+            self._stop = bool(ray.get(self.sink.stop_requested.remote()))
+        return self._stop
 
     @contextlib.contextmanager
     def restore(self) -> Iterator[Path | None]:

@@ -8,6 +8,8 @@ and draws the progress bar from events rank 0 pushes to a `ProgressSink` actor.
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -124,6 +126,7 @@ def _fit_with_progress(trainer, sink, bar: bool):
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     printer = ProgressPrinter(bar)
+    previous = _stop_on_sigterm(sink)
     try:
         while True:
             alive = thread.is_alive()
@@ -133,9 +136,29 @@ def _fit_with_progress(trainer, sink, bar: bool):
                 break
             time.sleep(0.25)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         printer.close()
         ray.kill(sink)
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def _stop_on_sigterm(sink):
+    """First SIGTERM (a preempted head node, `distune stop`, a scheduler's grace period): ask the workers
+    to checkpoint at the next step boundary and return. A second one ends the driver at once. Returns the
+    handler it replaced (None off the main thread, where Python cannot install one)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print("SIGTERM: asking the workers to checkpoint at the next step boundary (again: stop now)",
+              file=sys.stderr, flush=True)
+        sink.request_stop.remote()
+
+    signal.signal(signal.SIGTERM, handler)
+    return previous
