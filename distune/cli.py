@@ -55,10 +55,12 @@ EXTRA_COMMANDS = {
                                      "and as fine-tuned checkpoints, with format errors counted"),
 }
 
-# Commands that take no run config: `add_arguments(parser)` and `command(args) -> exit code`, same rules.
+# Commands that do not validate a config here first (none to validate, or one whose files live on a cluster):
+# `add_arguments(parser)` and `command(args) -> exit code`, same rules.
 TOOL_COMMANDS = {
     "adapters": ("distune.adapters.command", "adapter folders: list, export one from a run, merge into the base, "
                                              "generate with several adapters on one base"),
+    "k8s": ("distune.cluster.k8s", "Kubernetes (KubeRay): `render CFG` prints a RayJob + the config's ConfigMap"),
 }
 
 

@@ -335,9 +335,15 @@ class ClusterSection(Strict):
     def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
         # Configs get copied into run folders, W&B and manifests: secrets must never live in them.
         for key in v:
-            if any(word in key.upper() for word in ("KEY", "TOKEN", "SECRET", "PASSWORD")):
-                raise ValueError(f"{key} looks like a secret; set it in the environment, not in the config")
+            if looks_secret(key):
+                raise ValueError(f"{key} looks like a secret; set it in the environment (on Kubernetes: from a "
+                                 f"Secret, see k8s/README.md), not in the config")
         return v
+
+
+def looks_secret(name: str) -> bool:
+    """Whether an environment variable's name says it holds a credential (WANDB_API_KEY, HF_TOKEN, ...)."""
+    return any(word in name.upper() for word in ("KEY", "TOKEN", "SECRET", "PASSWORD"))
 
 
 class WandbSection(Strict):
