@@ -33,10 +33,19 @@ class TrainState:
         return asdict(self)
 
     @classmethod
-    def from_client_state(cls, client: dict) -> TrainState:
+    def from_client_state(cls, client: dict, old_world: int = 1, world: int = 1) -> TrainState:
+        """Positions count micro-batches per rank; on another worker count the same global sample is at
+        batch * old_world / world (a global batch is a contiguous slice of the epoch's permutation, for any
+        worker count: distune.data.loader.ShardedBatches)."""
         if "positions" not in client:  # a checkpoint from before feeds: one position
-            return cls(step=client["step"], positions={"": (client["epoch"], client["batch"])})
-        return cls(step=client["step"], positions={k: tuple(v) for k, v in client["positions"].items()})
+            client = {"step": client["step"], "positions": {"": (client["epoch"], client["batch"])}}
+        positions = {}
+        for k, (epoch, batch) in client["positions"].items():
+            if (batch * old_world) % world:
+                raise ValueError(f"data position {batch} micro-batches x {old_world} workers does not split over "
+                                 f"{world} workers")
+            positions[k] = (epoch, batch * old_world // world)
+        return cls(step=client["step"], positions=positions)
 
 
 @dataclass

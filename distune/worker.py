@@ -10,6 +10,7 @@ Imports no ray; deepspeed only through distune.engine (imported after DS_ACCELER
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -73,16 +74,26 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     grad_accum = cfg.grad_accum_steps()
     feeds, total = build_feeds(cfg, splits, method.streams(), grad_accum, rank, world, tokenizer.pad_token_id)
     ds_config = build_ds_config(cfg, grad_accum)
-    engine = build_training_engine(model, ds_config, cfg.train, total, method.optimizer_groups(model))
+    state = TrainState()
+    with contextlib.ExitStack() as stack:
+        ckpt_dir = stack.enter_context(reporter.restore())
+        universal = None
+        if ckpt_dir is not None:  # written by another worker count? then re-partition it (decided before the build)
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distune-reshard-")))
+            universal = checkpoint.reshard_source(ckpt_dir, work)
+        train_ds = ds_config | {"checkpoint": {"load_universal": True}} if universal else ds_config
+        engine = build_training_engine(model, train_ds, cfg.train, total, method.optimizer_groups(model))
+        if ckpt_dir is not None:
+            client = checkpoint.load(engine, ckpt_dir, universal)
+            state = TrainState.from_client_state(client, old_world=client["world_size"], world=world)
+            if universal is not None and rank == 0:
+                reporter.progress({"kind": "info", "text": f"resumed step {state.step} written by "
+                                                           f"{client['world_size']} workers on {world}: ZeRO states "
+                                                           f"re-partitioned, {grad_accum} accumulation steps"})
     frozen = frozen_models.build(prepared, ds_config, splits.train, remote)
     for feed in feeds:
         feed.repack()  # again, now with the teacher's per-sample extras
     run_steps = max(f.steps for f in feeds)
-
-    state = TrainState()
-    with reporter.restore() as ckpt_dir:
-        if ckpt_dir is not None:
-            state = TrainState.from_client_state(checkpoint.load(engine, ckpt_dir))
     tracker = make_tracker(cfg, rank, dump_config(cfg))
     emit = reporter.progress if rank == 0 else (lambda event: None)
     if rank == 0:

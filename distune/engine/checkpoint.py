@@ -3,6 +3,10 @@
 Each rank writes its own shard files plus `rng_rank{r}.pt` and, last, `complete_rank{r}`. A directory
 is loadable only when every rank's marker is there, so a save killed half-way is never mistaken for a
 checkpoint. Publishing the directory atomically (temp dir + rename, or Ray's storage) is the caller's job.
+
+Resuming on another worker count: the ZeRO shards of N ranks are converted into DeepSpeed's universal
+checkpoint (one file per parameter and optimizer state, `ds_to_universal`), which M ranks load and
+re-partition; the engine must be built with `checkpoint.load_universal` for that (see `reshard_source`).
 """
 
 from __future__ import annotations
@@ -58,17 +62,39 @@ def read_meta(directory: Path) -> dict:
     return meta
 
 
-def load(engine, directory: Path) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG; return the client state (step, data position)."""
+def reshard_source(directory: Path, work: Path) -> Path | None:
+    """When `directory` was written by another number of ranks: its universal form under `work` (every rank
+    converts its own copy: the checkpoint may live on node-local storage), else None."""
     meta = read_meta(directory)
-    world = torch.distributed.get_world_size()
-    if meta["world_size"] != world:
-        raise CheckpointError(
-            f"{directory} was written by {meta['world_size']} workers, this run has {world}; "
-            f"set cluster.num_workers={meta['world_size']} to resume it")
-    _, client = engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    if meta["world_size"] == torch.distributed.get_world_size():
+        return None
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = work / UNIVERSAL
+    ds_to_universal(Namespace(input_folder=str(directory / TAG), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+    return out
+
+
+UNIVERSAL = "universal"
+
+
+def load(engine, directory: Path, universal: Path | None = None) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG; return the client state (step, data position).
+    With `universal` (from `reshard_source`, engine built with checkpoint.load_universal) the states come
+    from there, re-partitioned over this run's ranks; ranks the old run did not have keep their own seeds."""
+    meta = read_meta(directory)
+    if universal is not None:
+        _, client = engine.load_checkpoint(str(universal.parent), tag=universal.name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+    else:
+        _, client = engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
     if client is None:
         raise CheckpointError(f"{directory}: DeepSpeed found no state under tag {TAG!r}")
-    _set_rng_state(torch.load(directory / f"rng_rank{torch.distributed.get_rank()}.pt", weights_only=False))
-    return client
+    rng = directory / f"rng_rank{torch.distributed.get_rank()}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return client | {"world_size": meta["world_size"]}
