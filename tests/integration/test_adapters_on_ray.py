@@ -84,6 +84,7 @@ def test_adapters_in_one_job_equal_separate_runs(ray_cluster, make_config, tiny_
                                        atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # 70 s; resume exactness is in the default run through tests/integration/test_resume.py
 def test_shorter_adapter_stops_and_resume_matches(ray_cluster, make_config, tiny_model, task_files):
     straight = _joint(make_config, task_files, "straight", 2)
     fit(straight, str(tiny_model), show_progress=False)

@@ -29,7 +29,7 @@ def _history(cfg):
     return [row for row in wandb_records.logged(cfg.run_dir)["history"] if "train/kd" in row]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])  # ZeRO-2 teachers: other tests
 def test_online_teacher_lora_student(ray_cluster, make_config, tiny_teacher, stage):
     cfg = _distill(make_config, tiny_teacher, stage, divergence="jsd", divergence_params={"beta": 0.5})
     fit(cfg, str(cfg.model.path), show_progress=False)
@@ -82,7 +82,8 @@ def test_remote_teacher_actor_group(ray_cluster, make_config, tiny_teacher):
     assert rows[-1]["train/kd"] < 0.95 * rows[0]["train/kd"]
 
 
-@pytest.mark.parametrize("stage, signal", [(3, {}), (2, {"signal": "remote", "top_k": 16})],
+@pytest.mark.parametrize("stage, signal", [(3, {}), pytest.param(2, {"signal": "remote", "top_k": 16},
+                                                                   marks=pytest.mark.slow)],
                          ids=["online-zero3", "remote-zero2"])
 def test_gkd_on_policy(ray_cluster, make_config, tiny_teacher, stage, signal):
     """The student's own samples scored by the teacher: colocated (ZeRO-3), or on its Ray actor (top-k)."""
@@ -142,6 +143,7 @@ def test_cross_architecture_llm_teacher_to_encoder_classifier(ray_cluster, make_
     assert student.config.id2label == {0: "negative", 1: "positive"}
 
 
+@pytest.mark.slow  # 40 s; the remote teacher is in the default run through test_remote_teacher_actor_group
 def test_packed_rows_with_a_remote_teacher_under_zero3(ray_cluster, make_config, tiny_teacher, tiny_data, tmp_path):
     """Packing end to end: parquet data, position ids crossing to the teacher's actor, a ZeRO-3 student."""
     import pyarrow as pa

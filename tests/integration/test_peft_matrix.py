@@ -56,6 +56,7 @@ def test_peft_method_x_zero_stage(ray_cluster, world_of_one, make_config, tiny_m
                                                                                  rel=1e-4)
 
 
+@pytest.mark.slow  # 60 s; resume exactness is in the default run through tests/integration/test_resume.py
 def test_prompt_learning_resumes_exactly_under_zero3(ray_cluster, make_config, tiny_model):
     def cfg(name, extra=()):
         return make_config(list(extra), run={"name": name}, method=METHODS["p_tuning"] | {"encoder_dropout": 0.1},

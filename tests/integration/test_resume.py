@@ -1,9 +1,12 @@
 """Stop a run part-way, run it again: it resumes from the checkpoint and ends exactly where an
-uninterrupted run ends (weights, losses, data order, dropout RNG), logging into the same W&B run."""
+uninterrupted run ends (weights, losses, data order, dropout RNG), logging into the same W&B run. The same
+runs check that no planted key leaks and that the embedded cluster listens on loopback only."""
 
+import ipaddress
 import json
 import subprocess
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -61,6 +64,45 @@ def test_stop_and_resume_matches_uninterrupted_run(ray_cluster, make_config, tin
     lrs = [row["train/lr"] for row in logged["history"] if "train/lr" in row]
     assert lrs[0] < lrs[1] and lrs[-1] < lrs[1]  # warmup, then cosine decay
 
-    # The W&B key (present in every worker's environment) is written nowhere.
-    leaked = subprocess.run(["grep", "-rl", SECRET, str(resumed.run_dir)], capture_output=True, text=True)
-    assert leaked.stdout == ""
+    # The W&B key (present in every worker's environment) is written nowhere: not in the run folder (config,
+    # checkpoints, W&B files), not in Ray's session logs. And the embedded cluster listens on loopback only.
+    from ray._private import worker as ray_worker
+
+    for where in (resumed.run_dir, ray_worker._global_node.get_session_dir_path()):
+        leaked = subprocess.run(["grep", "-rl", "--binary-files=text", SECRET, str(where)], capture_output=True,
+                                text=True)
+        assert leaked.stdout == "", f"the planted key is in {leaked.stdout}"
+    sockets = _listening(_cluster_processes())
+    assert sockets, "found no listening sockets: the check would prove nothing"
+    exposed = sorted(s for s in sockets if not _is_loopback(s[0]))
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def _cluster_processes() -> list[psutil.Process]:
+    from ray._private import worker as ray_worker
+
+    node = ray_worker._global_node
+    roots = [psutil.Process()] + [psutil.Process(info.process.pid) for infos in node.all_processes.values()
+                                   for info in infos]
+    out = {}
+    for root in roots:
+        for p in [root, *root.children(recursive=True)]:
+            out[p.pid] = p
+    return list(out.values())
+
+
+def _listening(processes: list[psutil.Process]) -> set[tuple[str, int, str]]:
+    pids = {p.pid: p for p in processes}
+    found = set()
+    for c in psutil.net_connections(kind="inet"):
+        if c.pid in pids and c.status == psutil.CONN_LISTEN:
+            found.add((c.laddr.ip, c.laddr.port, pids[c.pid].name()))
+    return found
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
