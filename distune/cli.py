@@ -14,10 +14,11 @@ import yaml
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from distune.cluster.jobs import JobsError
     from distune.config import ConfigError
     from distune.data import DataError
 
-    return (ConfigError, DataError, FileNotFoundError)
+    return (ConfigError, DataError, FileNotFoundError, JobsError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +52,8 @@ EXTRA_COMMANDS = {
                                                    "its top-k log-probs to method.cache_dir"),
     "generate": ("distune.generate", "have the teacher write responses into a dataset (sequence-level "
                                      "distillation)"),
+    "submit": ("distune.cluster.submit", "validate here, then run the config on a remote Ray cluster through the "
+                                         "Jobs API (--address http://HEAD:8265)"),
     "eval": ("distune.eval.command", "score the task as zero-shot / few-shot / CoT / self-consistency prompting "
                                      "and as fine-tuned checkpoints, with format errors counted"),
 }
@@ -60,6 +63,10 @@ EXTRA_COMMANDS = {
 TOOL_COMMANDS = {
     "adapters": ("distune.adapters.command", "adapter folders: list, export one from a run, merge into the base, "
                                              "generate with several adapters on one base"),
+    "status": ("distune.cluster.jobs", "a submitted job's state"),
+    "logs": ("distune.cluster.jobs", "a submitted job's log (--follow to stream it)"),
+    "stop": ("distune.cluster.jobs", "stop a submitted job (it checkpoints at the next step boundary)"),
+    "list": ("distune.cluster.jobs", "the jobs on a cluster"),
     "k8s": ("distune.cluster.k8s", "Kubernetes (KubeRay): `render CFG` prints a RayJob + the config's ConfigMap"),
 }
 

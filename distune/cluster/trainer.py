@@ -27,6 +27,7 @@ import ray  # noqa: E402
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
+from distune.cluster.auth import token_auth_if_available  # noqa: E402
 from distune.cluster.reporter import ProgressSink, RayReporter  # noqa: E402
 
 
@@ -42,26 +43,13 @@ def _train_fn(loop_config: dict) -> None:
     run(cfg, RayReporter(loop_config["sink"]), model_source=loop_config["model_source"], remote=remote)
 
 
-def _token_auth_if_available() -> None:
-    """Clusters started by Ray >= 2.5x use token auth by default, but a client joining one only sends its
-    token when RAY_AUTH_MODE=token. Turn that on when a token is at hand (never read or print it here)."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"
-        from ray._raylet import Config
-
-        Config.initialize("")  # Ray read its settings at import; make it see the mode (as ray's own helper does)
-
-
 def start_ray(address: str | None, num_cpus: int | None = None, verbose: bool = False) -> None:
     """Join `address`, or start an embedded cluster. Worker logs reach the terminal only when verbose
     (they stay in Ray's session logs either way; worker errors are re-raised on the driver)."""
     if ray.is_initialized():
         return
     if address:
-        _token_auth_if_available()
+        token_auth_if_available()
         ray.init(address=address, log_to_driver=verbose)
     else:
         # "local": always a fresh embedded cluster, never a stale one from ray_current_cluster.

@@ -1,4 +1,5 @@
-"""`distune run --address` joins a Ray cluster started separately, by launch/'s bring-up scripts (loopback)."""
+"""A Ray cluster started separately by launch/'s bring-up script (loopback), used through the Jobs API:
+`distune submit` (whose job runs `distune run --address auto` there), status, logs, list, and their errors."""
 
 import json
 import os
@@ -39,32 +40,69 @@ def _stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_run_joins_a_cluster_started_by_the_launch_script(tmp_path, tiny_model, tiny_data):
-    """launch/ray-head.sh (loopback), then `distune run --address`. Nodes joining with launch/ray-worker.sh
-    are exercised across network namespaces in tests/cluster."""
+def test_submit_to_a_cluster_started_by_the_launch_script(tmp_path, tiny_model, tiny_data):
+    """launch/ray-head.sh (loopback), then `distune submit` through its dashboard: the job runs
+    `distune run --address auto` on the head, joining that cluster."""
     port, dash = _free_port(), _free_port()
     head = _start("ray-head.sh", "--port", str(port), "--dashboard-port", str(dash), "--cpus", "3")
     nodes = [head]
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
+        deadline = time.time() + 120
+        waiting = {port, dash}  # the GCS, then the dashboard (the Jobs API)
+        while waiting and time.time() < deadline:
+            for p in list(waiting):
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", p)) == 0:
+                        waiting.discard(p)
             assert head.poll() is None, head.communicate()[0]
             time.sleep(0.5)
+        assert not waiting, f"ports {waiting} never opened"
         cfg = tiny.base_config(tiny_model, tiny_data, tmp_path / "runs", method={"name": "lora"},
                                cluster={"num_workers": 2}, deepspeed={"stage": 2}, train={"max_steps": 2})
-        cfg_file = tmp_path / "cfg.yaml"
-        cfg_file.write_text(yaml.safe_dump(cfg))
-        out = subprocess.run([sys.executable, "-m", "distune", "run", str(cfg_file), "--address",
-                              f"127.0.0.1:{port}", "--no-progress"], capture_output=True, text=True, timeout=400)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-        results = json.loads((tmp_path / "runs" / "t" / "results.json").read_text())
-        assert results["step"] == 2
+        _submit_status_logs_list(f"http://127.0.0.1:{dash}", cfg, tmp_path)
     finally:
         for node in reversed(nodes):
             _stop(node)
     # The head printed how to join and submit; the dashboard stayed on loopback.
     text = head.communicate()[0]
     assert f"--head 127.0.0.1:{port}" in text and f"--address http://127.0.0.1:{dash}" in text
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distune", *args], capture_output=True, text=True, timeout=400,
+                          env={**os.environ, **(env or {})})
+
+
+def _submit_status_logs_list(address: str, cfg: dict, tmp_path: Path) -> None:
+    """The same head through the Jobs API: submit (validated here, run there), status, logs, list; a wrong
+    token and a dead address are one-line errors; the cluster's real token is never printed."""
+    token_file = Path.home() / ".ray" / "auth_token"
+    token = token_file.read_text().strip() if token_file.is_file() else None
+    cfg = {**cfg, "run": {**cfg["run"], "name": "submitted"}}
+    cfg_file = tmp_path / "submitted.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    outputs = []
+
+    sub = _cli("submit", str(cfg_file), "--address", address, "--submission-id", "distune-t1", "--follow")
+    outputs.append(sub.stdout + sub.stderr)
+    assert sub.returncode == 0, outputs[-1][-3000:]
+    assert "submitted distune-t1" in sub.stdout and "done at step 2/2" in sub.stdout
+    assert json.loads((tmp_path / "runs" / "submitted" / "results.json").read_text())["step"] == 2
+    for args, want in ((("status", "distune-t1"), "distune-t1: SUCCEEDED"), (("logs", "distune-t1"), "done at step 2"),
+                       (("list",), "distune-t1  SUCCEEDED  run=submitted")):
+        out = _cli(*args, "--address", address)
+        outputs.append(out.stdout + out.stderr)
+        assert out.returncode == 0 and want in out.stdout, outputs[-1][-2000:]
+
+    bad = [_cli("status", "nope", "--address", address),
+           _cli("status", "distune-t1", "--address", f"http://127.0.0.1:{_free_port()}"),
+           _cli("list", "--address", address, env={"RAY_AUTH_TOKEN": "planted-wrong-token-5e1", "RAY_AUTH_MODE": "token"})]
+    wants = ["error: job nope: no such job", "no Ray dashboard answers there", "refused this client's token"]
+    for out, want in zip(bad, wants):
+        outputs.append(out.stdout + out.stderr)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and want in out.stderr, outputs[-1][-2000:]
+        assert "Traceback" not in outputs[-1]
+    everything = "".join(outputs)
+    assert "planted-wrong-token-5e1" not in everything
+    if token:
+        assert token not in everything

@@ -14,7 +14,7 @@ from distune.cluster.trainer import fit
 # Stages 0 and 1 are `slow`: 2 and 3 (sharded gradients / sharded weights) are where exports and checkpoints can
 # go wrong, and the default run must stay near 20 minutes on 2 cores.
 @pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow),
-                                   2, 3])
+                                   pytest.param(2, marks=pytest.mark.slow), 3])  # ZeRO-2: the heads matrix
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_zero_stage_x_method(ray_cluster, make_config, tiny_model, stage, method):
     lr = 3e-3 if method == "full" else 3e-2
