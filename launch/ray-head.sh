@@ -7,6 +7,8 @@
 # Defaults keep everything on loopback (a one-machine cluster): pass --node-ip <this node's private address>
 # for other machines to join. The dashboard (and with it the Jobs API that `distune submit` uses) stays on
 # 127.0.0.1 unless --dashboard-host says otherwise: reach it through `ssh -L 8265:127.0.0.1:8265 head`.
+# Another Ray on the same machine holds the dashboard agent's default port (52365): then pass
+# `-- --dashboard-agent-listen-port=<free port>`, or `distune submit` gets "No available agent to submit job".
 # Ray >= 2.5x enables token auth; the token lands in ~/.ray/auth_token on this node: copy it to the workers and
 # to the machine you submit from (never into a config). Prints the commands to join and to submit.
 set -euo pipefail

@@ -54,7 +54,10 @@ def _why(address: str, e: Exception) -> str:
     if "401" in text or "403" in text or "nauthenticated" in text or "token" in text.lower():
         return (f"--address {address}: the cluster refused this client's token (set RAY_AUTH_TOKEN or "
                 f"~/.ray/auth_token to the cluster's token)")
-    return f"--address {address}: no Ray dashboard answers there ({type(e).__name__})"
+    if isinstance(e, ConnectionError) or "Failed to connect" in text or "Connection refused" in text:
+        return f"--address {address}: no Ray dashboard answers there ({type(e).__name__})"
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
+    return f"--address {address}: the cluster said: {first}"
 
 
 def _call(address: str, what: str, fn, *a):
@@ -104,7 +107,7 @@ def submit(cfg, summary: dict, args) -> int:
         if env:
             runtime_env["env_vars"] = env
         meta = {"distune_run": cfg.run.name, "user": getpass.getuser(), **metadata}
-        job_id = _call(address, "submit", lambda: client.submit_job(
+        job_id = _submit_when_ready(client, address, dict(
             entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.submission_id, metadata=meta))
     print(f"submitted {job_id} to {address}: run {cfg.run.name!r} ({summary['total_steps']} steps) -> "
           f"{cfg.run_dir} on the cluster")
@@ -112,6 +115,19 @@ def submit(cfg, summary: dict, args) -> int:
     if args.follow:
         return _follow(client, address, job_id)
     return 0
+
+
+def _submit_when_ready(client, address: str, job: dict, wait_s: float = 90.0) -> str:
+    """A head that just started answers HTTP before its job agent runs ("No available agent to submit job,
+    please try again later"): retry that, and only that, for `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise JobsError(_why(address, e)) from None
+        time.sleep(2.0)
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,12 +24,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(script: str, *args: str) -> subprocess.Popen:
+def _start(script: str, *args: str, ray_args: tuple[str, ...] = ()) -> subprocess.Popen:
     """One of launch/'s bring-up scripts, blocking, in its own process group (stopped by that group only).
     Its own Ray temp dir, apart from the test session's cluster."""
+    # A short temp dir: Ray's unix sockets live under it (path length limits).
     env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY": str(Path(sys.executable).with_name("ray")),
-           "RAY_TMPDIR": f"{os.environ['RAY_TMPDIR']}/join"}
-    return subprocess.Popen(["bash", str(ROOT / "launch" / script), *args, "--", "--block"], env=env,
+           "RAY_TMPDIR": tempfile.mkdtemp(prefix="dj-", dir="/tmp")}
+    return subprocess.Popen(["bash", str(ROOT / "launch" / script), *args, "--", "--block", *ray_args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -44,7 +46,10 @@ def test_submit_to_a_cluster_started_by_the_launch_script(tmp_path, tiny_model, 
     """launch/ray-head.sh (loopback), then `distune submit` through its dashboard: the job runs
     `distune run --address auto` on the head, joining that cluster."""
     port, dash = _free_port(), _free_port()
-    head = _start("ray-head.sh", "--port", str(port), "--dashboard-port", str(dash), "--cpus", "3")
+    # The dashboard agent's port too: its default (52365) is held by any other Ray on the machine (the test
+    # session's own cluster), and without its agent a head answers "No available agent to submit job".
+    head = _start("ray-head.sh", "--port", str(port), "--dashboard-port", str(dash), "--cpus", "3",
+                  ray_args=(f"--dashboard-agent-listen-port={_free_port()}",))
     nodes = [head]
     try:
         deadline = time.time() + 120

@@ -82,8 +82,9 @@ def _cluster_processes() -> list[psutil.Process]:
     from ray._private import worker as ray_worker
 
     node = ray_worker._global_node
-    roots = [psutil.Process()] + [psutil.Process(info.process.pid) for infos in node.all_processes.values()
-                                   for info in infos]
+    # Ray's own processes (GCS, raylet, agents, workers), not this test process: its torch TCPStore from
+    # other tests binds every interface, as PyTorch's TCPStore always does (a limit named in the README).
+    roots = [psutil.Process(info.process.pid) for infos in node.all_processes.values() for info in infos]
     out = {}
     for root in roots:
         for p in [root, *root.children(recursive=True)]:
