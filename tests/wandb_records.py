@@ -58,3 +58,17 @@ def logged(run_dir: Path) -> dict:
                 for item in rec.run.config.update:
                     config[item.key] = json.loads(item.value_json)
     return {"history": history, "config": config, "run_ids": run_ids}
+
+
+def finished(run_dir: Path, timeout: float = 60.0) -> dict:
+    """`logged(run_dir)` once every run file holds its exit record: wandb's service may still be writing the
+    last blocks for a moment after `run.finish()` returns (seen under load)."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        files = sorted(run_dir.glob("wandb/*run-*/run-*.wandb"))
+        done = files and all(any(r.WhichOneof("record_type") == "exit" for r in records(f)) for f in files)
+        if done or time.time() > deadline:
+            return logged(run_dir)
+        time.sleep(0.5)

@@ -70,7 +70,7 @@ def test_every_mode_and_a_checkpoint(positive_run, capsys):
     assert search["best"] in [c["instruction"] for c in search["candidates"]]
 
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    logged = wandb_records.logged(out)["history"]  # the offline W&B run: both tables, one row per arm
+    logged = wandb_records.finished(out)["history"]  # the offline W&B run: both tables, one row per arm
     row = next(r for r in logged if "eval/results/nrows" in r)
     assert row["eval/results/_type"] == "table-file" and row["eval/results/nrows"] == 6
     assert row["eval/predictions/nrows"] == 36
