@@ -20,6 +20,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 TAG = "state"
+UNIVERSAL = "universal"  # the folder a resharding resume converts the checkpoint into
 
 
 class CheckpointError(RuntimeError):
@@ -77,8 +78,6 @@ def reshard_source(directory: Path, work: Path) -> Path | None:
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
     return out
 
-
-UNIVERSAL = "universal"
 
 
 def load(engine, directory: Path, universal: Path | None = None) -> dict:
