@@ -127,7 +127,7 @@ class DataSection(Strict):
                              "or hf:<hub id>[:config] (pkg:<package>/<file> is allowed). Required unless every "
                              "data.tasks entry gives its own.")
 
-    @field_validator("path")
+    @field_validator("path", "eval_path")
     @classmethod
     def _anchor(cls, v: str | None) -> str | None:
         return _anchor_path(v)
@@ -149,7 +149,12 @@ class DataSection(Strict):
     design: DesignSection = Field(default_factory=DesignSection)
     max_length: int = Field(512, gt=1, description="Samples longer than this are truncated (from the right).")
     limit: int | None = Field(None, gt=0, description="Use only this many rows (after a seeded shuffle).")
-    eval_size: int | float = Field(0.1, description="Held-out rows: a count, or a fraction in (0, 1).")
+    eval_size: int | float = Field(0.1, description="Held-out rows: a count, or a fraction in (0, 1). Not used "
+                                   "with data.eval_path.")
+    eval_path: str | None = Field(
+        None, description="A separate held-out file (same format, columns and templates as data.path): every row is "
+        "an eval row, and data.path's rows all train (data.limit cuts those only). Lets every arm of a comparison "
+        "score the same fixed rows while the training file changes. Local files and datasets folders.")
     labels: list[str] | None = Field(
         None, description="The label set: class names for model.task sequence_classification (default: the "
         "distinct responses in the data, sorted), tag names for token_classification (default: every tag in "
@@ -206,7 +211,9 @@ class DataSection(Strict):
 
     def task_sections(self) -> list[tuple[str, float, DataSection]]:
         """(name, weight, effective data section) per task: the top-level keys, replaced by the task's own."""
-        base = self.model_dump(exclude={"tasks", "mixture_temperature"})
+        # A default eval_size is left out, so that a task giving its own eval_path is not told it set both.
+        unset = set() if "eval_size" in self.model_fields_set else {"eval_size"}
+        base = self.model_dump(exclude={"tasks", "mixture_temperature"} | unset)
         out = []
         for i, task in enumerate(self.tasks or ()):
             merged = {**base, **task.model_dump(include=task.model_fields_set - {"name", "weight"})}
@@ -234,6 +241,16 @@ class DataSection(Strict):
             if changed:
                 raise ValueError(f"data.design.{changed[0]}: applies to single-turn formats "
                                  f"(prompt_response, alpaca), not data.format: {self.format}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_eval_split(self) -> DataSection:
+        if self.eval_path is not None and "eval_size" in self.model_fields_set:
+            raise ValueError("data.eval_size: not used with data.eval_path (every row of that file is an eval row); "
+                             "remove one of them")
+        if self.eval_path is not None and self.eval_path.startswith("hf:"):
+            raise ValueError("data.eval_path: a hub id is not read here; save the split with "
+                             "datasets' save_to_disk and give that folder")
         return self
 
     @field_validator("eval_size")

@@ -56,6 +56,28 @@ def sampled_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Sourc
     return source, rows
 
 
+def split_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Source, list[tuple[int, dict]], int]:
+    """(source, rows, n_eval): the first n_eval rows are the eval rows. With data.eval_path they are that file's
+    rows, numbered negatively (-7 is its line 7) so that no id clashes with a training row's and
+    `source.at` names the right file."""
+    source, rows = sampled_rows(data_cfg, seed, bad)
+    if data_cfg.eval_path is None:
+        n_eval = data_cfg.eval_size if isinstance(data_cfg.eval_size, int) else round(len(rows) * data_cfg.eval_size)
+        return source, rows, n_eval
+    path = resolve_path(data_cfg.eval_path)
+    if not path.exists():
+        raise DataError(f"data.eval_path: {data_cfg.eval_path} does not exist")
+    held = describe(data_cfg.eval_path, path)
+    on_bad = bad.add if bad is not None else None
+    # Negated numbers from here on: the message of a bad row must already name the eval file.
+    eval_rows = [(-n, row) for n, row in read_rows(path, data_cfg.encoding, data_cfg.encoding_errors,
+                                                   data_cfg.split, on_bad)]
+    if not eval_rows:
+        raise DataError(f"data.eval_path: {held.name} has no rows")
+    source = Source(source.name, source.unit, held.name, held.unit)
+    return source, eval_rows + rows, len(eval_rows)
+
+
 def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None = None,
                 task: str = "causal_lm") -> Splits:
     if data_cfg.tasks:
@@ -66,10 +88,11 @@ def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
 def _one_source(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None, task: str,
                 labels: list[str] | None = None) -> Splits:
     bad = BadRows() if data_cfg.bad_rows == "skip" else None
-    source, rows = sampled_rows(data_cfg, seed, bad)
-    n_eval = data_cfg.eval_size if isinstance(data_cfg.eval_size, int) else round(len(rows) * data_cfg.eval_size)
+    source, rows, n_eval = split_rows(data_cfg, seed, bad)
     if n_eval >= len(rows):
         raise DataError(f"data.eval_size={data_cfg.eval_size} leaves no training rows out of {len(rows)}")
+    if data_cfg.eval_path:
+        n_eval = None  # the eval rows are told by their (negated) numbers from here on
 
     renderer = Renderer(tokenizer, data_cfg, source, seed)
     if task in LABELLED:
@@ -166,14 +189,16 @@ def _totals(train_s: list[Sample], eval_s: list[Sample], truncated: int) -> dict
             "mean_tokens": sum(lengths) / max(1, len(lengths)), "max_tokens": max(lengths, default=0)}
 
 
-def _render_all(rows: list, n_eval: int, bad: BadRows | None, render, dropped: list | None = None) -> list[Sample]:
-    """Render rows in order; the first n_eval good ones are eval rows (canonical instruction). A DataError
-    skips the row under data.bad_rows: skip, and stops everything otherwise. A render that returns None drops
-    the row (its line goes to `dropped`)."""
+def _render_all(rows: list, n_eval: int | None, bad: BadRows | None, render,
+                dropped: list | None = None) -> tuple[list[Sample], int]:
+    """Render rows in order -> (samples, eval count). The first n_eval good ones are eval rows (canonical
+    instruction); with n_eval None (data.eval_path) the eval rows are those numbered negatively, so a skipped
+    eval row never turns a training row into an eval one. A DataError skips the row under data.bad_rows: skip,
+    and stops everything otherwise. A render that returns None drops the row (its line goes to `dropped`)."""
     samples = []
     for line, row in rows:
         try:
-            sample = render(line, row, canonical=len(samples) < n_eval)
+            sample = render(line, row, canonical=line < 0 if n_eval is None else len(samples) < n_eval)
             if sample is None:
                 dropped.append(line)
             else:
@@ -182,9 +207,13 @@ def _render_all(rows: list, n_eval: int, bad: BadRows | None, render, dropped: l
             if bad is None:
                 raise
             bad.add(str(e))
+    if n_eval is None:
+        n_eval = sum(s.line < 0 for s in samples)
+        if not n_eval:
+            raise DataError("data.eval_path: no usable eval rows")
     if len(samples) <= n_eval:
         raise DataError(f"only {len(samples)} usable rows, data.eval_size={n_eval} leaves none for training")
-    return samples
+    return samples, n_eval
 
 
 def _lm_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, bad: BadRows | None) -> Splits:
@@ -196,7 +225,7 @@ def _lm_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, bad: BadRo
                             f"raise data.max_length or shorten the prompt")
         return s
 
-    samples = _render_all(rows, n_eval, bad, render)
+    samples, n_eval = _render_all(rows, n_eval, bad, render)
     truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in samples)
     eval_s, train_s = samples[:n_eval], samples[n_eval:]
     everything = sum(IGNORE not in s.labels for s in train_s)
@@ -242,9 +271,10 @@ def _class_set(renderer: Renderer, rows: list | None, data_cfg, task: str) -> se
 def _class_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, labels: list[str],
                   bad: BadRows | None, task: str) -> Splits:
     if task == TOKEN_CLASSIFICATION:
-        samples = _render_all(rows, n_eval, bad, lambda line, row, canonical: render_tags(renderer, line, row, labels))
+        samples, n_eval = _render_all(rows, n_eval, bad,
+                                      lambda line, row, canonical: render_tags(renderer, line, row, labels))
     else:
-        samples = _render_all(rows, n_eval, bad, lambda line, row, canonical: renderer.render_class(
+        samples, n_eval = _render_all(rows, n_eval, bad, lambda line, row, canonical: renderer.render_class(
             line, row, labels, canonical))
     truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in samples)
     eval_s, train_s = samples[:n_eval], samples[n_eval:]
@@ -258,7 +288,7 @@ def _answer_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, bad: B
     """Extractive QA: a row whose answer lies beyond data.max_length is dropped and counted (no stride:
     one sample per row, so a row's answer is trained and scored from one window)."""
     cut = []
-    samples = _render_all(rows, n_eval, bad, lambda line, row, canonical: render_answer(renderer, line, row),
+    samples, n_eval = _render_all(rows, n_eval, bad, lambda line, row, canonical: render_answer(renderer, line, row),
                           dropped=cut)
     truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in samples)
     eval_s, train_s = samples[:n_eval], samples[n_eval:]

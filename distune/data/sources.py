@@ -30,8 +30,12 @@ class Source:
 
     name: str
     unit: str = "line"
+    eval_name: str | None = None  # data.eval_path: its rows carry negated numbers
+    eval_unit: str = "line"
 
     def at(self, n: int) -> str:
+        if n < 0 and self.eval_name is not None:
+            return f"{self.eval_name} {self.eval_unit} {-n}"
         return f"{self.name} {self.unit} {n}"
 
 

@@ -57,7 +57,7 @@ def add_arguments(p) -> None:
 def command(cfg, summary: dict, args) -> int:
     from distune.config import ConfigError
     from distune.data import Renderer, load_splits
-    from distune.data.dataset import sampled_rows
+    from distune.data.dataset import split_rows
     from distune.eval.prompts import Example, PromptBuilder, nearest
     from distune.models import load_tokenizer, resolve_model_source
 
@@ -81,7 +81,7 @@ def command(cfg, summary: dict, args) -> int:
         raise ConfigError("data.tasks: distune eval scores one task at a time; point it at one task's config")
 
     tok = load_tokenizer(summary["model_source"], cfg.model.trust_remote_code)
-    _, rows = sampled_rows(cfg.data, cfg.run.seed)
+    _, rows, _ = split_rows(cfg.data, cfg.run.seed)
     by_line = dict(rows)
     splits = load_splits(cfg.data, tok, cfg.run.seed, None, cfg.model.task)
     eval_ex = [Example(s.line, by_line[s.line]) for s in splits.eval][: args.limit]
@@ -107,7 +107,8 @@ def command(cfg, summary: dict, args) -> int:
     for e in eval_ex:
         gold = builder.design.parse(renderer.target_text(e.line, renderer.normalise(e.line, e.row)))
         if gold.errors:
-            raise ConfigError(f"{cfg.data.path} line {e.line}: the design's own target does not parse back "
+            where = f"{cfg.data.eval_path} line {-e.line}" if e.line < 0 else f"{cfg.data.path} line {e.line}"
+            raise ConfigError(f"{where}: the design's own target does not parse back "
                               f"({', '.join(gold.errors)}); check data.labels / eval.choices against the data")
         golds.append(gold.values)
 

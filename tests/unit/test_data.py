@@ -128,3 +128,50 @@ def test_sharded_batches_are_disjoint_across_ranks_and_resume_exactly():
     for (e, b, batch), (e2, b2, batch2) in zip(first[6:], [next(resumed) for _ in range(6)]):
         assert (e, b) == (e2, b2) and batch["input_ids"].equal(batch2["input_ids"])
     assert ranks[0].order(0) != ranks[0].order(1)  # a new order every epoch
+
+
+def _rows(path, responses, start=0):
+    path.write_text("".join(json.dumps({"prompt": f"p{start + i}", "response": r}) + "\n"
+                            for i, r in enumerate(responses)))
+    return path
+
+
+def test_eval_path_holds_every_eval_row_and_train_file_only_trains(tmp_path, tok):
+    train = _rows(tmp_path / "train.jsonl", ["yes", "no"] * 5)
+    held = _rows(tmp_path / "held.jsonl", ["no", "yes", "no"], start=100)
+    splits = load_splits(DataSection(path=str(train), eval_path=str(held), limit=6), tok, seed=0,
+                         choices=["yes", "no"])
+    assert [s.line for s in splits.eval] == [-1, -2, -3]  # the held file's lines, negated, in file order
+    assert [tok.decode(s.prompt_ids).count("p10") for s in splits.eval] == [1, 1, 1]
+    assert len(splits.train) == 6 and all(s.line > 0 for s in splits.train)  # data.limit cuts training rows only
+    assert splits.stats["eval_rows"] == 3
+
+
+def test_eval_path_errors_name_the_eval_file_and_key(tmp_path, tok):
+    train = _rows(tmp_path / "train.jsonl", ["yes", "no"] * 3)
+    held = _rows(tmp_path / "held.jsonl", ["yes", "maybe"])
+    with pytest.raises(DataError, match=r"held.jsonl line 2: response 'maybe' is not one of eval.choices"):
+        load_splits(DataSection(path=str(train), eval_path=str(held)), tok, seed=0, choices=["yes", "no"])
+    with pytest.raises(DataError, match=r"data.eval_path: .*nope.jsonl does not exist"):
+        load_splits(DataSection(path=str(train), eval_path=str(tmp_path / "nope.jsonl")), tok, seed=0)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"data.eval_path: .*empty.jsonl has no rows"):
+        load_splits(DataSection(path=str(train), eval_path=str(tmp_path / "empty.jsonl")), tok, seed=0)
+
+
+def test_eval_path_with_skipped_bad_rows_keeps_training_rows_out_of_eval(tmp_path, tok):
+    train = _rows(tmp_path / "train.jsonl", ["yes", "no"] * 3)
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"prompt": "a", "response": "yes"}\n{"prompt": oops}\n')
+    splits = load_splits(DataSection(path=str(train), eval_path=str(held), bad_rows="skip"), tok, seed=0)
+    assert [s.line for s in splits.eval] == [-1] and len(splits.train) == 6
+    assert "held.jsonl line 2" in splits.warnings[0]
+
+
+def test_eval_path_and_eval_size_together_are_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="data.eval_size: not used with data.eval_path"):
+        DataSection(path="a.jsonl", eval_path="b.jsonl", eval_size=5)
+    with pytest.raises(ValidationError, match="data.eval_path: a hub id is not read here"):
+        DataSection(path="a.jsonl", eval_path="hf:org/set")
