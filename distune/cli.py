@@ -10,8 +10,6 @@ import sys
 from importlib import import_module
 from pathlib import Path
 
-import yaml
-
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from distune.cluster.jobs import JobsError
@@ -96,10 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     from distune.validate import validate
 
     try:
+        if getattr(args, "address", None) and args.command != "submit":  # submit's is the dashboard's: jobs.py
+            from distune.cluster.address import check_gcs_address
+
+            check_gcs_address(args.address)  # seconds, before validation reads the model and the data
         cfg = load_config(args.config, args.overrides)
         print(f"validating {args.config} ...", flush=True)
         summary = validate(cfg, local_cluster=not getattr(args, "address", None),
                            check_cache=args.command != "cache-teacher")
+        if args.command in ("validate", "run", "submit"):
+            from distune.rundir import check_resumable
+
+            check_resumable(cfg)  # before any worker starts, and before the run directory's record is replaced
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -117,11 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     from distune.cluster.trainer import fit
-    from distune.config import dump_config
-
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+    from distune.rundir import write_config
     from distune.tracking import run_id
+
+    write_config(cfg)
 
     if cfg.wandb.mode != "disabled":
         run_id(cfg.run_dir)  # fixed before any worker starts: every restart logs to the same W&B run

@@ -422,11 +422,19 @@ def load_config(source: str | Path | dict, overrides: list[str] = ()) -> RunConf
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        try:
+            raw = yaml.load(text, Loader=UniqueKeyLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if raw is None:
+            raise ConfigError(f"{path}: the file is empty (a config needs at least model.path and data.path)")
         where = str(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections")
@@ -437,6 +445,24 @@ def load_config(source: str | Path | dict, overrides: list[str] = ()) -> RunConf
         raise ConfigError(f"{where}: {describe_error(e, RunConfig)}") from None
     _validate_method(cfg, where)
     return cfg
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML would silently keep
+    the last one, and a second `train:` section would quietly drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}, first given on line {seen[key] + 1}", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                pass
+        return super().construct_mapping(node, deep)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -456,7 +482,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override {item!r}: {part} is not a section")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+            node[parts[-1]] = yaml.load(value, Loader=UniqueKeyLoader) if value != "" else ""
         except yaml.YAMLError:
             node[parts[-1]] = value
     return raw
@@ -519,6 +545,9 @@ def describe_error(err: ValidationError, root: type[BaseModel], prefix: tuple = 
         return f"{path}: required key is missing"
     got = first.get("input")
     shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    if isinstance(got, bool) and first["type"] == "string_type":
+        # YAML 1.1 reads unquoted yes/no/on/off as booleans: `choices: [yes, no]` is [True, False].
+        shown = f" (got {got!r}: YAML reads unquoted yes/no/on/off/true/false as booleans; quote the value)"
     msg = first["msg"].removeprefix("Value error, ")
     if msg.startswith(path + "."):  # a nested plugin config already named the full key path
         return msg

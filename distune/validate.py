@@ -48,6 +48,8 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if first.startswith("model.path:"):  # resolve_model_source already named the key and the path
+            raise ConfigError(first) from None
         raise ConfigError(f"model.path: cannot load {cfg.model.path!r}: {first}") from None
     if len(tokenizer) > getattr(model_config, "vocab_size", len(tokenizer)):
         raise ConfigError(f"model.path: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
@@ -113,6 +115,9 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         raise ConfigError("data.eval_size: evaluation is configured but the eval split is empty")
     steps_per_epoch = max(f.batches.per_epoch for f in feeds) // grad_accum
     total = max(f.steps for f in feeds)
+    if streams is None and cfg.train.warmup_steps > total:
+        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} is more than the run's {total} optimizer "
+                          f"steps: the learning rate would never reach train.lr; lower it or raise train.max_steps")
     teachers = {f"{name}_vocab": p.vocab_size for name, p in prepared.items() if p.vocab_size is not None}
     if splits.labels:
         teachers["labels"] = splits.labels

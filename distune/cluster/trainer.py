@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+from distune.cluster.address import check_gcs_address
+from distune.config import ConfigError
 from distune.frozen import preflight, teacher_specs
 from distune.progress import ProgressPrinter
 from distune.validate import target_uses_gpu
@@ -49,8 +51,12 @@ def start_ray(address: str | None, num_cpus: int | None = None, verbose: bool = 
     if ray.is_initialized():
         return
     if address:
+        check_gcs_address(address)  # ray.init would retry for ~15 minutes where nothing listens
         token_auth_if_available()
-        ray.init(address=address, log_to_driver=verbose)
+        try:
+            ray.init(address=address, log_to_driver=verbose)
+        except ConnectionError as e:
+            raise ConfigError(f"--address {address}: {str(e).strip().splitlines()[0]}") from None
     else:
         # "local": always a fresh embedded cluster, never a stale one from ray_current_cluster.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
