@@ -149,8 +149,9 @@ class DataSection(Strict):
     design: DesignSection = Field(default_factory=DesignSection)
     max_length: int = Field(512, gt=1, description="Samples longer than this are truncated (from the right).")
     limit: int | None = Field(None, gt=0, description="Use only this many rows (after a seeded shuffle).")
-    eval_size: int | float = Field(0.1, description="Held-out rows: a count, or a fraction in (0, 1). Not used "
-                                   "with data.eval_path.")
+    # None, not 0.1, as the default: a dumped config (what the workers load) must not look as if it set both.
+    eval_size: int | float | None = Field(None, description="Held-out rows: a count, or a fraction in (0, 1); "
+                                          "default 0.1. Not used with data.eval_path.")
     eval_path: str | None = Field(
         None, description="A separate held-out file (same format, columns and templates as data.path): every row is "
         "an eval row, and data.path's rows all train (data.limit cuts those only). Lets every arm of a comparison "
@@ -211,9 +212,7 @@ class DataSection(Strict):
 
     def task_sections(self) -> list[tuple[str, float, DataSection]]:
         """(name, weight, effective data section) per task: the top-level keys, replaced by the task's own."""
-        # A default eval_size is left out, so that a task giving its own eval_path is not told it set both.
-        unset = set() if "eval_size" in self.model_fields_set else {"eval_size"}
-        base = self.model_dump(exclude={"tasks", "mixture_temperature"} | unset)
+        base = self.model_dump(exclude={"tasks", "mixture_temperature"})
         out = []
         for i, task in enumerate(self.tasks or ()):
             merged = {**base, **task.model_dump(include=task.model_fields_set - {"name", "weight"})}
@@ -245,7 +244,7 @@ class DataSection(Strict):
 
     @model_validator(mode="after")
     def _one_eval_split(self) -> DataSection:
-        if self.eval_path is not None and "eval_size" in self.model_fields_set:
+        if self.eval_path is not None and self.eval_size is not None:
             raise ValueError("data.eval_size: not used with data.eval_path (every row of that file is an eval row); "
                              "remove one of them")
         if self.eval_path is not None and self.eval_path.startswith("hf:"):
@@ -255,7 +254,7 @@ class DataSection(Strict):
 
     @field_validator("eval_size")
     @classmethod
-    def _eval_size(cls, v: int | float) -> int | float:
+    def _eval_size(cls, v: int | float | None) -> int | float | None:
         if isinstance(v, float) and not 0.0 < v < 1.0:
             raise ValueError("a fraction must lie in (0, 1); give an int for a row count")
         if isinstance(v, int) and v < 0:
@@ -345,6 +344,11 @@ class ClusterSection(Strict):
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPUs if the driver sees CUDA.")
     cpus_per_worker: float = Field(1, gt=0)
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers: PACK fills a node before the next (fewest nodes); SPREAD "
+        "prefers distinct nodes; STRICT_PACK one node or nothing; STRICT_SPREAD one worker per node or nothing "
+        "(needs --address of a cluster with a node per worker; Ray Train also places an empty coordinator bundle, "
+        "so keep one node more than workers).")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for workers.")
 
     @field_validator("env")

@@ -62,7 +62,8 @@ def split_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Source,
     `source.at` names the right file."""
     source, rows = sampled_rows(data_cfg, seed, bad)
     if data_cfg.eval_path is None:
-        n_eval = data_cfg.eval_size if isinstance(data_cfg.eval_size, int) else round(len(rows) * data_cfg.eval_size)
+        size = 0.1 if data_cfg.eval_size is None else data_cfg.eval_size
+        n_eval = size if isinstance(size, int) else round(len(rows) * size)
         return source, rows, n_eval
     path = resolve_path(data_cfg.eval_path)
     if not path.exists():
@@ -90,7 +91,7 @@ def _one_source(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
     bad = BadRows() if data_cfg.bad_rows == "skip" else None
     source, rows, n_eval = split_rows(data_cfg, seed, bad)
     if n_eval >= len(rows):
-        raise DataError(f"data.eval_size={data_cfg.eval_size} leaves no training rows out of {len(rows)}")
+        raise DataError(f"data.eval_size={0.1 if data_cfg.eval_size is None else data_cfg.eval_size} leaves no training rows out of {len(rows)}")
     if data_cfg.eval_path:
         n_eval = None  # the eval rows are told by their (negated) numbers from here on
 

@@ -175,3 +175,12 @@ def test_eval_path_and_eval_size_together_are_refused():
         DataSection(path="a.jsonl", eval_path="b.jsonl", eval_size=5)
     with pytest.raises(ValidationError, match="data.eval_path: a hub id is not read here"):
         DataSection(path="a.jsonl", eval_path="hf:org/set")
+
+
+def test_eval_path_config_survives_the_dump_the_workers_load(tmp_path):
+    from distune.config import dump_config, load_config
+
+    cfg = load_config({"model": {"path": "m"}, "data": {"path": "a.jsonl", "eval_path": "b.jsonl"}})
+    again = load_config(dump_config(cfg))  # what every Ray worker does with the driver's config
+    assert again.data.eval_path == cfg.data.eval_path and again.data.eval_size is None
+    assert load_config(cfg.model_dump(mode="json")).data.eval_path == cfg.data.eval_path
