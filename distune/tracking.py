@@ -36,6 +36,15 @@ class NullTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
+    def recent(self) -> list:
+        return []
+
+    def checkpointed(self) -> None:
+        pass
+
+    def replay(self, rows: list) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -52,8 +61,30 @@ class WandbTracker:
             # loss, OOM) loses at most a second of metrics, not everything since the last flush.
             settings=wandb.Settings(console="off", silent=True, x_transaction_log_flush_interval=1.0))
 
+        # The rows logged since the checkpoint before the last one. A lost host takes W&B's unflushed rows with
+        # it, and steps up to the checkpoint a restart resumes from are never logged again: so they ride in the
+        # checkpoint (recent / checkpointed) and are sent again on resume (replay). Two intervals, not one: a
+        # row logged just before a save may still be unflushed after it.
+        self._rows: tuple[list, list] = ([], [])
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)
+        self._rows[1].append([step, dict(metrics)])
+
+    def recent(self) -> list:
+        return self._rows[0] + self._rows[1]
+
+    def checkpointed(self) -> None:
+        self._rows = (self._rows[1], [])
+
+    def replay(self, rows: list) -> None:
+        """Log a resumed checkpoint's rows again. A resumed online run starts at the server's next step, so rows
+        the server has are skipped; an offline run file gets them again and `wandb sync` keeps one of each."""
+        first = self._run.step
+        for step, metrics in rows:
+            if step >= first:
+                self._run.log(metrics, step=step)
+        self._rows = (list(rows), [])
 
     def finish(self) -> None:
         self._run.finish()

@@ -38,6 +38,11 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
                               f"this machine has {torch.cuda.device_count()}")
         if cfg.model.dtype == "bf16" and not torch.cuda.is_bf16_supported():
             raise ConfigError("model.dtype: bf16 is not supported by this GPU; use fp16 or fp32")
+    if local_cluster and cfg.cluster.placement == "STRICT_SPREAD" and cfg.cluster.num_workers > 1:
+        # Ray would wait forever for nodes that a one-node embedded cluster never gets.
+        raise ConfigError(f"cluster.placement: STRICT_SPREAD puts each of the {cfg.cluster.num_workers} workers on "
+                          f"its own node, and the local embedded cluster is one node; join a cluster with "
+                          f"--address, or use PACK or SPREAD")
     if cfg.model.quantization:
         _check_quantization(cfg, uses_gpu)
     grad_accum = cfg.grad_accum_steps()

@@ -95,6 +95,8 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
         feed.repack()  # again, now with the teacher's per-sample extras
     run_steps = max(f.steps for f in feeds)
     tracker = make_tracker(cfg, rank, dump_config(cfg))
+    if ckpt_dir is not None:
+        tracker.replay(client.get("wandb_rows", []))
     emit = reporter.progress if rank == 0 else (lambda event: None)
     if rank == 0:
         st = splits.stats
@@ -129,8 +131,9 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
         return out
 
     def save(s: TrainState) -> None:
-        reporter.checkpoint(s.step, {"step": s.step},
-                            lambda d: checkpoint.save(engine, d, s.as_client_state()))
+        client = s.as_client_state() | {"wandb_rows": tracker.recent()}
+        reporter.checkpoint(s.step, {"step": s.step}, lambda d: checkpoint.save(engine, d, client))
+        tracker.checkpointed()
 
     results: dict = {}
     teacher = getattr(frozen.get("teacher"), "model", None)  # an online teacher runs here: score it too

@@ -28,6 +28,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 import ray  # noqa: E402
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from distune.cluster.auth import token_auth_if_available  # noqa: E402
 from distune.cluster.reporter import ProgressSink, RayReporter  # noqa: E402
@@ -42,6 +43,11 @@ def _train_fn(loop_config: dict) -> None:
     from distune.cluster.teachers import RemoteTeacher
 
     remote = {name: RemoteTeacher(actors, vocab) for name, (actors, vocab) in loop_config["remote"].items()}
+    # Where each rank landed (every attempt: a restart may land elsewhere), printed by the driver.
+    ctx = ray.get_runtime_context()
+    loop_config["sink"].push.remote({"kind": "info", "text": (
+        f"rank {ray.train.get_context().get_world_rank()}: node {ctx.get_node_id()[:12]} "
+        f"({ray.util.get_node_ip_address()}, pid {os.getpid()})")})
     run(cfg, RayReporter(loop_config["sink"]), model_source=loop_config["model_source"], remote=remote)
 
 
@@ -74,13 +80,17 @@ def fit(cfg, model_source: str, address: str | None = None, show_progress: bool 
     env = dict(cfg.cluster.env)
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    sink = ProgressSink.remote()  # events become a bar, or plain lines without show_progress
+    # Events become a bar, or plain lines without show_progress. The sink lives on the driver's node: elsewhere,
+    # losing that node would take the driver's progress (and its stop flag) down with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    sink = ProgressSink.options(scheduling_strategy=here).remote()
     trainer = TorchTrainer(
         _train_fn,
         train_loop_config={"config": cfg.model_dump(mode="json"), "model_source": model_source, "sink": sink,
                            "remote": remote},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+                                     placement_strategy=cfg.cluster.placement),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=str(Path(cfg.run.output_dir).absolute()),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),

@@ -151,6 +151,10 @@ CASES = {
     "checkpoint_from_other_config": (["run", "{base}", "model.layers=1", "train.lr=0.5"],
                                      "run.name: {run_dir} holds checkpoint step_2 written by another config: "
                                      "model.layers is None there, 1 here; train.lr is 0.001 there, 0.5 here"),
+    "strict_spread_on_one_node": (["run", "{base}", "cluster.placement=STRICT_SPREAD", "cluster.num_workers=2",
+                                   "train.global_batch_size=4"],
+                                  "cluster.placement: STRICT_SPREAD puts each of the 2 workers on its own node"),
+    "placement_unknown": (["run", "{base}", "cluster.placement=EVERYWHERE"], "cluster.placement: Input should be"),
     # cluster addresses
     "address_closed_port": (["run", "{base}", "--address", "127.0.0.1:{closed}"],
                             "--address 127.0.0.1:{closed}: nothing answers at 127.0.0.1:{closed}"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,24 +18,14 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from safetensors.torch import load_file
 
-import wandb_records
 from distune.cluster.trainer import fit
 from distune.config import dump_config
-
-STEPS, EVERY = 12, 3
-
-
-def _sections(name: str) -> dict:
-    return {"run": {"name": name}, "method": {"name": "lora", "dropout": 0.1}, "deepspeed": {"stage": 2},
-            "cluster": {"num_workers": 2, "max_failures": 2}, "checkpoint": {"every": EVERY, "keep": 2},
-            "wandb": {"mode": "offline"},
-            "train": {"max_steps": STEPS, "lr": 1e-2, "warmup_steps": 2, "log_every": 1}}
+from faults import EVERY, STEPS, max_weight_diff, restarts, same_as_straight, sections
 
 
 def _cfg(make_config, name: str, extra=()):
-    return make_config(list(extra), **_sections(name))
+    return make_config(list(extra), **sections(name))
 
 
 @pytest.fixture(scope="module")
@@ -46,46 +35,9 @@ def straight(ray_cluster, tmp_path_factory, tiny_model, tiny_data):
     from distune.config import load_config
 
     cfg = load_config(tiny.base_config(tiny_model, tiny_data, tmp_path_factory.mktemp("straight"),
-                                       **_sections("straight")))
+                                       **sections("straight")))
     fit(cfg, str(tiny_model), show_progress=False)
     return cfg
-
-
-def _history(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, train loss) rows in logging order, restarts included."""
-    return [(row["_step"], row["train/loss"]) for row in wandb_records.logged(run_dir)["history"]
-            if "train/loss" in row]
-
-
-def _max_weight_diff(a: Path, b: Path) -> float:
-    x, y = load_file(a / "export" / "adapter_model.safetensors"), load_file(b / "export" / "adapter_model.safetensors")
-    assert x.keys() == y.keys()
-    return max(float((x[k] - y[k]).abs().max()) for k in x)
-
-
-def _same_as_straight(run_dir: Path, straight_dir: Path) -> dict:
-    """Final weights within 1e-4, every step's loss as uninterrupted, one W&B run; returns the figures."""
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["step"] == STEPS and "export" in results
-    diff = _max_weight_diff(run_dir, straight_dir)
-    assert diff < 1e-4
-    want = dict(_history(straight_dir))
-    rows = _history(run_dir)
-    for step, loss in rows:  # redone steps too: same data, same RNG, same loss
-        assert loss == pytest.approx(want[step], abs=1e-5), step
-    assert sorted(set(s for s, _ in rows)) == list(range(1, STEPS + 1))
-    logged = wandb_records.logged(run_dir)
-    assert set(logged["run_ids"]) == {(run_dir / "wandb_run_id").read_text().strip()}
-    return {"weight_diff": diff, "wandb_runs": len(set(logged["run_ids"]))}
-
-
-def _restarts(out: str) -> tuple[int, int]:
-    """From the progress lines: (the step the restarted attempt resumed at, steps redone: those done
-    before the fault after that step)."""
-    starts = [int(m) for m in re.findall(r"training: step (\d+) -> ", out)]
-    assert len(starts) == 2, out
-    before = [int(m) for m in re.findall(r"^step (\d+)/", out.split("training: step", 2)[1], re.M)]
-    return starts[1], max(before, default=0) - starts[1]
 
 
 def _train_workers() -> list[psutil.Process]:
@@ -135,9 +87,9 @@ def test_worker_sigkill_restarts_from_checkpoint_and_matches(straight, make_conf
     os.kill(rank0[0].pid, signal.SIGKILL)
     thread.join(600)
     assert not thread.is_alive() and "error" not in out, out.get("error")
-    resumed_at, redone = _restarts(capsys.readouterr().out)
+    resumed_at, redone = restarts(capsys.readouterr().out)
     assert resumed_at >= EVERY and resumed_at % EVERY == 0  # from a checkpoint, not from scratch
-    figures = _same_as_straight(cfg.run_dir, straight.run_dir) | {"resumed_at": resumed_at, "steps_redone": redone,
+    figures = same_as_straight(cfg.run_dir, straight.run_dir) | {"resumed_at": resumed_at, "steps_redone": redone,
                                                                     "restart_s": time.time() - killed_at}
     record_property("sigkill", figures)
     print(f"\nSIGKILL of a worker: {figures}")
@@ -179,7 +131,7 @@ def test_sigterm_checkpoints_at_next_step_and_resumes(straight, make_config, tin
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"training: step {stopped} -> {STEPS}" in again.stdout  # nothing redone
-    figures = _same_as_straight(cfg.run_dir, straight.run_dir) | {"stopped_at": stopped, "grace_s": grace}
+    figures = same_as_straight(cfg.run_dir, straight.run_dir) | {"stopped_at": stopped, "grace_s": grace}
     record_property("sigterm", figures)
     print(f"\nSIGTERM to the driver: {figures}")
 
@@ -188,10 +140,10 @@ def test_save_killed_half_way_leaves_previous_checkpoint(make_config, tiny_model
     """Without Ray (`python -m distune.worker`): the process is SIGKILLed while a checkpoint is being written
     (its temp folder exists); the previous published checkpoint is what the next run resumes from, the
     debris is never taken for a checkpoint, and the run ends where an uninterrupted one does."""
-    sections = _sections("half-saved") | {"cluster": {"num_workers": 1}, "wandb": {"mode": "disabled"},
-                                          "checkpoint": {"every": 1, "keep": 3}}
-    cfg = make_config(**sections)
-    ref = make_config(**(sections | {"run": {"name": "half-saved-ref"}}))
+    recipe = sections("half-saved") | {"cluster": {"num_workers": 1}, "wandb": {"mode": "disabled"},
+                                       "checkpoint": {"every": 1, "keep": 3}}
+    cfg = make_config(**recipe)
+    ref = make_config(**(recipe | {"run": {"name": "half-saved-ref"}}))
     files = {}
     for c in (cfg, ref):
         files[c.run.name] = tmp_path / f"{c.run.name}.yaml"
@@ -230,7 +182,7 @@ def test_save_killed_half_way_leaves_previous_checkpoint(make_config, tiny_model
 
     subprocess.run(worker + [str(files[cfg.run.name])], check=True, capture_output=True, timeout=300)
     assert not (ckpts / killed_in).exists()  # the next save of that step cleared the debris
-    diff = _max_weight_diff(cfg.run_dir, ref.run_dir)
+    diff = max_weight_diff(cfg.run_dir, ref.run_dir)
     assert diff < 1e-4
     record_property("half_save", {"killed_during": killed_in, "resumed_from": latest.name, "weight_diff": diff})
     print(f"\nsave killed half-way ({killed_in}): resumed from {latest.name}, weight diff {diff:.2e}")
