@@ -99,6 +99,8 @@ def _submit_status_logs_list(address: str, cfg: dict, tmp_path: Path) -> None:
         outputs.append(out.stdout + out.stderr)
         assert out.returncode == 0 and want in out.stdout, outputs[-1][-2000:]
 
+    outputs.append(_stop_then_resubmit(address, cfg, tmp_path))
+
     bad = [_cli("status", "nope", "--address", address),
            _cli("status", "distune-t1", "--address", f"http://127.0.0.1:{_free_port()}"),
            _cli("list", "--address", address, env={"RAY_AUTH_TOKEN": "planted-wrong-token-5e1", "RAY_AUTH_MODE": "token"})]
@@ -111,3 +113,36 @@ def _submit_status_logs_list(address: str, cfg: dict, tmp_path: Path) -> None:
     assert "planted-wrong-token-5e1" not in everything
     if token:
         assert token not in everything
+
+
+def _stop_then_resubmit(address: str, cfg: dict, tmp_path: Path) -> str:
+    """`distune stop` on a running job: Ray sends its entrypoint SIGTERM, the run checkpoints at the next step
+    boundary and the job ends STOPPED; submitting the same config again resumes from that checkpoint."""
+    cfg = {**cfg, "run": {**cfg["run"], "name": "stopped"},
+           "train": {**cfg["train"], "max_steps": 100_000, "log_every": 1}, "checkpoint": {"keep": 1}}
+    cfg_file = tmp_path / "stopped.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "runs" / "stopped"
+    sub = _cli("submit", str(cfg_file), "--address", address, "--submission-id", "distune-t2")
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    deadline = time.time() + 240
+    while "step 2/100000" not in _cli("logs", "distune-t2", "--address", address).stdout:
+        assert time.time() < deadline, _cli("logs", "distune-t2", "--address", address).stdout[-3000:]
+        time.sleep(1)
+    stop = _cli("stop", "distune-t2", "--address", address)
+    assert stop.returncode == 0 and "distune-t2: stop requested" in stop.stdout, (
+        stop.stdout + _cli("status", "distune-t2", "--address", address).stdout
+        + _cli("logs", "distune-t2", "--address", address).stdout[-3000:])
+    while "STOPPED" not in (status := _cli("status", "distune-t2", "--address", address)).stdout:
+        assert time.time() < deadline and "SUCCEEDED" not in status.stdout, status.stdout + status.stderr
+        time.sleep(1)
+    logs = _cli("logs", "distune-t2", "--address", address).stdout
+    stopped = json.loads((run_dir / "results.json").read_text())["step"]
+    assert 2 <= stopped < 100_000 and (run_dir / f"step_{stopped}").is_dir(), logs[-3000:]
+    assert f"checkpoint of step {stopped} written" in logs, logs[-3000:]
+    # Resumed for two more steps only (train.stop_after_steps may change between invocations of one run).
+    again = _cli("submit", str(cfg_file), f"train.stop_after_steps={stopped + 2}", "--address", address,
+                 "--submission-id", "distune-t3", "--follow")
+    assert again.returncode == 0 and f"training: step {stopped} -> {stopped + 2}" in again.stdout, again.stdout[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["step"] == stopped + 2
+    return sub.stdout + stop.stdout + logs + again.stdout + again.stderr
