@@ -75,7 +75,7 @@ def transfer_files(base: dict, args, kd: dict) -> dict[str, Path]:
     files = {"eval": write(folder / "eval.jsonl", gold[:n_eval]), "gold": write(folder / "gold.jsonl", gold[n_eval:])}
     unlabelled = write(folder / "unlabelled.jsonl", [{"text": r["text"]} for _, r in rows[n_eval + n_gold:need]])
     labelled = folder / "teacher-labelled.jsonl"
-    if not (args.reuse_teacher and labelled.is_file()):
+    if not ((args.reuse_teacher or args.report_only) and labelled.is_file()):
         gen_cfg = arm_config(base, "generate", folder, method=kd,
                              data={"path": str(unlabelled), "response": "", "limit": None, "eval_size": 0},
                              eval={"choices": None, "every": None, "before_training": False})
