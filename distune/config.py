@@ -48,7 +48,14 @@ class ModelSection(Strict):
     path: str = Field(..., description="Hub id, local folder, or .gguf file (pkg:<package>/<file> is allowed).")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp16 needs a GPU).")
     trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute each block's activations in backward "
+                                         "(activation memory ~ one block instead of all; ~1/3 more compute).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel (transformers' attn_implementation). None: the model's default (SDPA "
+        "where the architecture supports it). flash_attention_2 needs a CUDA GPU and `pip install flash-attn`.")
+    compile: bool = Field(False, description="torch.compile the training model (DeepSpeed's engine.compile, "
+                          "inductor backend): the first steps pay the compilation (tens of seconds to minutes), "
+                          "later ones run fused kernels. On CPU it needs a C++ compiler.")
     task: Literal["causal_lm", "sequence_classification", "token_classification", "question_answering"] = Field(
         "causal_lm", description="What the head predicts (any method trains it; encoders such as BERT/MiniLM or "
         "decoders). causal_lm: next-token loss on the response; sequence_classification: a class over data.labels "
@@ -306,6 +313,11 @@ class TrainSection(Strict):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
     grad_clip: float | None = Field(1.0, gt=0)
     log_every: int = Field(1, gt=0)
+    loss_chunk: int | None = Field(
+        None, gt=0, description="Causal LMs: run the output head and the loss (CE and KD) over at most this many "
+        "trained positions at a time, recomputing each chunk in backward, so [positions x vocab] logits never "
+        "exist for more than one chunk (costs one more head matmul). None: all trained positions at once. The head "
+        "only ever runs on the positions a loss reads, with or without it.")
     stop_after_steps: int | None = Field(
         None, gt=0, description="End this invocation after N total steps with a checkpoint (schedule still "
         "spans max_steps); run again to continue. For time-boxed allocations.")

@@ -92,30 +92,34 @@ def is_adapter_folder(source: str) -> bool:
 
 def load_model(source: str, dtype: str = "fp32", trust_remote_code: bool = False,
                layers: int | list[int] | None = None, labels: list[str] | None = None,
-               pad_token_id: int | None = None, task: str | None = None, quantization: str | None = None) -> torch.nn.Module:
+               pad_token_id: int | None = None, task: str | None = None, quantization: str | None = None,
+               attn_implementation: str | None = None) -> torch.nn.Module:
     """A causal LM, or a model with a fresh task head (`task`; `labels` alone means sequence classification):
     a classifier over `labels` (sequence or token classification), or an extractive QA head. A PEFT adapter
     folder loads its base and merges the adapter in (e.g. a fine-tuned teacher exported by a `lora` run).
-    `layers` keeps a subset of the decoder blocks (see `keep_layers`)."""
+    `layers` keeps a subset of the decoder blocks (see `keep_layers`); `attn_implementation` picks the attention
+    kernel (None: the model's default)."""
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     task = task or ("sequence_classification" if labels is not None else "causal_lm")
     if task != "causal_lm":
         options = {} if labels is None else {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                                              "label2id": {name: i for i, name in enumerate(labels)}}
         model = _load_head(head_class(task), source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                           **options)
+                           **options, **attn)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id  # decoders read the last non-pad token's state
     elif is_adapter_folder(source):
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
-                                                         trust_remote_code=trust_remote_code)
+                                                         trust_remote_code=trust_remote_code, **attn)
         # A prompt-learning adapter (prompt / p-tuning / prefix) has nothing to merge: it stays a PeftModel.
         model = align_virtual_tokens(model) if model.active_peft_config.is_prompt_learning else model.merge_and_unload()
     elif quantization:
         model = _load_quantized(source, dtype, trust_remote_code, quantization)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                     **attn)
     if layers is not None:
         keep_layers(model, layers)
     model.config.use_cache = False  # no KV cache while training

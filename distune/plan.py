@@ -7,8 +7,10 @@ N = cluster.num_workers, b = bytes per weight (bf16/fp16 2, fp32 4), Ψt trainab
   optimizer    Adam: 12·Ψt mixed precision (fp32 master + m + v), 8·Ψt fp32 (m + v)   /N at stage >= 1
   activations  micro·seq·h·L·34·b/2 (Korthikanti et al. 2022, no attention-score term: SDPA/flash keep none);
                with gradient checkpointing micro·seq·h·L·b (block inputs) + one block's 34·b/2 (recomputed)
-               + logits micro·seq·V·4·2 (fp32 logits and their gradient)
-  teacher      colocated: b_T·Ψ_T (/N at stage 3, where it is a ZeRO-3 inference engine) + micro·seq·V_T·4;
+               + logits r·V·(b + 4 + 4): the head's output, its fp32 upcast and that one's gradient, where
+               r = micro·seq·f rows are read by a loss (f: the trained-token fraction, 1 with kd_positions all;
+               the head runs on those rows only, distune.logits), or train.loss_chunk rows when smaller
+  teacher      colocated: b_T·Ψ_T (/N at stage 3, where it is a ZeRO-3 inference engine) + r·V_T·(b_T + 4);
                cached: 0 on the GPU, disk ≈ trained tokens·k·(id 2 or 4 bytes + 2 bytes fp16 log-prob);
                remote: 0 on training ranks, each actor b_T·Ψ_T + micro·seq·V_T·4
 offload_optimizer (stage >= 1) moves the optimizer to host memory, offload_param (stage 3) the weights, the
@@ -92,14 +94,17 @@ def estimate(cfg, summary: dict, counts: dict) -> dict:
         acts = micro * seq * h * (layers * b + per_layer)
     else:
         acts = micro * seq * h * layers * per_layer
-    acts += micro * seq * counts["vocab"] * 4 * 2
+    mc = cfg.method_config()
+    fraction = 1.0 if getattr(mc, "kd_positions", "response") == "all" else summary.get("trained_token_fraction", 1.0)
+    rows = micro * seq * fraction  # the positions a loss reads: the only ones the output head computes
+    head_rows = min(rows, cfg.train.loss_chunk) if cfg.train.loss_chunk else rows
+    acts += head_rows * counts["vocab"] * (b + 4 + 4)
     plan = {"num_workers": n, "dtype": cfg.model.dtype, "stage": cfg.deepspeed.stage, "params": counts,
             "stages": {}, "teacher": None}
     t = counts.get("teacher")
     if t:
-        mc = cfg.method_config()
         t_weights = BYTES[t["dtype"]] * t["params"]
-        t_logits = micro * seq * t["vocab"] * 4
+        t_logits = rows * t["vocab"] * (BYTES[t["dtype"]] + 4)
         tokens = summary["train_rows"] * summary["mean_tokens"] * summary["trained_token_fraction"]
         vocab = summary.get("teacher_vocab", t["vocab"])
         k = mc.top_k or 64  # cached/remote default to 64 when top_k is unset

@@ -22,7 +22,7 @@ from distune.reporting import checkpoint_dirs
 # shapes the saved state or what it means.
 MAY_CHANGE = ("run.output_dir", "train.stop_after_steps", "train.log_every", "eval.", "checkpoint.", "wandb.",
               "cluster.max_failures", "cluster.env", "cluster.cpus_per_worker", "cluster.use_gpu",
-              "cluster.num_workers", "cluster.placement")
+              "cluster.num_workers", "cluster.placement", "train.loss_chunk")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -45,6 +45,15 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
                           f"--address, or use PACK or SPREAD")
     if cfg.model.quantization:
         _check_quantization(cfg, uses_gpu)
+    if cfg.model.attn_implementation == "flash_attention_2":
+        import importlib.util
+
+        if not uses_gpu:
+            raise ConfigError("model.attn_implementation: flash_attention_2 runs on CUDA GPUs only and "
+                              "cluster.use_gpu is false; use sdpa")
+        if local_cluster and importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                              "(pip install flash-attn); or use sdpa")
     grad_accum = cfg.grad_accum_steps()
 
     try:

@@ -59,9 +59,10 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     random.seed(cfg.run.seed)
     method = build_method(cfg.method.name, cfg.method.model_extra or {})
     method.seed = cfg.run.seed
+    method.loss_chunk = cfg.train.loss_chunk
     student = load_model(source, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.layers,
                          labels=splits.labels, pad_token_id=tokenizer.pad_token_id, task=cfg.model.task,
-                         quantization=cfg.model.quantization)
+                         quantization=cfg.model.quantization, attn_implementation=cfg.model.attn_implementation)
     prepared = frozen_models.preflight(method.frozen_models(), tokenizer, student.config, task=cfg.model.task)
     method.see_frozen_configs({name: p.config for name, p in prepared.items()})
     model = method.adapt(student)
@@ -82,7 +83,8 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distune-reshard-")))
             universal = checkpoint.reshard_source(ckpt_dir, work)
         train_ds = ds_config | {"checkpoint": {"load_universal": True}} if universal else ds_config
-        engine = build_training_engine(model, train_ds, cfg.train, total, method.optimizer_groups(model))
+        engine = build_training_engine(model, train_ds, cfg.train, total, method.optimizer_groups(model),
+                                       compile_model=cfg.model.compile)
         if ckpt_dir is not None:
             client = checkpoint.load(engine, ckpt_dir, universal)
             state = TrainState.from_client_state(client, old_world=client["world_size"], world=world)

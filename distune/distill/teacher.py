@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distune.data.loader import model_inputs
+from distune.logits import head_at
 
 
 @dataclass
@@ -80,9 +81,10 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> TeacherOutput:
-        out = self.model(**model_inputs(batch), output_hidden_states=self.hidden_states)
+        with head_at(self.model, positions) as sel:  # the head runs on the KD positions only
+            out = self.model(**model_inputs(batch), output_hidden_states=self.hidden_states)
         # Padded embedding rows (ids no tokenizer produces) are cut off: both sides see the same vocabulary.
-        logits = out.logits[:, :-1, : self.vocab_size][positions]
+        logits = sel.pick(out.logits)[:, : self.vocab_size]
         hidden = tuple(out.hidden_states) if self.hidden_states else None
         if self.top_k is None:
             return TeacherOutput(logits=logits, hidden=hidden)

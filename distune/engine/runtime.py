@@ -61,10 +61,13 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 
 def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, total_steps: int,
-                          groups: list[dict] | None = None):
+                          groups: list[dict] | None = None, compile_model: bool = False):
     optimizer, scheduler = build_optimizer(model, train_cfg, total_steps, groups)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
+    if compile_model:
+        # DeepSpeed's own entry point: it compiles the wrapped module and keeps its ZeRO hooks working.
+        engine.compile()
     return engine
 
 

@@ -165,7 +165,9 @@ class Adapters(Method):
         return groups
 
     def loss(self, model, batch, frozen) -> LossOutput:
-        return self.methods[self.active].loss(model, batch, frozen)
+        method = self.methods[self.active]
+        method.loss_chunk = self.loss_chunk
+        return method.loss(model, batch, frozen)
 
     def export_keys(self, model: nn.Module) -> set[str]:
         return {p for ps in self.params.values() for p in ps}

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from distune.data.loader import model_inputs
+from distune.logits import Selected, head_at
 
 ENTRY_POINT_GROUP = "distune.methods"
 
@@ -54,6 +55,7 @@ class Method(ABC):
     def __init__(self, config: MethodConfig):
         self.config = config
         self.seed = 0  # the run's seed; the runner sets it (for methods that draw random numbers)
+        self.loss_chunk: int | None = None  # train.loss_chunk; the runner sets it (distune.logits)
 
     @abstractmethod
     def adapt(self, model: nn.Module) -> nn.Module:
@@ -70,6 +72,13 @@ class Method(ABC):
         """Token-level cross-entropy on the positions whose label is not -100 (the default objective); for a
         task head's batch, the head's loss: class CE (`class_labels`), per-token tag CE (`tag_labels`), or the
         mean of the answer start and end CEs (`start_positions`, `end_positions`)."""
+        if "labels" in batch:  # causal LM: the head runs on the trained positions only (distune.logits)
+            labels = batch["labels"][:, 1:]
+            trained = labels != -100
+            with head_at(model, trained, self.loss_chunk) as sel:
+                out = model(**model_inputs(batch))
+            loss, n_tokens = selected_ce(sel, out.logits, labels[trained])
+            return LossOutput(loss, {"ce": loss.detach(), "trained_tokens": n_tokens})
         out = model(**model_inputs(batch))
         if "class_labels" in batch:
             loss = nn.functional.cross_entropy(out.logits.float(), batch["class_labels"])
@@ -80,8 +89,7 @@ class Method(ABC):
         if "start_positions" in batch:
             loss = span_loss(out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"])
             return LossOutput(loss, {"ce": loss.detach()})
-        loss, n_tokens = causal_lm_loss(out.logits, batch["labels"])
-        return LossOutput(loss, {"ce": loss.detach(), "trained_tokens": n_tokens})
+        raise ValueError(f"batch has no labels the default objective knows: {sorted(batch)}")
 
     def optimizer_groups(self, model: nn.Module) -> list[dict] | None:
         """Parameter groups for the optimizer (None: every trainable parameter in one group at train.lr).
@@ -123,6 +131,18 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     loss = nn.functional.cross_entropy(picked, shift_labels[trained], reduction="sum")
     # A batch with no trained tokens is refused by the data layer; clamp keeps a stray one finite anyway.
     return loss / n_tokens.clamp(min=1), n_tokens.detach()
+
+
+def selected_ce(sel: Selected, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE of the logits at `sel`'s positions (`logits`: the model's output) against `targets` ([N] token ids),
+    in fp32; chunked when `sel` is. Returns (loss, number of trained tokens)."""
+    n = torch.tensor(targets.numel(), device=targets.device)
+    if sel.chunked:
+        total = sel.reduce(lambda logits, rows: nn.functional.cross_entropy(logits.float(), targets[rows],
+                                                                            reduction="sum"))
+    else:
+        total = nn.functional.cross_entropy(sel.pick(logits).float(), targets, reduction="sum")
+    return total / n.clamp(min=1), n
 
 
 def tag_loss(logits: torch.Tensor, tags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,8 +24,8 @@ from distune.data.loader import model_inputs
 from distune.distill.divergences import DIVERGENCES, distill_loss
 from distune.distill.teacher import TeacherSpec, kd_positions, trained_positions
 from distune.paths import anchor
-from distune.methods.base import (LossOutput, Method, MethodConfig, build_method, causal_lm_loss, nested_method,
-                                  register_method)
+from distune.logits import head_at
+from distune.methods.base import LossOutput, Method, MethodConfig, build_method, nested_method, register_method
 
 PROJECTION = "distill_projection"  # submodule name of the learned hidden-state projections
 
@@ -185,29 +185,46 @@ class Distill(Method):
         if on_policy:
             batch = self._student_samples(model, batch)
         hidden = c.hidden.weight > 0
-        out = model(**model_inputs(batch), output_hidden_states=hidden)
-        positions = kd_positions(batch, c.kd_positions)
+        positions = kd_positions(batch, c.kd_positions)  # ⊇ the trained positions: CE reads a subset of its rows
+        labels = batch["labels"][:, 1:][positions]
+        ce_rows = labels != -100
         t = teacher(batch, positions)
-        vocab = getattr(teacher, "vocab_size", None) or out.logits.shape[-1]
-        student_logits = out.logits[:, :-1, :vocab][positions]
-        kd = distill_loss(c.divergence, student_logits, teacher_logits=t.logits, mask=None,
-                          temperature=c.temperature,
-                          teacher_topk=None if t.logits is not None else (t.topk_ids, t.topk_logp),
-                          **c.divergence_params)
+        # The student's head runs on the KD positions only, in chunks with train.loss_chunk (distune.logits).
+        with head_at(model, positions, self.loss_chunk) as sel:
+            out = model(**model_inputs(batch), output_hidden_states=hidden)
+        vocab = getattr(teacher, "vocab_size", None)
+        top1: dict[int, torch.Tensor] = {}  # the student's argmax, per chunk (the agreement metric)
+
+        def sums(logits: torch.Tensor, rows: slice) -> torch.Tensor:
+            """[KD sum, CE sum] over `rows` of the KD positions, both from the same student logits."""
+            student = logits[:, :vocab]  # padded embedding rows cut, as the teacher's are
+            top1[rows.start] = student.detach().argmax(-1)
+            teacher_rows = {"teacher_logits": t.logits[rows]} if t.logits is not None else {
+                "teacher_topk": (t.topk_ids[rows], t.topk_logp[rows])}
+            kd = distill_loss(c.divergence, student, temperature=c.temperature, **teacher_rows,
+                              **c.divergence_params) * (rows.stop - rows.start)
+            keep = ce_rows[rows]
+            ce = nn.functional.cross_entropy(logits[keep].float(), labels[rows][keep], reduction="sum")
+            return torch.stack([kd, ce])
+
+        everything = slice(0, labels.numel())
+        kd_sum, ce_sum = sel.reduce(sums) if sel.chunked else sums(sel.pick(out.logits), everything)
+        kd = kd_sum / labels.numel()
+        n_tokens = ce_rows.sum()
         if on_policy:
             # No gold labels on own samples.
-            ce, n_tokens = torch.zeros((), device=kd.device), trained_positions(batch["labels"]).sum()
-            total = kd
+            ce, total = torch.zeros((), device=kd.device), kd
         else:
-            ce, n_tokens = causal_lm_loss(out.logits, batch["labels"])
+            ce = ce_sum / n_tokens.clamp(min=1)
             total = (1 - c.kd_weight) * ce + c.kd_weight * kd
-        metrics = {"ce": ce.detach(), "kd": kd.detach(), "trained_tokens": n_tokens,
+        metrics = {"ce": ce.detach(), "kd": kd.detach(), "trained_tokens": n_tokens.detach(),
                    "on_policy": torch.tensor(float(on_policy), device=kd.device)}
         if hidden:
             h = self._hidden_loss(model, out.hidden_states, t.hidden, batch["attention_mask"])
             total = total + c.hidden.weight * h
             metrics["hidden_mse"] = h.detach()
-        metrics.update(teacher_metrics(student_logits.detach(), t, c.temperature))
+        student_top1 = torch.cat([top1[k] for k in sorted(top1)])
+        metrics.update(teacher_metrics(student_top1, t, c.temperature))
         return LossOutput(total, metrics)
 
     def _classifier_loss(self, model, batch, teacher) -> LossOutput:
@@ -219,7 +236,8 @@ class Distill(Method):
         ce = nn.functional.cross_entropy(logits.float(), batch["class_labels"])
         kd = distill_loss(c.divergence, logits, teacher_logits=t.logits, temperature=c.temperature,
                           **c.divergence_params)
-        metrics = {"ce": ce.detach(), "kd": kd.detach(), **teacher_metrics(logits.detach(), t, c.temperature)}
+        metrics = {"ce": ce.detach(), "kd": kd.detach(),
+                   **teacher_metrics(logits.detach().argmax(-1), t, c.temperature)}
         return LossOutput((1 - c.kd_weight) * ce + c.kd_weight * kd, metrics)
 
     def _hidden_loss(self, model, student_h, teacher_h, attention_mask) -> torch.Tensor:
@@ -282,7 +300,7 @@ class Distill(Method):
         return {"input_ids": input_ids, "attention_mask": attention, "labels": new_labels}
 
 
-def teacher_metrics(student_logits: torch.Tensor, t, temperature: float) -> dict[str, torch.Tensor]:
+def teacher_metrics(student_top1: torch.Tensor, t, temperature: float) -> dict[str, torch.Tensor]:
     """Teacher entropy (at T), top-k mass covered, student-teacher top-1 agreement, at the trained positions."""
     if t.logits is not None:
         t_logp = torch.log_softmax(t.logits.float() / temperature, -1)
@@ -297,7 +315,7 @@ def teacher_metrics(student_logits: torch.Tensor, t, temperature: float) -> dict
         top1 = t.topk_ids[:, 0]
         out = {"teacher_topk_mass": p.sum(-1).mean()}
     out["teacher_entropy"] = entropy.mean()
-    out["top1_agreement"] = (student_logits.argmax(-1) == top1).float().mean()
+    out["top1_agreement"] = (student_top1 == top1).float().mean()
     return out
 
 

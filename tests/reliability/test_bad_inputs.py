@@ -121,6 +121,9 @@ CASES = {
                             "train.global_batch_size=6 is not a multiple of train.micro_batch_size x "
                             "cluster.num_workers = 4 x 1 = 4"),
     "fp16_on_cpu": (["run", "{base}", "model.dtype=fp16"], "model.dtype: fp16 is not supported on CPU workers"),
+    "flash_attention_on_cpu": (["run", "{base}", "model.attn_implementation=flash_attention_2"],
+                               "model.attn_implementation: flash_attention_2 runs on CUDA GPUs only"),
+    "loss_chunk_zero": (["run", "{base}", "train.loss_chunk=0"], "train.loss_chunk"),
     "model_missing": (["run", "{base}", "model.path={root}/no-model"], "model.path: {root}/no-model does not exist"),
     "model_dir_without_model": (["run", "{base}", "model.path={root}/not-a-model"],
                                 "model.path: cannot load '{root}/not-a-model'"),

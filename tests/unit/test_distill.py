@@ -303,7 +303,7 @@ def test_teacher_metrics_dense_hand_math():
     # logits = T·log p, so softmax(logits / T) is exactly p
     t = TeacherOutput(logits=2.0 * probs.log())
     student = torch.tensor([[3.0, 0.0, 0.0], [3.0, 0.0, 0.0]])  # agrees on row 0 (id 0), not on row 1 (id 2)
-    m = teacher_metrics(student, t, temperature=2.0)
+    m = teacher_metrics(student.argmax(-1), t, temperature=2.0)
     entropy = [-sum(p * math.log(p) for p in row) for row in probs.tolist()]
     assert m["teacher_entropy"].item() == pytest.approx(sum(entropy) / 2, abs=1e-5)
     assert m["top1_agreement"].item() == 0.5
@@ -315,7 +315,7 @@ def test_teacher_metrics_topk_hand_math():
     t = TeacherOutput(topk_ids=torch.tensor([[4, 1], [2, 0]]), topk_logp=torch.tensor(kept).log())
     student = torch.zeros(2, 5)
     student[0, 4] = student[1, 3] = 1.0  # row 0 agrees with the teacher's top-1, row 1 does not
-    m = teacher_metrics(student, t, temperature=1.0)
+    m = teacher_metrics(student.argmax(-1), t, temperature=1.0)
     rows = [row + [1 - sum(row)] for row in kept]
     entropy = [-sum(p * math.log(p) for p in row) for row in rows]
     assert m["teacher_topk_mass"].item() == pytest.approx((0.8 + 0.7) / 2, abs=1e-6)
