@@ -14,12 +14,16 @@ from pathlib import Path
 def _user_errors() -> tuple[type[BaseException], ...]:
     from distune.cluster.jobs import JobsError
     from distune.config import ConfigError
-    from distune.data import DataError
 
-    return (ConfigError, DataError, FileNotFoundError, JobsError)
+    errors = (ConfigError, FileNotFoundError, JobsError)
+    # A DataError can only come from an imported distune.data (which imports torch: not for `distune status`).
+    data = sys.modules.get("distune.data")
+    return errors + (data.DataError,) if data else errors
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `command`, only that subcommand's module is imported for its options (so
+    `distune status` does not import torch)."""
     p = argparse.ArgumentParser(prog="distune", description="Ray + DeepSpeed ZeRO fine-tuning and distillation.")
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a config (files, model, data, batch arithmetic) without training")
@@ -35,9 +39,12 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text)
         sp.add_argument("config")
         sp.add_argument("overrides", nargs="*", help="key.path=value")
-        import_module(module).add_arguments(sp)
+        if command in (None, name):
+            import_module(module).add_arguments(sp)
     for name, (module, help_text) in TOOL_COMMANDS.items():
-        import_module(module).add_arguments(sub.add_parser(name, help=help_text))
+        sp = sub.add_parser(name, help=help_text)
+        if command in (None, name):
+            import_module(module).add_arguments(sp)
     return p
 
 
@@ -73,7 +80,7 @@ def _project_local_caches() -> None:
     # DeepSpeed JIT-compiles ops per machine; a shared ~/.cache/torch_extensions gets rebuilt by every venv,
     # so keep them per environment (inside the venv when it is writable).
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        from distune.models import cache_root
+        from distune.paths import cache_root
 
         own = Path(sys.prefix) / "torch_extensions"
         writable = os.access(sys.prefix, os.W_OK)
@@ -82,7 +89,8 @@ def _project_local_caches() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     _project_local_caches()
     if args.command in TOOL_COMMANDS:
         try:

@@ -8,6 +8,10 @@ per adapter: see distune.feeds), the method's `activate(model, feed)` before eac
 loss by its gradient_accumulation_steps (= grad_accum), as a run of that feed alone does; the boundary, where
 the optimizer steps, is set explicitly on the step's last micro-batch, so it holds for any number of rounds. Metrics stay tensors between log
 steps: `.item()` is a device sync, paid once per `log_every` steps.
+
+A frozen signal with a `prefetch(batch)` method (the remote teacher) is handed each feed's next micro-batch
+before the current one's forward, so its work overlaps the student's; the data position saved in checkpoints
+is still that of the batches trained on.
 """
 
 from __future__ import annotations
@@ -48,6 +52,19 @@ class TrainState:
         return cls(step=client["step"], positions=positions)
 
 
+def _announced(batches, hooks: list[Callable[[dict], None]]):
+    """`batches`, each (epoch, index, batch) yielded after the next one has been passed to every hook."""
+    current = next(batches)
+    for hook in hooks:
+        hook(current[2])
+    for upcoming in batches:
+        for hook in hooks:
+            hook(upcoming[2])
+        yield current
+        current = upcoming
+    yield current
+
+
 @dataclass
 class Cadence:
     total_steps: int
@@ -66,7 +83,10 @@ def train(engine, method, frozen: dict, feeds: list, state: TrainState, cadence:
     """Run optimizer steps from `state` up to `cadence.stop_step` over `feeds` (distune.feeds.Feed); `start_round`
     runs before each feed's round when there are several (the engine's accumulation window). When any rank's
     `stop_requested()` says so, checkpoint after the current step and return early. Returns the final state."""
+    prefetch = [s.prefetch for s in frozen.values() if hasattr(s, "prefetch")]
     iters = {f.name: f.batches.iterate(*state.position(f.name)) for f in feeds}
+    if prefetch:
+        iters = {name: _announced(it, prefetch) for name, it in iters.items()}
     loss_acc = {f.name: torch.zeros((), device=device) for f in feeds}
     rounds = {f.name: 0 for f in feeds}  # micro-batch rounds since the last log, per feed
     tokens_acc = torch.zeros((), device=device, dtype=torch.long)

@@ -17,16 +17,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from distune.paths import looks_local, resolve_path
+from distune.paths import cache_root, looks_local, resolve_path
 
 # PEFT warns on every generate() step of a prompt-learning adapter; it drops position ids by design there.
 warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DISTUNE_CACHE", Path.home() / ".cache" / "distune"))
 
 
 def resolve_model_source(path: str, key: str = "model.path") -> str:

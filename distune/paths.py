@@ -7,9 +7,15 @@ without hard-coding a site-packages path. The package is located, never imported
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 PKG_PREFIX = "pkg:"
+
+
+def cache_root() -> Path:
+    """distune's own cache (converted GGUF models, DeepSpeed's JIT ops when the venv is read-only)."""
+    return Path(os.environ.get("DISTUNE_CACHE", Path.home() / ".cache" / "distune"))
 
 
 def resolve_path(value: str) -> Path:

@@ -1,17 +1,24 @@
 """The remote teacher: a Ray actor group with its own resources (e.g. other GPUs) serving top-k log-probs.
 
 Each actor holds a full teacher replica. Student rank r asks actor r % actors, so the load spreads and
-one rank's requests stay in order. Only the trained positions' top-k travel back ([N, k] ids + fp32
-log-probs), not [B, L, V] logits.
+one rank's requests stay in order. Only the KD positions' top-k travel back ([N, k] ids + fp32 log-probs),
+not [B, L, V] logits.
+
+With `remote.prefetch` the training loop announces each micro-batch before its turn (distune.loop), so the
+actor computes the next batches' top-k while the student runs forward and backward on this one; a request the
+loop did not announce (GKD's on-policy samples) is sent when it comes, as without prefetch.
 """
 
 from __future__ import annotations
+
+import time
+from collections import deque
 
 import ray
 import torch
 
 from distune.data.loader import model_inputs
-from distune.distill.teacher import OnlineTeacher, TeacherOutput
+from distune.distill.teacher import OnlineTeacher, TeacherOutput, kd_positions
 
 
 @ray.remote
@@ -42,15 +49,43 @@ def start_teachers(prep, use_gpu: bool) -> list:
 
 
 class RemoteTeacher:
-    """The teacher signal on a student rank: forwards the batch to its actor and waits for the top-k."""
+    """The teacher signal on a student rank: forwards batches to its actor and hands back their top-k.
 
-    def __init__(self, actors: list, vocab_size: int):
-        self.actors, self.vocab_size = actors, vocab_size
+    `positions` is the KD term's choice (TeacherSpec.positions): an announced batch is asked for exactly the
+    positions the method will ask for, so a prefetched answer is the answer."""
 
-    def __call__(self, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> TeacherOutput:
+    def __init__(self, actors: list, vocab_size: int, positions: str = "response", prefetch: bool = True):
+        self.actors, self.vocab_size, self.positions = actors, vocab_size, positions
+        self.enabled = prefetch
+        self.pending: deque = deque()  # (input_ids, positions, ObjectRef), oldest first
+
+    def _ask(self, batch: dict[str, torch.Tensor], positions: torch.Tensor):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         actor = self.actors[rank % len(self.actors)]
         inputs = {k: v.cpu() if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
-        ids, logp = ray.get(actor.topk.remote(inputs, positions.cpu()))
+        return actor.topk.remote(inputs, positions.cpu())
+
+    def prefetch(self, batch: dict[str, torch.Tensor]) -> None:
+        """Called by the loop with a CPU micro-batch before its turn."""
+        if self.enabled:
+            positions = kd_positions(batch, self.positions)
+            self.pending.append((batch["input_ids"], positions, self._ask(batch, positions)))
+            while len(self.pending) > 8:  # never asked for (e.g. a run stopping early): bounded
+                self.pending.popleft()
+
+    def __call__(self, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> TeacherOutput:
+        ids, where = batch["input_ids"].cpu(), positions.cpu()
+        ref = None
+        for i, (p_ids, p_where, p_ref) in enumerate(self.pending):
+            if p_ids.shape == ids.shape and torch.equal(p_ids, ids) and torch.equal(p_where, where):
+                # Announced batches come in order: the ones before this were replaced (GKD's on-policy samples).
+                for _ in range(i + 1):
+                    self.pending.popleft()
+                ref = p_ref
+                break
+        prefetched = ref is not None
+        t = time.perf_counter()
+        top_ids, logp = ray.get(ref if prefetched else self._ask(batch, positions))
         device = batch["input_ids"].device
-        return TeacherOutput(topk_ids=ids.to(device), topk_logp=logp.to(device))
+        return TeacherOutput(topk_ids=top_ids.to(device), topk_logp=logp.to(device),
+                             wait_s=time.perf_counter() - t, prefetched=prefetched)

@@ -42,7 +42,7 @@ def _train_fn(loop_config: dict) -> None:
     cfg = load_config(loop_config["config"])
     from distune.cluster.teachers import RemoteTeacher
 
-    remote = {name: RemoteTeacher(actors, vocab) for name, (actors, vocab) in loop_config["remote"].items()}
+    remote = {name: RemoteTeacher(**served) for name, served in loop_config["remote"].items()}
     # Where each rank landed (every attempt: a restart may land elsewhere), printed by the driver.
     ctx = ray.get_runtime_context()
     loop_config["sink"].push.remote({"kind": "info", "text": (
@@ -101,13 +101,13 @@ def fit(cfg, model_source: str, address: str | None = None, show_progress: bool 
     try:
         return _fit_with_progress(trainer, sink, show_progress)
     finally:
-        for actors, _ in remote.values():
-            for actor in actors:
+        for served in remote.values():
+            for actor in served["actors"]:
                 ray.kill(actor)
 
 
 def _start_remote_teachers(cfg, model_source: str, specs: dict, use_gpu: bool) -> dict:
-    """name -> (actor handles, aligned vocab size) for every teacher served remotely."""
+    """name -> RemoteTeacher's arguments (actor handles, aligned vocab size, ...) per teacher served remotely."""
     if not specs:
         return {}
     from distune.cluster.teachers import start_teachers
@@ -115,7 +115,9 @@ def _start_remote_teachers(cfg, model_source: str, specs: dict, use_gpu: bool) -
 
     tokenizer = load_tokenizer(model_source, cfg.model.trust_remote_code)
     prepared = preflight(specs, tokenizer, load_model_config(model_source, cfg.model.trust_remote_code))
-    return {name: (start_teachers(prep, use_gpu), prep.vocab_size) for name, prep in prepared.items()}
+    return {name: {"actors": start_teachers(prep, use_gpu), "vocab_size": prep.vocab_size,
+                   "positions": prep.spec.positions, "prefetch": prep.spec.remote["prefetch"]}
+            for name, prep in prepared.items()}
 
 
 def _fit_with_progress(trainer, sink, bar: bool):

@@ -32,7 +32,7 @@ class TeacherSpec:
     temperature: float = 1.0
     hidden_states: bool = False
     cache_dir: str | None = None
-    remote: dict = field(default_factory=dict)  # actors, cpus_per_actor, gpus_per_actor
+    remote: dict = field(default_factory=dict)  # actors, cpus_per_actor, gpus_per_actor, prefetch
     prompt: str | None = None  # the teacher's own prompt template / system message (cross-architecture)
     system: str | None = None
     positions: str = "response"  # response | all: which positions the KD term covers (see kd_positions)
@@ -46,6 +46,8 @@ class TeacherOutput:
     topk_ids: torch.Tensor | None = None  # [N, k], sorted by descending probability
     topk_logp: torch.Tensor | None = None  # [N, k] log-probs at the distillation temperature
     hidden: tuple[torch.Tensor, ...] | None = None  # full [B, L, H] hidden states (online only)
+    wait_s: float | None = None  # remote only: seconds the student rank waited for the answer
+    prefetched: bool | None = None  # remote only: the answer was asked for before this batch's turn
 
 
 def trained_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,9 @@ class RemoteOptions(MethodConfig):
     actors: int = Field(1, gt=0, description="Teacher actors (each holds a full teacher replica).")
     cpus_per_actor: float = Field(1, gt=0)
     gpus_per_actor: float = Field(0, ge=0)
+    prefetch: bool = Field(True, description="Send each micro-batch to the teacher before its turn, so the "
+                                             "teacher's forward overlaps the student's step (train/teacher_wait_s "
+                                             "shows the wait left).")
 
 
 class DistillOptions(MethodConfig):
@@ -316,6 +319,10 @@ def teacher_metrics(student_top1: torch.Tensor, t, temperature: float) -> dict[s
         out = {"teacher_topk_mass": p.sum(-1).mean()}
     out["teacher_entropy"] = entropy.mean()
     out["top1_agreement"] = (student_top1 == top1).float().mean()
+    if t.wait_s is not None:  # a remote teacher: how long this rank waited for it, and whether it was prefetched
+        dev = student_top1.device
+        out["teacher_wait_s"] = torch.tensor(t.wait_s, device=dev)
+        out["teacher_prefetched"] = torch.tensor(float(t.prefetched), device=dev)
     return out
 
 

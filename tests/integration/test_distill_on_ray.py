@@ -80,6 +80,42 @@ def test_remote_teacher_actor_group(ray_cluster, make_config, tiny_teacher):
     assert res["step"] == 6 and "eval/loss" in res["after"]
     rows = _history(cfg)
     assert rows[-1]["train/kd"] < 0.95 * rows[0]["train/kd"]
+    # Prefetch (the default): every micro-batch but each rank's first was asked for before its turn.
+    assert sum(r["train/teacher_prefetched"] for r in rows) / len(rows) > 0.8
+    assert all(r["train/teacher_wait_s"] >= 0 for r in rows)
+
+
+def test_remote_teacher_prefetch_serves_the_announced_batches(ray_cluster, make_config, tiny_teacher):
+    """A prefetched answer is the synchronous answer; a batch the loop did not announce (GKD's own samples)
+    is asked for when it comes, and the announced batch it replaced is dropped once a later one is served."""
+    from distune.cluster.teachers import RemoteTeacher, start_teachers
+    from distune.data.dataset import load_splits
+    from distune.data.loader import collate
+    from distune.distill.teacher import kd_positions
+    from distune.frozen import preflight, teacher_specs
+    from distune.models import load_model_config, load_tokenizer
+
+    cfg = _distill(make_config, tiny_teacher, 2, signal="remote", top_k=16)
+    tok = load_tokenizer(str(cfg.model.path))
+    prep = preflight(teacher_specs(cfg), tok, load_model_config(str(cfg.model.path)))["teacher"]
+    actors = start_teachers(prep, use_gpu=False)
+    samples = load_splits(cfg.data, tok, 0).train
+    batches = [collate(samples[4 * i:4 * i + 4], tok.pad_token_id) for i in range(4)]
+    positions = [kd_positions(b, "response") for b in batches]
+    sync = RemoteTeacher(actors, prep.vocab_size, prefetch=False)
+    ahead = RemoteTeacher(actors, prep.vocab_size)
+    for b in batches[:3]:
+        ahead.prefetch(b)
+        sync.prefetch(b)  # disabled: asks nothing
+    assert len(ahead.pending) == 3 and not sync.pending
+    got, want = ahead(batches[0], positions[0]), sync(batches[0], positions[0])
+    assert got.prefetched and not want.prefetched
+    assert torch.equal(got.topk_ids, want.topk_ids) and torch.equal(got.topk_logp, want.topk_logp)
+    assert not ahead(batches[3], positions[3]).prefetched  # batch 1's place taken by an unannounced batch
+    assert len(ahead.pending) == 2
+    third = ahead(batches[2], positions[2])
+    assert third.prefetched and not ahead.pending  # the stale batch 1 went with it
+    assert torch.equal(third.topk_logp, sync(batches[2], positions[2]).topk_logp)
 
 
 @pytest.mark.parametrize("stage, signal", [(3, {}), pytest.param(2, {"signal": "remote", "top_k": 16},
@@ -96,6 +132,7 @@ def test_gkd_on_policy(ray_cluster, make_config, tiny_teacher, stage, signal):
     assert 0 < share < 1  # some batches were the student's own samples, some the data's
 
 
+@pytest.mark.slow  # 32 s; the layer map and projection are unit-tested in tests/unit/test_distill.py
 def test_hidden_states_full_student_from_teacher_layers(ray_cluster, make_config, tiny_teacher):
     cfg = _distill(make_config, tiny_teacher, 2, name="hidden", student={"name": "full"},
                    hidden={"weight": 1.0, "layers": {1: 2, 2: 4}})

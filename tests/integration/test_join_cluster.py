@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -79,30 +80,15 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def _submit_status_logs_list(address: str, cfg: dict, tmp_path: Path) -> None:
-    """The same head through the Jobs API: submit (validated here, run there), status, logs, list; a wrong
+    """The same head through the Jobs API: submit (validated here, run there), logs, status, list and stop on a
+    running job; the same config submitted again resumes from the checkpoint the stop wrote (`--follow`); a wrong
     token and a dead address are one-line errors; the cluster's real token is never printed."""
     token_file = Path.home() / ".ray" / "auth_token"
     token = token_file.read_text().strip() if token_file.is_file() else None
-    cfg = {**cfg, "run": {**cfg["run"], "name": "submitted"}}
-    cfg_file = tmp_path / "submitted.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
-    outputs = []
-
-    sub = _cli("submit", str(cfg_file), "--address", address, "--submission-id", "distune-t1", "--follow")
-    outputs.append(sub.stdout + sub.stderr)
-    assert sub.returncode == 0, outputs[-1][-3000:]
-    assert "submitted distune-t1" in sub.stdout and "done at step 2/2" in sub.stdout
-    assert json.loads((tmp_path / "runs" / "submitted" / "results.json").read_text())["step"] == 2
-    for args, want in ((("status", "distune-t1"), "distune-t1: SUCCEEDED"), (("logs", "distune-t1"), "done at step 2"),
-                       (("list",), "distune-t1  SUCCEEDED  run=submitted")):
-        out = _cli(*args, "--address", address)
-        outputs.append(out.stdout + out.stderr)
-        assert out.returncode == 0 and want in out.stdout, outputs[-1][-2000:]
-
-    outputs.append(_stop_then_resubmit(address, cfg, tmp_path))
+    outputs = [_stop_then_resubmit(address, cfg, tmp_path)]
 
     bad = [_cli("status", "nope", "--address", address),
-           _cli("status", "distune-t1", "--address", f"http://127.0.0.1:{_free_port()}"),
+           _cli("status", "distune-t2", "--address", f"http://127.0.0.1:{_free_port()}"),
            _cli("list", "--address", address, env={"RAY_AUTH_TOKEN": "planted-wrong-token-5e1", "RAY_AUTH_MODE": "token"})]
     wants = ["error: job nope: no such job", "no Ray dashboard answers there", "refused this client's token"]
     for out, want in zip(bad, wants):
@@ -124,11 +110,14 @@ def _stop_then_resubmit(address: str, cfg: dict, tmp_path: Path) -> str:
     cfg_file.write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "runs" / "stopped"
     sub = _cli("submit", str(cfg_file), "--address", address, "--submission-id", "distune-t2")
-    assert sub.returncode == 0, sub.stdout + sub.stderr
+    assert sub.returncode == 0 and "submitted distune-t2" in sub.stdout, sub.stdout + sub.stderr
     deadline = time.time() + 240
     while "step 2/100000" not in _cli("logs", "distune-t2", "--address", address).stdout:
         assert time.time() < deadline, _cli("logs", "distune-t2", "--address", address).stdout[-3000:]
         time.sleep(1)
+    running = [_cli(*args, "--address", address) for args in (("status", "distune-t2"), ("list",))]
+    assert "distune-t2: RUNNING" in running[0].stdout, running[0].stdout + running[0].stderr
+    assert re.search(r"distune-t2 +RUNNING +run=stopped", running[1].stdout), running[1].stdout + running[1].stderr
     stop = _cli("stop", "distune-t2", "--address", address)
     assert stop.returncode == 0 and "distune-t2: stop requested" in stop.stdout, (
         stop.stdout + _cli("status", "distune-t2", "--address", address).stdout
@@ -145,4 +134,8 @@ def _stop_then_resubmit(address: str, cfg: dict, tmp_path: Path) -> str:
                  "--submission-id", "distune-t3", "--follow")
     assert again.returncode == 0 and f"training: step {stopped} -> {stopped + 2}" in again.stdout, again.stdout[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["step"] == stopped + 2
-    return sub.stdout + stop.stdout + logs + again.stdout + again.stderr
+    after = [_cli(*args, "--address", address) for args in (("status", "distune-t3"), ("list",))]
+    assert "distune-t3: SUCCEEDED" in after[0].stdout, after[0].stdout + after[0].stderr
+    assert re.search(r"distune-t2 +STOPPED +run=stopped", after[1].stdout), after[1].stdout
+    assert re.search(r"distune-t3 +SUCCEEDED +run=stopped", after[1].stdout), after[1].stdout
+    return "".join(o.stdout + o.stderr for o in [sub, *running, stop, again, *after]) + logs

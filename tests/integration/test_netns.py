@@ -83,6 +83,7 @@ def _wait_for_port(ns: str, ip: str, port: int, proc: subprocess.Popen, timeout:
         time.sleep(1)
 
 
+@pytest.mark.slow  # 65 s (root only); multi-node is in the default run through test_multinode.py
 def test_a_run_spans_two_network_namespaces(hosts, tmp_path, tiny_model, tiny_data):
     env = {**os.environ, "RAY": str(Path(sys.executable).with_name("ray")), "DISTUNE_IFNAME": IFNAME,
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}

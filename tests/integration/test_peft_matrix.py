@@ -74,6 +74,7 @@ def test_prompt_learning_resumes_exactly_under_zero3(ray_cluster, make_config, t
     assert (a["prompt_embeddings"] - b["prompt_embeddings"]).abs().max() < 1e-6
 
 
+@pytest.mark.slow  # 31 s; distillation through Ray is in the default run via test_distill_on_ray.py
 def test_prompt_tuned_student_distils_from_an_online_teacher(ray_cluster, make_config, tiny_model, tiny_teacher):
     """Also on-policy (GKD): PEFT's generate with virtual tokens, synced across the ZeRO-3 ranks."""
     cfg = make_config(method={"name": "distill", "student": METHODS["prompt_tuning"], "kd_weight": 1.0,

@@ -101,26 +101,31 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "distune", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_cli_validate_reports_one_line_no_traceback(tmp_path, tiny_model, tiny_data):
+def test_cli_validate_reports_one_line_no_traceback(tmp_path, tiny_model, tiny_data, capsys):
+    """End to end in a subprocess once each way (exit code, no traceback); the other errors through the same
+    `main` in this process (the catalogue in tests/reliability has more)."""
     import yaml
 
     import tiny
+    from distune.cli import main
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(tiny.base_config(tiny_model, tiny_data, tmp_path / "runs")))
     ok = _cli("validate", str(cfg))
     assert ok.returncode == 0, ok.stderr
     assert "ok: " in ok.stdout and "grad_accum=2" in ok.stdout
+    bad = _cli("validate", str(cfg), "model.dtype=fp16")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "model.dtype: fp16 is not supported on CPU workers" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
     for override, message in [
-        ("model.dtype=fp16", "model.dtype: fp16 is not supported on CPU workers"),
         ("data.path=/nope.jsonl", "data.path: /nope.jsonl does not exist"),
         ("model.path=/nope", "model.path: /nope does not exist"),
         ("train.global_batch_size=3", "train.global_batch_size=3 is not a multiple"),
         ("train.lr=oops", "train.lr: Input should be a valid number"),
     ]:
-        bad = _cli("validate", str(cfg), override)
-        assert bad.returncode == 2, (override, bad.stdout, bad.stderr)
-        assert message in bad.stderr, (override, bad.stderr)
-        assert "Traceback" not in bad.stderr
-        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        rc = main(["validate", str(cfg), override])
+        err = capsys.readouterr().err
+        assert rc == 2, (override, err)
+        assert message in err and len(err.strip().splitlines()) == 1, (override, err)

@@ -37,7 +37,8 @@ def plain(world_of_one, tiny_model, tiny_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("changes", [{"train__loss_chunk": 3}, {"model__attn_implementation": "eager"},
-                                     {"model__compile": True}], ids=["loss_chunk", "eager", "compile"])
+                                     pytest.param({"model__compile": True}, marks=pytest.mark.slow)],
+                         ids=["loss_chunk", "eager", "compile"])  # compile: 65 s of dynamo tracing
 def test_speed_options_keep_the_weights(world_of_one, plain, tiny_model, tiny_data, tmp_path, changes):
     from torch._dynamo.utils import counters
 
