@@ -66,7 +66,9 @@ def test_adapters_in_one_job_equal_separate_runs(ray_cluster, make_config, tiny_
     export = joint.run_dir / "export"
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
-    for adapter in ADAPTERS:
+    # Each separate run is a fit (~30 s): the default run compares the adapter that stops early (its own lr,
+    # warmup and steps); the slow ZeRO-2 variant compares both.
+    for adapter in ADAPTERS if stage == 2 else ADAPTERS[:1]:
         alone = _alone(make_config, task_files, adapter, stage)
         fit(alone, str(tiny_model), show_progress=False)
         weights = _same(export / adapter["name"], alone.run_dir / "export")

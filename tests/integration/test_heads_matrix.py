@@ -18,14 +18,15 @@ from distune.data import load_splits
 from distune.evaluation import evaluate
 from distune.models import head_class, load_model
 
+_slow = pytest.mark.slow  # ~27 s a cell: the default run keeps one cell per head, both with 2 workers
 CELLS = [  # head, method, stage, model, workers
     ("token_classification", "full", 2, "encoder", 2),
-    ("token_classification", "full", 3, "decoder", 1),
-    ("token_classification", "lora", 2, "decoder", 1),
-    ("token_classification", "lora", 3, "encoder", 1),
-    ("question_answering", "full", 2, "decoder", 1),
-    ("question_answering", "full", 3, "encoder", 1),
-    ("question_answering", "lora", 2, "encoder", 1),
+    pytest.param("token_classification", "full", 3, "decoder", 1, marks=_slow),
+    pytest.param("token_classification", "lora", 2, "decoder", 1, marks=_slow),
+    pytest.param("token_classification", "lora", 3, "encoder", 1, marks=_slow),
+    pytest.param("question_answering", "full", 2, "decoder", 1, marks=_slow),
+    pytest.param("question_answering", "full", 3, "encoder", 1, marks=_slow),
+    pytest.param("question_answering", "lora", 2, "encoder", 1, marks=_slow),
     ("question_answering", "lora", 3, "decoder", 2),
 ]
 SCORE = {"token_classification": "eval/entity_f1", "question_answering": "eval/f1"}
@@ -39,7 +40,8 @@ def head_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("head, method, stage, kind, workers", CELLS,
-                         ids=[f"{h[:3]}-{m}-z{s}-{k[:3]}-w{w}" for h, m, s, k, w in CELLS])
+                         ids=[f"{h[:3]}-{m}-z{s}-{k[:3]}-w{w}" for h, m, s, k, w in
+                              (c.values if hasattr(c, "values") else c for c in CELLS)])
 def test_head_x_method_x_stage(ray_cluster, world_of_one, tiny_model, tiny_encoder, head_data, tmp_path,
                                head, method, stage, kind, workers):
     model_dir = tiny_encoder if kind == "encoder" else tiny_model

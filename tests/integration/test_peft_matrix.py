@@ -24,9 +24,11 @@ METHODS = {
     "ia3": {"name": "ia3"},
     "lora_plus_rslora": {"name": "lora", "use_rslora": True, "lr_ratio": 8.0},
 }
-# ZeRO-3 (partitioned weights, gathered exports) runs by default; ZeRO-2 cells are `slow` to keep the default run
-# short: prefix and prompt tuning also run at ZeRO-2 in the task-head cells below, LoRA in test_zero_matrix.py.
-CELLS = [pytest.param(m, s, marks=[pytest.mark.slow] if s == 2 else [], id=f"{m}-z{s}")
+# ZeRO-3 (partitioned weights, gathered exports) runs by default for prefix tuning (the hardest prompt-learning
+# case: past key values) and LoRA+/rsLoRA; every other cell is `slow` to keep the default run short (~30 s each).
+# IA3 and P-tuning also run by default in the task-head cells below, prompt tuning in test_eval_harness.py.
+DEFAULT_CELLS = {("prefix_tuning", 3), ("lora_plus_rslora", 3)}
+CELLS = [pytest.param(m, s, marks=[] if (m, s) in DEFAULT_CELLS else [pytest.mark.slow], id=f"{m}-z{s}")
          for m in METHODS for s in (2, 3) if not (m == "lora_plus_rslora" and s == 2)]
 
 
@@ -91,9 +93,9 @@ def test_prompt_tuned_student_distils_from_an_online_teacher(ray_cluster, make_c
 
 HEAD_CELLS = [  # method, head, model, stage
     ("p_tuning", "token_classification", "encoder", 3),
-    ("prefix_tuning", "question_answering", "decoder", 2),
+    pytest.param("prefix_tuning", "question_answering", "decoder", 2, marks=pytest.mark.slow),
     ("ia3", "sequence_classification", "decoder", 3),
-    ("prompt_tuning", "sequence_classification", "encoder", 2),
+    pytest.param("prompt_tuning", "sequence_classification", "encoder", 2, marks=pytest.mark.slow),
 ]
 HEAD_LR = {"ia3": 5e-3}  # the new head trains in full next to the scales: 2e-2 overshoots it
 HEAD_SCORE = {"token_classification": "eval/entity_f1", "question_answering": "eval/f1",
@@ -101,7 +103,8 @@ HEAD_SCORE = {"token_classification": "eval/entity_f1", "question_answering": "e
 
 
 @pytest.mark.parametrize(("method", "head", "kind", "stage"), HEAD_CELLS,
-                         ids=[f"{m}-{h[:3]}-{k[:3]}-z{s}" for m, h, k, s in HEAD_CELLS])
+                         ids=[f"{m}-{h[:3]}-{k[:3]}-z{s}" for m, h, k, s in
+                              (c.values if hasattr(c, "values") else c for c in HEAD_CELLS)])
 def test_peft_method_x_task_head(ray_cluster, world_of_one, tiny_model, tiny_encoder, tiny_data, tmp_path,
                                  method, head, kind, stage):
     """The heads' own matrix (test_heads_matrix.py) covers full and LoRA; these cells put the other PEFT methods on

@@ -26,6 +26,8 @@ def _losses(run_dir):
     return {row["_step"]: row["train/loss"] for row in wandb_records.logged(run_dir)["history"] if "train/loss" in row}
 
 
+@pytest.mark.slow  # 100 s; resume exactness is in the default run via tests/distributed (torchrun, and on
+# another worker count) and tests/reliability/test_faults.py (a save killed half-way)
 def test_stop_and_resume_matches_uninterrupted_run(ray_cluster, make_config, tiny_model):
     straight = _cfg(make_config, "straight")
     fit(straight, str(tiny_model), show_progress=False)

@@ -15,7 +15,8 @@ from distune.cluster.trainer import fit
 # go wrong, and the default run must stay near 20 minutes on 2 cores.
 @pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow),
                                    pytest.param(2, marks=pytest.mark.slow), 3])  # ZeRO-2: the heads matrix
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", pytest.param("lora", marks=pytest.mark.slow)])  # LoRA at ZeRO-3:
+# the default run has it in the offload cell below
 def test_zero_stage_x_method(ray_cluster, make_config, tiny_model, stage, method):
     lr = 3e-3 if method == "full" else 3e-2
     cfg = make_config(method={"name": method}, deepspeed={"stage": stage}, cluster={"num_workers": 2},
