@@ -95,6 +95,7 @@ def test_bad_arguments_fail_before_any_work(positive_run, capsys):
     assert "nothing to score" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 27 s: a prompt-tuning run; prompt learning stays in the default run via the PEFT matrix
 def test_a_prompt_tuned_checkpoint_is_scored(positive_run, tiny_model, tmp_path):
     """Prompt learning has nothing to merge: eval runs the base with the trained virtual tokens in front, and
     answers exactly what PEFT's own loading of the adapter generates."""

@@ -48,8 +48,9 @@ def test_zero_stage_x_method(ray_cluster, make_config, tiny_model, stage, method
                  marks=pytest.mark.slow),
     {"method": {"name": "lora"}, "deepspeed": {"stage": 3, "offload_optimizer": True, "offload_param": True},
      "model": {"dtype": "bf16"}},
-    {"method": {"name": "lora", "use_dora": True}, "deepspeed": {"stage": 2},
-     "model": {"gradient_checkpointing": True}, "train": {"global_batch_size": 8}},
+    pytest.param({"method": {"name": "lora", "use_dora": True}, "deepspeed": {"stage": 2},
+                  "model": {"gradient_checkpointing": True}, "train": {"global_batch_size": 8}},
+                 marks=pytest.mark.slow),  # 33 s; accumulation is in the default run via the multi-adapter test
 ], ids=["full-z2-offload", "lora-z3-offload-bf16", "dora-z2-gradckpt-accum2"])
 def test_offload_bf16_checkpointing_accumulation(ray_cluster, make_config, tiny_model, variant):
     sections = {"cluster": {"num_workers": 2}, "train": {"max_steps": 4, "lr": 1e-2},
