@@ -3,6 +3,7 @@
     python bench/perf.py                         # the CPU suite (~24 min on 2 idle cores)
     python bench/perf.py --rounds 1 --steps 2 --seqs 128 --shapes 256x4 --out /tmp/perf.json   # smoke, ~6 min
     python bench/perf.py --gpu-1b                # one GPU: the Llama-shape ~1B model at seq 2048 (bench/README.md)
+    python bench/perf.py --rescore bench/results/perf.json   # MFU again from a saved run's step times
 
 Every (round, arm) is one subprocess running one rank (world of one: gloo on CPU, nccl on a GPU) for warmup + steps
 optimizer steps; arms go round-robin, the order rotated every round, so machine noise hits all of them alike; the
@@ -79,17 +80,24 @@ def build_tokenizer(out: Path, vocab: int):
     return fast
 
 
-def build_model(out: Path, shape: str, vocab: int, max_pos: int) -> Path:
-    """A random Llama of hidden x layers (heads of 64, GQA 2:1, MLP 4x... as Llama's 8/3 rounded), tokenizer inside."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(shape: str, vocab: int, max_pos: int = 2048, **extra):
+    """The Llama of `hidden x layers`: heads of 64, GQA 2:1, MLP hidden·8/3 rounded up to 64, untied head."""
+    from transformers import LlamaConfig
 
     hidden, layers = map(int, shape.split("x"))
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3 / 64 + 1) * 64,
+                       num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                       num_key_value_heads=max(1, hidden // 128), max_position_embeddings=max_pos,
+                       tie_word_embeddings=False, **extra)
+
+
+def build_model(out: Path, shape: str, vocab: int, max_pos: int) -> Path:
+    """A random Llama of `shape` (llama_config), its word-level tokenizer inside."""
+    from transformers import LlamaForCausalLM
+
     tok = build_tokenizer(out, vocab)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3 / 64 + 1) * 64,
-                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                      num_key_value_heads=max(1, hidden // 128), max_position_embeddings=max_pos,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = llama_config(shape, vocab, max_pos, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
@@ -110,13 +118,6 @@ def write_rows(path: Path, n: int, seq: int, vocab: int) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- one rank
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
 
 def _status_kib(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -293,7 +294,7 @@ def child(kind: str, cfg_json: str, out_json: str) -> int:
 
     import distune.worker  # noqa: F401
     reset_peak_rss()
-    start_rss = rss_bytes()
+    start_rss = _status_kib("VmRSS") * 1024
     steps = cfg.train.max_steps
     if kind in ("distune", "distune-remote"):
         from distune.worker import run
@@ -464,7 +465,7 @@ def predicted(cfg_dict: dict) -> tuple[dict, dict, dict | None]:
 
         t = _meta_model(cfg.method_config().teacher.path, False)
         teacher = {**counts["teacher"], "hidden": t.config.hidden_size, "layers": t.config.num_hidden_layers}
-    return {**row, "by_signal": row["total"], "total": total}, counts, teacher
+    return {**row, "total": total}, counts, teacher
 
 
 def largest_fitting(args, tmp: Path, memory: int, seq: int) -> list[dict]:
@@ -484,13 +485,8 @@ def largest_fitting(args, tmp: Path, memory: int, seq: int) -> list[dict]:
         for shape in ladder:
             folder = tmp / "shapes" / shape
             if not (folder / "config.json").is_file():
-                from transformers import LlamaConfig
-
-                h, n = map(int, shape.split("x"))
                 build_tokenizer(folder, args.vocab)
-                LlamaConfig(vocab_size=args.vocab, hidden_size=h, intermediate_size=int(h * 8 / 3 / 64 + 1) * 64,
-                            num_hidden_layers=n, num_attention_heads=h // 64, num_key_value_heads=h // 128,
-                            max_position_embeddings=max(seq, 2048)).save_pretrained(folder)
+                llama_config(shape, args.vocab, max(seq, 2048)).save_pretrained(folder)
             cfg = load_config({"run": {"name": "fit", "output_dir": str(tmp / "runs")},
                                "model": {"path": str(folder), "dtype": args.dtype,
                                          "gradient_checkpointing": True},
@@ -510,6 +506,9 @@ def largest_fitting(args, tmp: Path, memory: int, seq: int) -> list[dict]:
 def main() -> int:
     if sys.argv[1:2] == ["--child"]:  # --child KIND CFG_JSON OUT_JSON
         return child(*sys.argv[2:5])
+    if sys.argv[1:2] == ["--rescore"]:  # --rescore RESULTS_JSON: MFU again from the saved step times
+        rescore(Path(sys.argv[2]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per round and arm")
@@ -561,12 +560,14 @@ def main() -> int:
         on_rank = cfg["method"]["name"] == "distill" and cfg["method"].get("signal", "online") == "online"
         trained = 1.0 if cfg["data"]["train_on_inputs"] else max(1, seq // 8) / seq
         flops = model_flops_per_token(counts, teacher if on_rank else None, seq, trained)
+        teacher_row = {"teacher_on_rank": on_rank}
         mem = max(got["peak_bytes"][arm])
         table.append({"arm": arm, "kind": kind, "shape": Path(cfg["model"]["path"]).name.removeprefix("model-"),
                       "seq": seq,
                       "params": counts["trainable"] + counts["frozen"], "trainable": counts["trainable"],
                       "step_s": step, "tokens_per_s": seq * gbs / step, "mfu": flops * seq * gbs / step / peak,
-                      "peak_bytes": mem, "plan_bytes": plan["total"], "plan_ratio": mem / plan["total"]})
+                      "peak_bytes": mem, "plan_bytes": plan["total"], "plan_ratio": mem / plan["total"],
+                      **teacher_row})
     base = {r["arm"]: r for r in table}
     for r in table:
         ref = {"hand-ds": "full-z2", "hf-trainer": "full-z2", "trl-gkd": "gkd", "kd-remote-sync": "kd-remote"}.get(
@@ -580,18 +581,11 @@ def main() -> int:
     return 0
 
 
-def report(args, table, fits, got, peak, peak_src, memory, load_start, started) -> None:
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
-    cores = len(os.sched_getaffinity(0))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {cores} cores"
-    load_end = os.getloadavg()
-    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"  # noqa: E731
-    header = (f"distune performance: {device}; {started:%Y-%m-%d %H:%M %Z}; load avg {load_start[0]:.2f} at start, "
-              f"{load_end[0]:.2f} at end; {args.dtype}, 1 rank, {got['torch_threads']} torch thread(s), "
-              f"batch {args.batch} (micro x accumulation), median of {args.rounds} rounds x {args.steps} steps; "
-              f"loss on {'every token' if args.train_on_inputs else 'the response (1/8 of each row)'}; "
-              f"MFU against {peak / 1e12:.3f} TFLOP/s ({peak_src})\n")
+def gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def table_lines(table: list[dict]) -> list[str]:
     lines = ["| arm | model | seq | step s | tokens/s | MFU | peak mem | plan | mem/plan | baseline speed-up |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in table:
@@ -599,7 +593,62 @@ def report(args, table, fits, got, peak, peak_src, memory, load_start, started) 
         lines.append(f"| {r['arm']} | {r['shape']} ({r['params'] / 1e6:.1f}M) | {r['seq']} | {r['step_s']:.3f} | "
                      f"{r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {gib(r['peak_bytes'])} | "
                      f"{gib(r['plan_bytes'])} | {r['plan_ratio']:.2f} | {vs} |")
-    lines += ["", "baseline speed-up: the distune arm's step time / the baseline's (< 1: distune is faster).", "",
+    return lines
+
+
+ONLINE_TEACHER_ARMS = ("kd-online", "gkd", "trl-gkd")  # results saved before rows said teacher_on_rank
+
+
+def rescore(path: Path) -> None:
+    """MFU of a saved run again, from its step times: the current formula, against a peak measured now on this
+    machine (which should be the run's). The first rescore keeps the run's own figures as *_run_formula."""
+    from transformers import LlamaForCausalLM
+
+    d = json.loads(path.read_text())
+    torch.set_num_threads(d["args"]["threads"])
+    peak, src = peak_flops(d["args"]["dtype"])
+    vocab = d["args"]["vocab"]
+
+    def counts_of(shape: str) -> dict:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(llama_config(shape, vocab))
+        hidden, layers = map(int, shape.split("x"))
+        return {"params": sum(p.numel() for p in model.parameters()), "vocab": vocab, "hidden": hidden,
+                "layers": layers}
+
+    teacher = counts_of(d["args"]["teacher_shape"])
+    for r in d["rows"]:
+        counts = {**counts_of(r["shape"]), "trainable": r["trainable"], "frozen": r["params"] - r["trainable"]}
+        on_rank = r.get("teacher_on_rank", r["arm"] in ONLINE_TEACHER_ARMS)
+        trained = 1.0 if d["args"]["train_on_inputs"] else max(1, r["seq"] // 8) / r["seq"]
+        r.setdefault("mfu_run_formula", r["mfu"])
+        r["mfu"] = model_flops_per_token(counts, teacher if on_rank else None, r["seq"], trained) \
+            * r["tokens_per_s"] / peak
+    d.setdefault("peak_flops_run", d["peak_flops"])
+    d["peak_flops"], d["peak_source"] = peak, f"{src}, measured by --rescore"
+    d["mfu_note"] = ("MFU recomputed by `bench/perf.py --rescore` (head on the trained fraction only, teacher FLOPs "
+                     "only where the teacher runs on the rank) against a peak measured then on the same machine; the "
+                     "run's own figures are mfu_run_formula / peak_flops_run")
+    path.write_text(json.dumps(d, indent=2))
+    md = path.with_suffix(".md").read_text().splitlines()
+    header = md[0].split("; MFU against")[0] + f"; MFU against {peak / 1e12:.4f} TFLOP/s ({src}, measured by --rescore)"
+    tail = md[md.index("") + 1 + len(d["rows"]) + 2:]  # after the header, blank line and the old table
+    path.with_suffix(".md").write_text("\n".join([header, "", *table_lines(d["rows"]), *tail]) + "\n")
+    print("\n".join([header, "", *table_lines(d["rows"])]))
+
+
+def report(args, table, fits, got, peak, peak_src, memory, load_start, started) -> None:
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    cores = len(os.sched_getaffinity(0))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {cores} cores"
+    load_end = os.getloadavg()
+    header = (f"distune performance: {device}; {started:%Y-%m-%d %H:%M %Z}; load avg {load_start[0]:.2f} at start, "
+              f"{load_end[0]:.2f} at end; {args.dtype}, 1 rank, {got['torch_threads']} torch thread(s), "
+              f"batch {args.batch} (micro x accumulation), median of {args.rounds} rounds x {args.steps} steps; "
+              f"loss on {'every token' if args.train_on_inputs else 'the response (1/8 of each row)'}; "
+              f"MFU against {peak / 1e12:.3f} TFLOP/s ({peak_src})\n")
+    lines = table_lines(table) + ["", "baseline speed-up: the distune arm's step time / the baseline's (< 1: distune is faster).", "",
               f"largest Llama shape that `distune plan` fits in {gib(memory)} (one rank, gradient checkpointing, "
               f"seq {max(args.seqs)}, micro-batch {args.batch.split('x')[0]}):", "",
               "| method | shape | params | predicted |", "|---|---|---:|---:|"]

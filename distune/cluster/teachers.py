@@ -77,7 +77,7 @@ class RemoteTeacher:
         ids, where = batch["input_ids"].cpu(), positions.cpu()
         ref = None
         for i, (p_ids, p_where, p_ref) in enumerate(self.pending):
-            if p_ids.shape == ids.shape and torch.equal(p_ids, ids) and torch.equal(p_where, where):
+            if torch.equal(p_ids, ids) and torch.equal(p_where, where):  # False on other shapes too
                 # Announced batches come in order: the ones before this were replaced (GKD's on-policy samples).
                 for _ in range(i + 1):
                     self.pending.popleft()
