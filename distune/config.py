@@ -46,7 +46,10 @@ class RunSection(Strict):
 
 class ModelSection(Strict):
     path: str = Field(..., description="Hub id, local folder, or .gguf file (pkg:<package>/<file> is allowed).")
-    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp16 needs a GPU).")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Training precision (fp16 needs a GPU). auto: bf16 where the hardware computes it "
+        "natively (a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX/ARM BF16), else fp32; resolved when the config "
+        "loads and recorded resolved in run_dir/config.yaml.")
     trust_remote_code: bool = False
     gradient_checkpointing: bool = Field(False, description="Recompute each block's activations in backward "
                                          "(activation memory ~ one block instead of all; ~1/3 more compute).")
@@ -429,8 +432,9 @@ class RunConfig(Strict):
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_config(source: str | Path | dict, overrides: list[str] = ()) -> RunConfig:
-    """Read YAML (or a dict), apply `a.b.c=value` overrides, validate; raise ConfigError on any problem."""
+def load_config(source: str | Path | dict, overrides: list[str] = (), resolve: bool = True) -> RunConfig:
+    """Read YAML (or a dict), apply `a.b.c=value` overrides, validate; raise ConfigError on any problem.
+    `resolve`: turn `dtype: auto` into this machine's choice (off where the config runs elsewhere: k8s render)."""
     if isinstance(source, dict):
         raw, where = source, "config"
     else:
@@ -460,7 +464,24 @@ def load_config(source: str | Path | dict, overrides: list[str] = ()) -> RunConf
     except ValidationError as e:
         raise ConfigError(f"{where}: {describe_error(e, RunConfig)}") from None
     _validate_method(cfg, where)
+    if resolve:
+        resolve_auto_dtypes(cfg)
     return cfg
+
+
+def resolve_auto_dtypes(cfg: RunConfig) -> None:
+    """`dtype: auto` (the student's and a teacher's) -> bf16 or fp32 for the hardware the workers will use, once, on
+    the machine that loads the config: the workers get the resolved config, so every rank agrees."""
+    teacher = getattr(cfg.method_config(), "teacher", None)
+    if cfg.model.dtype != "auto" and getattr(teacher, "dtype", None) != "auto":
+        return
+    from distune.hardware import auto_dtype, uses_gpu
+
+    resolved = auto_dtype(uses_gpu(cfg.cluster.use_gpu))
+    if cfg.model.dtype == "auto":
+        cfg.model.dtype = resolved
+    if getattr(teacher, "dtype", None) == "auto":
+        cfg.method.model_extra["teacher"] = {**cfg.method.model_extra["teacher"], "dtype": resolved}
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

@@ -14,15 +14,14 @@ from distune.config import ConfigError, RunConfig
 from distune.data import load_splits
 from distune.feeds import build_feeds
 from distune.frozen import preflight
+from distune.hardware import cpu_has_native_bf16, uses_gpu
 from distune.methods import build_method
 from distune.models import layer_indices, load_model_config, meta_model, load_tokenizer, resolve_model_source
 
 
 def target_uses_gpu(cfg: RunConfig) -> bool:
     """Whether workers will use GPUs: `auto` means "if this (driver) machine sees CUDA", as in cluster.fit."""
-    if cfg.cluster.use_gpu == "auto":
-        return torch.cuda.is_available()
-    return bool(cfg.cluster.use_gpu)
+    return uses_gpu(cfg.cluster.use_gpu)
 
 
 def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = True) -> dict:
@@ -135,8 +134,20 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
     teachers = {f"{name}_vocab": p.vocab_size for name, p in prepared.items() if p.vocab_size is not None}
     if splits.labels:
         teachers["labels"] = splits.labels
+    warnings = splits.warnings + _emulated_bf16(cfg, uses_gpu)
     return {"model_source": source, "model_type": model_config.model_type, **teachers, "grad_accum": grad_accum,
-            "total_steps": total, "steps_per_epoch": steps_per_epoch, **splits.stats, "warnings": splits.warnings}
+            "total_steps": total, "steps_per_epoch": steps_per_epoch, **splits.stats, "warnings": warnings}
+
+
+def _emulated_bf16(cfg: RunConfig, uses_gpu: bool) -> list[str]:
+    """bf16 chosen for CPU workers on a CPU that only emulates it (distune.hardware): legal, but ~30x slower."""
+    if uses_gpu or cpu_has_native_bf16():
+        return []
+    keys = [k for k, d in (("model.dtype", cfg.model.dtype),
+                           ("method.teacher.dtype", getattr(getattr(cfg.method_config(), "teacher", None), "dtype",
+                                                            None))) if d == "bf16"]
+    return [f"{k}: bf16 on a CPU without native bf16 (AVX512-BF16/AMX): torch emulates it, about 30x slower than "
+            f"fp32 here; use auto or fp32" for k in keys]
 
 
 def _check_quantization(cfg: RunConfig, uses_gpu: bool) -> None:

@@ -81,7 +81,7 @@ def render(config, overrides=(), overlay: str = "cpu-smoke", image: str | None =
     """(multi-document YAML, notes for the user): the overlay's objects fitted to the config + its ConfigMap."""
     from distune.config import load_config
 
-    cfg = load_config(config, list(overrides))
+    cfg = load_config(config, list(overrides), resolve=False)  # `dtype: auto` is the pods' to resolve
     objects = kustomize(overlay_dir(overlay))
     jobs = [o for o in objects if o.get("kind") == "RayJob"]
     if len(jobs) != 1:

@@ -32,7 +32,8 @@ PROJECTION = "distill_projection"  # submodule name of the learned hidden-state 
 
 class TeacherOptions(MethodConfig):
     path: str = Field(..., description="Hub id, local folder, .gguf, or a PEFT adapter folder (merged on load).")
-    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the hardware computes it natively, else fp32 (as model.dtype).")
     trust_remote_code: bool = False
     prompt: str | None = Field(None, description="Cross-architecture: the teacher's own prompt template (default "
                                                  "data.prompt), e.g. with the instruction the student does not need.")

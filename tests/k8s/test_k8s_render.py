@@ -51,6 +51,7 @@ def test_the_config_map_round_trips_through_load_config(smoke, tmp_path):
     assert config_map["metadata"] == {"name": "smoke-config", "namespace": "ml",
                                       "labels": {"app.kubernetes.io/part-of": "distune"}}
     (tmp_path / "config.yaml").write_text(config_map["data"]["config.yaml"])
+    assert yaml.safe_load(config_map["data"]["config.yaml"])["model"]["dtype"] == "auto"  # the pods resolve it
     expected = dump_config(load_config(TEACHER))
     # The documented changes: output on the shared mount, and "auto" decided by the worker pods (no GPU here).
     expected["run"]["output_dir"], expected["cluster"]["use_gpu"] = "/runs", False
