@@ -87,6 +87,23 @@ def _token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def choice_scores(model, samples: list[Sample], choice_ids: list[list[int]], pad_id: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each choice's tokens after each prompt, and their counts: [samples, choices]."""
+    if all(len(c) == 1 for c in choice_ids):
+        # Every choice is one token: they are all read off the same next-token distribution, so one forward per
+        # sample instead of one per (sample, choice); a 3-label eval runs 3x fewer forwards, the same scores.
+        first = choice_ids[0]
+        rows = [Sample(s.prompt_ids + first, [IGNORE] * len(s.prompt_ids) + first, s.line) for s in samples]
+        batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        last = torch.tensor([len(s.prompt_ids) - 1 for s in samples], device=device)
+        logp = torch.log_softmax(logits[torch.arange(len(samples), device=device), last].float(), dim=-1)
+        scores = logp[:, torch.tensor([c[0] for c in choice_ids], device=device)]
+        return scores, torch.ones_like(scores, dtype=torch.long)
+    return _choice_rows_scores(model, samples, choice_ids, pad_id, device)
+
+
+def _choice_rows_scores(model, samples: list[Sample], choice_ids: list[list[int]], pad_id: int,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """choice_scores for choices of any length: one row per (sample, choice)."""
     rows = [Sample(s.prompt_ids + c, [IGNORE] * len(s.prompt_ids) + c, s.line)
             for s in samples for c in choice_ids]
     batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}

@@ -58,3 +58,25 @@ def test_eval_shards_weight_padding_out():
     assert [len(s) for s in shards] == [2, 2, 2]
     real = sorted(x for shard in shards for x, w in shard if w == 1.0)
     assert real == samples
+
+
+def test_single_token_choices_take_one_forward_per_sample_with_the_same_scores(world_of_one, tiny_model):
+    from distune.evaluation import _choice_rows_scores, choice_scores
+
+    tok, model, samples, choices, choice_ids = _setup(tiny_model)
+    model.eval()
+    single = [[ids[0]] for ids in choice_ids] + [[tok.eos_token_id]]  # one token each: the fast path
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        fast, fast_counts = choice_scores(model, samples, single, tok.pad_token_id, torch.device("cpu"))
+        rows, row_counts = _choice_rows_scores(model, samples, single, tok.pad_token_id, torch.device("cpu"))
+    hook.remove()
+    assert calls == [len(samples), len(samples) * len(single)]  # one row per sample, then one per (sample, choice)
+    torch.testing.assert_close(fast, rows, atol=1e-5, rtol=0)
+    assert torch.equal(fast_counts, row_counts)
+    # A multi-token choice anywhere takes the row-per-choice path, hand-checked by the test above.
+    mixed = single[:1] + [single[1] + single[0]]
+    with torch.no_grad():
+        scores, counts = choice_scores(model, samples, mixed, tok.pad_token_id, torch.device("cpu"))
+    assert counts[:, 1].eq(2).all()
