@@ -33,9 +33,12 @@ whose lookup has no FLOPs, and the output head, which distune runs only on the f
 forward on the same rank (online and GKD only: a cached or remote teacher runs elsewhere); GKD's sampling is not
 counted (its MFU understates). Peak: the GPU's dense bf16 figure (H100/H200 989 TFLOP/s, A100 312) or, on CPU, the best
 torch.matmul rate measured at the start of this run with the same threads and dtype. Peak memory: on a GPU
-torch.cuda.max_memory_allocated; on CPU the growth of the process's peak RSS over its RSS once the libraries are
-imported, before the model loads, which is what `distune plan` predicts there (device = host; the allocator,
-DeepSpeed's buffers and gloo add a fixed ~50-100 MB that dominates toy shapes). Saved: JSON (every step time), markdown, PNG.
+torch.cuda.max_memory_allocated; on CPU the growth of the process's resident memory (sampled, RssPeak) over its
+value once the libraries are imported, before the model loads: what `distune plan` predicts there (device and host
+in one RAM), plus the runtime's fixed ~25-80 MiB (gloo, DeepSpeed's buffers, allocator) that dominates toy shapes.
+The memory check (--memory-shapes, --memory-only) therefore runs the ZeRO/offload/LoRA arms again at shapes where
+the model states dominate, with glibc's mmap threshold fixed so a freed tensor leaves the RSS at once, and reports
+measured / plan. Saved: JSON (every step time), markdown, PNG.
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -126,19 +128,37 @@ def _status_kib(key: str) -> int:
     return 0
 
 
-def reset_peak_rss() -> None:
-    """Linux: restart VmHWM (the peak RSS) from the current RSS, so import transients are not counted."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+class RssPeak:
+    """The peak of the process's resident memory (VmRSS) over its value at start, sampled every `interval` s.
+
+    Not VmHWM, which would count the import transients before the start. File-backed pages count: frozen weights
+    may stay mmapped from their safetensors file (LoRA's do), and they are memory the run holds. The child runs with
+    a fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the RSS at once instead of
+    lingering in the heap: the RSS then follows the live tensors, the CPU's counterpart of the CUDA allocator's
+    max_memory_allocated. Sampling misses nothing that matters: an allocation large enough to count takes far
+    longer than `interval` to fault in."""
+
+    def __init__(self, interval: float = 0.002):
+        import threading
+
+        self.start = self.peak = _status_kib("VmRSS") * 1024
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _watch(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, _status_kib("VmRSS") * 1024)
+
+    def growth(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status_kib("VmRSS") * 1024)
+        return self.peak - self.start
 
 
-def peak_memory(start_rss: int) -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    hwm = _status_kib("VmHWM") * 1024 or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return hwm - start_rss
+def peak_memory(rss: RssPeak) -> int:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rss.growth()
 
 
 def _world_of_one() -> None:
@@ -293,8 +313,7 @@ def child(kind: str, cfg_json: str, out_json: str) -> int:
     import transformers  # noqa: F401
 
     import distune.worker  # noqa: F401
-    reset_peak_rss()
-    start_rss = _status_kib("VmRSS") * 1024
+    rss = RssPeak()
     steps = cfg.train.max_steps
     if kind in ("distune", "distune-remote"):
         from distune.worker import run
@@ -304,7 +323,7 @@ def child(kind: str, cfg_json: str, out_json: str) -> int:
     else:
         times = {"hand-ds": hand_ds, "hf-trainer": hf_trainer, "trl-gkd": trl_gkd}[kind](cfg, steps)
     Path(out_json).write_text(json.dumps({"step_s": [b - a for a, b in zip(times, times[1:])],
-                                          "peak_bytes": peak_memory(start_rss), "start_rss": start_rss,
+                                          "peak_bytes": peak_memory(rss), "start_rss": rss.start,
                                           "torch_threads": torch.get_num_threads()}))
     return 0
 
@@ -356,7 +375,7 @@ def model_flops_per_token(counts: dict, teacher: dict | None, seq: int, trained:
     return flops
 
 
-def arms_for(args, models: dict, data: dict, tmp: Path) -> dict[str, tuple[str, dict]]:
+def arms_for(args, models: dict, data: dict, tmp: Path, quiet: bool = False) -> dict[str, tuple[str, dict]]:
     """name -> (child kind, run config)."""
     micro, accum = map(int, args.batch.split("x"))
     steps = args.warmup + args.steps
@@ -414,9 +433,23 @@ def arms_for(args, models: dict, data: dict, tmp: Path) -> dict[str, tuple[str, 
         import importlib.util
 
         if importlib.util.find_spec(module) is None:
-            print(f"{name}: not measured ({module} is not installed: pip install -e .[bench])")
+            if not quiet:
+                print(f"{name}: not measured ({module} is not installed: pip install -e .[bench])")
             skip.add(name)
     return {k: v for k, v in arms.items() if k not in skip and (not args.arms or k in args.arms)}
+
+
+def run_child(kind: str, cfg: dict, name: str, tmp: Path, env: dict, what: str) -> dict:
+    """One arm in its own process (`--child`): its step times and peak memory, or exit with its log's tail."""
+    cfg_file, out_file, log = tmp / f"{name}.json", tmp / f"{name}.out.json", tmp / f"{name}.log"
+    cfg_file.write_text(json.dumps({**cfg, "run": {**cfg["run"], "name": name}}))
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, __file__, "--child", kind, str(cfg_file), str(out_file)],
+                            cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        print(log.read_text()[-3000:], file=sys.stderr)
+        raise SystemExit(f"{what} failed (rc {rc}); logs and configs kept in {tmp}")
+    return json.loads(out_file.read_text())
 
 
 def run_rounds(arms: dict, args, tmp: Path) -> dict:
@@ -426,17 +459,8 @@ def run_rounds(arms: dict, args, tmp: Path) -> dict:
     got = {"step_s": {a: [] for a in names}, "peak_bytes": {a: [] for a in names}}
     for r in range(args.rounds):
         for arm in names[r % len(names):] + names[:r % len(names)]:  # rotated: no arm always follows the same one
-            kind, cfg = arms[arm]
             slug = arm.replace(" ", "_")
-            cfg_file, out_file, log = tmp / f"{slug}-{r}.json", tmp / f"{slug}-{r}.out.json", tmp / f"{slug}-{r}.log"
-            cfg_file.write_text(json.dumps({**cfg, "run": {**cfg["run"], "name": f"{slug}-r{r}"}}))
-            with open(log, "w") as f:
-                rc = subprocess.run([sys.executable, __file__, "--child", kind, str(cfg_file), str(out_file)],
-                                    cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-            if rc != 0:
-                print(log.read_text()[-3000:], file=sys.stderr)
-                raise SystemExit(f"arm {arm!r} round {r + 1} failed (rc {rc}); logs and configs kept in {tmp}")
-            one = json.loads(out_file.read_text())
+            one = run_child(*arms[arm], f"{slug}-r{r}", tmp, env, f"arm {arm!r} round {r + 1}")
             got["step_s"][arm] += one["step_s"][args.warmup:]
             got["peak_bytes"][arm].append(one["peak_bytes"])
             got["torch_threads"] = one["torch_threads"]
@@ -455,10 +479,12 @@ def predicted(cfg_dict: dict) -> tuple[dict, dict, dict | None]:
     cfg = load_config(cfg_dict)
     summary = validate(cfg, check_cache=False)
     counts = count_params(cfg, summary["model_source"])
-    plan = estimate(cfg, summary, counts)
+    gpu = torch.cuda.is_available()
+    plan = estimate(cfg, summary, counts, gpu=gpu)
     row = plan["stages"][cfg.deepspeed.stage]
     signal = plan["teacher"]["signal"] if plan["teacher"] else "device"
-    total = row["total"][signal] + row["host"] + row.get("teacher_host", 0)
+    # The measurement: the GPU's allocator on a GPU, the whole process (device and host parts in one RAM) on CPU.
+    total = row["total"][signal] if gpu else row["combined"][signal]
     teacher = None
     if "teacher" in counts:
         from distune.plan import _meta_model
@@ -494,13 +520,80 @@ def largest_fitting(args, tmp: Path, memory: int, seq: int) -> list[dict]:
                                "train": {"global_batch_size": micro, "micro_batch_size": micro},
                                "deepspeed": ds, "cluster": {"num_workers": 1}})
             counts = count_params(cfg, str(folder))
-            row = estimate(cfg, {"trained_token_fraction": 1.0}, counts)["stages"][ds["stage"]]
-            need = row["total"]["device"] + (row["host"] if not torch.cuda.is_available() else 0)
+            gpu = torch.cuda.is_available()
+            row = estimate(cfg, {"trained_token_fraction": 1.0}, counts, gpu=gpu)["stages"][ds["stage"]]
+            need = row["total"]["device"] if gpu else row["combined"]["device"]
             if need <= memory:
                 best = {"method": name, "shape": shape, "params": counts["trainable"] + counts["frozen"],
                         "predicted_bytes": need}
         out.append(best or {"method": name, "shape": None})
     return out
+
+
+MEMORY_ARMS = ["full-z0", "full-z1", "full-z2", "full-z3", "full-z2-offload", "full-z3-offload", "lora"]
+
+
+def memory_check(args, tmp: Path) -> list[dict]:
+    """`distune plan` against the measured peak, at shapes where the model states dominate the runtime's fixed
+    costs: every ZeRO stage and offload arm plus LoRA on the first --memory-shapes shape, LoRA alone on the others
+    (a LoRA run's memory is its frozen weights: only a bigger model drowns the fixed costs). One rank, micro-batch 1,
+    --memory-seq tokens, warmup + one step (the peak comes at the second step, once Adam's state exists)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env.pop("RANK", None)
+    out = []
+    for i, shape in enumerate(args.memory_shapes):
+        folder = build_model(tmp / f"mem-{shape}", shape, args.vocab, args.memory_seq + 64)
+        rows = write_rows(tmp / f"mem-rows-{args.memory_seq}.jsonl", 4, args.memory_seq, args.vocab)
+        one = argparse.Namespace(**{**vars(args), "batch": "1x1", "warmup": 1, "steps": 1, "shapes": [shape],
+                                    "seqs": [args.memory_seq], "arms": MEMORY_ARMS if i == 0 else ["lora"]})
+        arms = arms_for(one, {shape: folder, "teacher": folder}, {args.memory_seq: rows}, tmp, quiet=True)
+        for arm, (kind, cfg) in arms.items():
+            slug = f"mem-{shape}-{arm}"
+            measured = run_child(kind, cfg, slug, tmp, env, f"memory arm {arm!r} at {shape}")["peak_bytes"]
+            plan, counts, _ = predicted(cfg)
+            out.append({"arm": arm, "shape": shape, "seq": args.memory_seq,
+                        "params": counts["trainable"] + counts["frozen"], "trainable": counts["trainable"],
+                        "peak_bytes": measured, "plan_bytes": plan["total"], "plan_ratio": measured / plan["total"],
+                        "plan_parts": {k: plan[k] for k in ("weights", "grads", "optimizer", "activations",
+                                                            "buffers", "step", "host")}})
+            shutil.rmtree(tmp / "runs" / slug, ignore_errors=True)
+            print(f"memory {shape} {arm}: measured {gib(measured)}, plan {gib(plan['total'])} "
+                  f"({measured / plan['total']:.3f})", flush=True)
+    return out
+
+
+def memory_lines(rows: list[dict]) -> list[str]:
+    lines = ["| arm | model | trainable | measured peak | `distune plan` | measured / plan |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['shape']} ({r['params'] / 1e6:.1f}M) | {r['trainable'] / 1e6:.1f}M | "
+                     f"{gib(r['peak_bytes'])} | {gib(r['plan_bytes'])} | {r['plan_ratio']:.3f} |")
+    within = sum(abs(r["plan_ratio"] - 1) <= 0.10 for r in rows)
+    return lines + ["", f"{within} of {len(rows)} within 10 %. Measured: " + (
+        "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else
+        "the growth of the process's resident memory (sampled every 2 ms, glibc mmap threshold fixed so freed "
+        "tensors leave at once) over its value once the libraries are imported") + "; the plan does not count the "
+        "runtime's fixed costs (gloo/NCCL, DeepSpeed's communication buffers, allocator slack)."]
+
+
+def memory_report(args, rows: list[dict], started) -> None:
+    header = (f"`distune plan` vs measured peak memory: {device_name()}; {started:%Y-%m-%d %H:%M %Z}; {args.dtype}, "
+              f"1 rank, micro-batch 1, seq {args.memory_seq}, warmup + 1 step")
+    text = "\n".join([header, "", *memory_lines(rows)]) + "\n"
+    print("\n" + text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"memory": rows, "args": vars(args), "device": device_name(),
+                               "date": started.isoformat(timespec="seconds"), "torch": torch.__version__}, indent=2))
+    out.with_suffix(".md").write_text(text)
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores"
 
 
 def main() -> int:
@@ -526,8 +619,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank (1: a remote teacher's actor gets "
                     "the other core of a 2-core machine)")
     ap.add_argument("--gpu-1b", action="store_true", help="the GPU target run: Llama 2048x16 (~1B), seq 2048")
-    ap.add_argument("--out", default="bench/results/perf.json")
+    ap.add_argument("--memory-shapes", type=lambda s: [x for x in s.split(",") if x], default=["768x12", "1536x16"],
+                    help="plan vs measured memory: every ZeRO/offload arm and LoRA at the first shape, LoRA at the "
+                    "rest ('' skips the check)")
+    ap.add_argument("--memory-seq", type=int, default=64)
+    ap.add_argument("--memory-only", action="store_true", help="only the memory check (default --out "
+                    "bench/results/perf_memory.json)")
+    ap.add_argument("--out", default=None, help="default bench/results/perf.json")
     args = ap.parse_args()
+    args.out = args.out or f"bench/results/perf{'_memory' if args.memory_only else ''}.json"
     args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
     if args.gpu_1b:
         args.shapes, args.seqs, args.batch, args.vocab = ["2048x16"], [2048], "4x4", 32000
@@ -535,6 +635,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     load_start, started = os.getloadavg(), datetime.datetime.now().astimezone()
     tmp = Path(tempfile.mkdtemp(prefix="distune-perf-"))
+    if args.memory_only:
+        memory_report(args, memory_check(args, tmp), started)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return 0
     h, n = map(int, args.shapes[0].split("x"))
     args.teacher_shape = args.teacher_shape or f"{2 * h}x{n}"
     max_pos = max(args.seqs) + 64
@@ -576,7 +680,8 @@ def main() -> int:
     memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else \
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     fits = largest_fitting(args, tmp, memory, max(args.seqs))
-    report(args, table, fits, got, peak, peak_src, memory, load_start, started)
+    mem_rows = memory_check(args, tmp) if args.memory_shapes else []
+    report(args, table, fits, got, peak, peak_src, memory, load_start, started, mem_rows)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
@@ -637,11 +742,8 @@ def rescore(path: Path) -> None:
     print("\n".join([header, "", *table_lines(d["rows"])]))
 
 
-def report(args, table, fits, got, peak, peak_src, memory, load_start, started) -> None:
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
-    cores = len(os.sched_getaffinity(0))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {cores} cores"
+def report(args, table, fits, got, peak, peak_src, memory, load_start, started, mem_rows=()) -> None:
+    device = device_name()
     load_end = os.getloadavg()
     header = (f"distune performance: {device}; {started:%Y-%m-%d %H:%M %Z}; load avg {load_start[0]:.2f} at start, "
               f"{load_end[0]:.2f} at end; {args.dtype}, 1 rank, {got['torch_threads']} torch thread(s), "
@@ -655,11 +757,15 @@ def report(args, table, fits, got, peak, peak_src, memory, load_start, started) 
     for f in fits:
         lines.append(f"| {f['method']} | {f['shape'] or 'none'} | "
                      + (f"{f['params'] / 1e9:.2f}B | {gib(f['predicted_bytes'])} |" if f["shape"] else " | |"))
+    if mem_rows:
+        lines += ["", f"`distune plan` against the measured peak (1 rank, micro-batch 1, seq {args.memory_seq}, "
+                  f"warmup + 1 step):", "", *memory_lines(list(mem_rows))]
     text = header + "\n" + "\n".join(lines) + "\n"
     print("\n" + text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": table, "fits": fits, "step_s": got["step_s"], "peak_bytes": got["peak_bytes"],
+    out.write_text(json.dumps({"rows": table, "fits": fits, "memory": list(mem_rows), "step_s": got["step_s"],
+                               "peak_bytes": got["peak_bytes"],
                                "args": vars(args), "device": device, "peak_flops": peak, "peak_source": peak_src,
                                "date": started.isoformat(timespec="seconds"), "load_avg_start": load_start,
                                "load_avg_end": load_end, "python": sys.version.split()[0],

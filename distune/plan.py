@@ -1,20 +1,36 @@
 """`distune plan CFG`: the memory each rank needs, per ZeRO stage and teacher placement, before any worker starts.
 
-Owns the estimate and its table; counts parameters on the meta device (no weights are read). Per rank, with
-N = cluster.num_workers, b = bytes per weight (bf16/fp16 2, fp32 4), Ψt trainable, Ψf frozen student params:
-  weights      b·(Ψt+Ψf)                          /N at stage 3
-  grads        b·Ψt                               /N at stage >= 2
-  optimizer    Adam: 12·Ψt mixed precision (fp32 master + m + v), 8·Ψt fp32 (m + v)   /N at stage >= 1
+Owns the estimate and its table; counts parameters on the meta device (no weights are read). The model follows what
+DeepSpeed (0.19) and torch's AdamW allocate, phase by phase, because the peak is the larger of two moments that
+never overlap: the backward (activations, gradients, reduction buffers) and the optimizer step (fp32 gradients and
+Adam's temporaries). Per rank, with N = cluster.num_workers, b = bytes per weight (bf16/fp16 2, fp32 4), Ψt
+trainable, Ψf frozen student params, /N where the stage partitions:
+  weights      b·(Ψt+Ψf)                                         /N at stage 3
+  optimizer    fp32 master 4·Ψt (stage >= 1: DeepSpeed clones one even of fp32 weights; stage 0: 16-bit only)
+               + Adam m, v 8·Ψt                                  /N at stage >= 1
+  grads        b·Ψt                                              /N at stage >= 2 (stage 3: a persistent buffer)
   activations  micro·seq·h·L·34·b/2 (Korthikanti et al. 2022, no attention-score term: SDPA/flash keep none);
                with gradient checkpointing micro·seq·h·L·b (block inputs) + one block's 34·b/2 (recomputed)
                + logits r·V·(b + 4 + 4): the head's output, its fp32 upcast and that one's gradient, where
                r = micro·seq·f rows are read by a loss (f: the trained-token fraction, 1 with kd_positions all;
                the head runs on those rows only, distune.logits), or train.loss_chunk rows when smaller
+  buffers      the backward's reduction memory: stage 0 the flat copy of the gradients DeepSpeed all-reduces,
+               b·min(Ψt, 5e8); stage 1-2 the reduction bucket, stage 3 the bucket (persistent) + the parameters
+               gathered for the forward/backward, b·min(Ψt+Ψf, stage3_max_live_parameters). A bucket is
+               torch.empty(reduce_bucket_size): a GPU allocates all of it, CPU pages only what the gradients fill
+               (min with Ψt). Sizes come from deepspeed.extra.zero_optimization when set there.
+  step         the optimizer step: the fp32 gradient partition 4·Ψt + Adam's temporaries on the flat fp32
+               partition (sqrt and divide: 8·Ψt on CPU, where AdamW runs tensor by tensor; 4·Ψt on a GPU, where
+               it runs foreach)                                  /N at stage >= 1 (stage 0: per tensor, ~0)
+  peak         weights + optimizer (+ grads and bucket at stage 3) + max(activations + grads + buffers, step)
   teacher      colocated: b_T·Ψ_T (/N at stage 3, where it is a ZeRO-3 inference engine) + r·V_T·(b_T + 4);
                cached: 0 on the GPU, disk ≈ trained tokens·k·(id 2 or 4 bytes + 2 bytes fp16 log-prob);
                remote: 0 on training ranks, each actor b_T·Ψ_T + micro·seq·V_T·4
-offload_optimizer (stage >= 1) moves the optimizer to host memory, offload_param (stage 3) the weights, the
-colocated teacher's included. seq = data.max_length: an upper bound on a micro-batch's padded length.
+offload_optimizer (stage >= 1) moves master, Adam state and the step to host memory, with a b·Ψt/N staging copy of
+the weights (stage 1-2); offload_param (stage 3) the weights, the colocated teacher's included. CPU workers hold
+device and host parts in one RAM: `combined` is their joint peak. Not counted: the runtime's fixed cost (CUDA
+context, NCCL/gloo and allocator slack; ~25-80 MiB on CPU). Measured against real runs by bench/perf.py
+(--memory). seq = data.max_length: an upper bound on a micro-batch's padded length.
 LoRA that cannot be built on the meta device falls back to r·(in+out) per targeted linear (+out with DoRA).
 Imports neither ray nor deepspeed; torch and transformers load inside functions only.
 """
@@ -85,8 +101,19 @@ def count_params(cfg, source: str) -> dict:
     return {"trainable": trainable, "frozen": frozen, **shape, **out}
 
 
-def estimate(cfg, summary: dict, counts: dict) -> dict:
-    """Bytes per rank for every ZeRO stage (device and host separately), and the teacher's placements."""
+# DeepSpeed's defaults for the buffers the estimate counts (deepspeed/runtime/zero/config.py, engine.py).
+DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9}
+ALLREDUCE_BUCKET = 5e8  # stage 0: the engine all-reduces gradients flattened into buffers of this many elements
+
+
+def _zero_sizes(cfg) -> dict:
+    zero = cfg.deepspeed.extra.get("zero_optimization", {})
+    return {k: float(zero.get(k, v)) for k, v in DS_DEFAULTS.items()}
+
+
+def estimate(cfg, summary: dict, counts: dict, gpu: bool = False) -> dict:
+    """Bytes per rank for every ZeRO stage (device, host and, for CPU workers, both in one RAM), and the teacher's
+    placements. `gpu`: the workers' device is a GPU (buffers DeepSpeed allocates empty count in full there)."""
     n, b, micro, seq = cfg.cluster.num_workers, BYTES[cfg.model.dtype], cfg.train.micro_batch_size, cfg.data.max_length
     pt, pf, h, layers = counts["trainable"], counts["frozen"], counts["hidden"], counts["layers"]
     per_layer = 34 * b / 2  # bytes per token per hidden unit inside one transformer block
@@ -111,23 +138,41 @@ def estimate(cfg, summary: dict, counts: dict) -> dict:
         plan["teacher"] = {"signal": PLACEMENTS[mc.signal], "trained_tokens": round(tokens), "top_k": k,
                            "cache_disk": round(tokens * k * ((2 if vocab <= 65536 else 4) + 2)),
                            "remote_actor": t_weights + t_logits, "actors": mc.remote.actors}
-    ds = cfg.deepspeed
+    ds, sizes = cfg.deepspeed, _zero_sizes(cfg)
+    bucket = b * (sizes["reduce_bucket_size"] if gpu else min(sizes["reduce_bucket_size"], pt))
     for stage in range(4):
         # DeepSpeed offloads the optimizer from stage 1 on, and parameters under stage 3 only.
         offload_opt, offload_param = ds.offload_optimizer and stage >= 1, ds.offload_param and stage == 3
+        shard = n if stage >= 1 else 1  # optimizer-state partitioning
         weights = b * (pt + pf) / (n if stage == 3 else 1)
-        optimizer = (12 if b == 2 else 8) * pt / (n if stage >= 1 else 1)
-        row = {"weights": 0 if offload_param else weights, "grads": b * pt / (n if stage >= 2 else 1),
-               "optimizer": 0 if offload_opt else optimizer, "activations": acts,
-               "host": optimizer * offload_opt + weights * offload_param}
-        device = row["weights"] + row["grads"] + row["optimizer"] + acts
+        optimizer = (4 * (stage >= 1 or b == 2) + 8) * pt / shard
+        grads = b * pt / (n if stage >= 2 else 1)
+        if stage == 0:
+            buffers, persistent = b * min(ALLREDUCE_BUCKET, pt), 0.0
+            step = 0.0  # AdamW per tensor: temporaries of one tensor at a time
+        elif stage < 3:
+            buffers, persistent = bucket, 0.0
+            step = (4 + (4 if gpu else 8)) * pt / shard
+        else:  # the gradient partition and the bucket stay allocated; gathered parameters live in fwd/bwd
+            persistent = grads * (not offload_opt) + bucket  # offloaded, the gradient partition sits in host memory
+            buffers = b * min(pt + pf, sizes["stage3_max_live_parameters"])
+            step = (4 + (4 if gpu else 8)) * pt / shard
+        staging = b * pt / shard if offload_opt and stage < 3 else 0.0
+        backward = acts + (0 if stage == 3 else grads) + buffers
+        host = (optimizer + staging + step + grads * (stage == 3)) * offload_opt + weights * offload_param
+        device = (weights * (not offload_param) + optimizer * (not offload_opt) + persistent
+                  + max(backward, 0 if offload_opt else step))
+        combined = weights + optimizer + staging + grads * (stage == 3) + bucket * (stage == 3) + max(backward, step)
+        row = {"weights": 0 if offload_param else weights, "grads": grads, "optimizer": 0 if offload_opt else optimizer,
+               "activations": acts, "buffers": buffers, "step": step, "host": host}
         if t:
             coloc = t_weights / (n if stage == 3 else 1)
             row["teacher_host"] = coloc * offload_param  # the teacher's ZeRO-3 engine offloads like the student
             row["teacher_colocated"] = coloc * (not offload_param) + t_logits
             row["total"] = {"colocated": device + row["teacher_colocated"], "cached": device, "remote": device}
+            row["combined"] = {"colocated": combined + coloc + t_logits, "cached": combined, "remote": combined}
         else:
-            row["total"] = {"device": device}
+            row["total"], row["combined"] = {"device": device}, {"device": combined}
         plan["stages"][stage] = {k: ({p: round(x) for p, x in v.items()} if isinstance(v, dict) else round(v))
                                  for k, v in row.items()}
     return plan
@@ -140,11 +185,13 @@ def human(x: float) -> str:
 def render(plan: dict) -> str:
     t = plan["teacher"]
     totals = list(plan["stages"][0]["total"])
-    head = ["stage", "weights", "grads", "optimizer", "activations"] + (["teacher (coloc.)"] if t else [])
+    head = ["stage", "weights", "grads", "optimizer", "activations", "buffers", "step"]
+    head += (["teacher (coloc.)"] if t else [])
     head += [f"{p}{'*' if t and p == t['signal'] else ''}" for p in totals] + ["host"]
     rows = [head]
     for stage, r in plan["stages"].items():
-        cells = [r["weights"], r["grads"], r["optimizer"], r["activations"]] + ([r["teacher_colocated"]] if t else [])
+        cells = [r["weights"], r["grads"], r["optimizer"], r["activations"], r["buffers"], r["step"]]
+        cells += ([r["teacher_colocated"]] if t else [])
         cells += [r["total"][p] for p in totals] + [r["host"] + r.get("teacher_host", 0)]
         rows.append([f"{stage}{'*' if stage == plan['stage'] else ''}"] + [human(c) for c in cells])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -153,11 +200,14 @@ def render(plan: dict) -> str:
     lines.insert(0, f"memory per rank (N={plan['num_workers']}, {plan['dtype']}): {p['trainable']:,} trainable, "
                     f"{p['frozen']:,} frozen params" + (f"; teacher {p['teacher']['params']:,} "
                                                         f"({p['teacher']['dtype']})" if t else ""))
-    lines += ["* = configured. weights b(Ψt+Ψf) [/N stage 3]; grads bΨt [/N stage>=2]; Adam 12Ψt mixed, 8Ψt fp32 "
-              "[/N stage>=1]",
-              "activations micro·seq·h·L·34b/2 (checkpointing: b per layer + one block) + logits micro·seq·V·4·2",
+    lines += ["* = configured. weights b(Ψt+Ψf) [/N stage 3]; grads bΨt [/N stage>=2]; optimizer fp32 master + "
+              "Adam 12Ψt (stage 0: 8Ψt unless 16-bit) [/N stage>=1]",
+              "activations micro·seq·h·L·34b/2 (checkpointing: b per layer + one block) + logits of the rows a loss "
+              "reads; buffers: DeepSpeed's reduction bucket / flat gradients / gathered ZeRO-3 parameters",
+              "step: fp32 gradients + Adam temporaries at the optimizer step; peak = weights + optimizer "
+              "+ max(activations + grads + buffers, step) (stage 3 keeps grads and a bucket throughout)",
               "host = bytes offloaded to CPU memory (offload_optimizer / offload_param; a colocated teacher's "
-              "weights included); formulas: distune/plan.py"]
+              "weights included); runtime fixed costs not counted; formulas: distune/plan.py"]
     if t:
         lines += ["teacher colocated: b_T·Ψ_T [/N stage 3] + logits micro·seq·V_T·4",
                   f"teacher cached: 0 on the GPU; disk ≈ {t['trained_tokens']:,} trained tokens × top-{t['top_k']} "
@@ -180,7 +230,7 @@ def capacity(plan: dict, uses_gpu: bool) -> str:
         have = torch.cuda.get_device_properties(0).total_memory
         where = f"GPU 0 has {human(have)}; stage {plan['stage']} {signal} needs {human(need)} a rank"
     else:  # CPU workers: device and host parts share RAM, and a local cluster puts every rank on this box
-        need = plan["num_workers"] * (need + row["host"] + (row["teacher_host"] if signal == "colocated" else 0))
+        need = plan["num_workers"] * row["combined"][signal]
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         where = (f"CPU workers: figures are host memory; {plan['num_workers']} rank(s) at stage {plan['stage']} "
                  f"{signal} need {human(need)} of this machine's {human(have)} RAM")
@@ -225,7 +275,7 @@ def command(cfg, summary: dict, args) -> int:
 
     if args.show_samples:
         print(show_samples(cfg, summary, args.show_samples))
-    plan = estimate(cfg, summary, count_params(cfg, summary["model_source"]))
+    plan = estimate(cfg, summary, count_params(cfg, summary["model_source"]), gpu=target_uses_gpu(cfg))
     print(render(plan))
     print(capacity(plan, target_uses_gpu(cfg)))
     if args.json:
