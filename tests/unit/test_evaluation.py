@@ -60,23 +60,41 @@ def test_eval_shards_weight_padding_out():
     assert real == samples
 
 
-def test_single_token_choices_take_one_forward_per_sample_with_the_same_scores(world_of_one, tiny_model):
+def test_the_prompt_runs_once_and_scores_equal_a_row_per_choice(world_of_one, tiny_model):
     from distune.evaluation import _choice_rows_scores, choice_scores
 
     tok, model, samples, choices, choice_ids = _setup(tiny_model)
     model.eval()
-    single = [[ids[0]] for ids in choice_ids] + [[tok.eos_token_id]]  # one token each: the fast path
+    multi = [ids + [tok.eos_token_id] for ids in choice_ids] + [choice_ids[0][:1]]  # lengths differ
+    single = [[ids[0]] for ids in multi]
     calls = []
-    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape[0]), with_kwargs=True)
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(tuple(k["input_ids"].shape)),
+                                           with_kwargs=True)
     with torch.no_grad():
-        fast, fast_counts = choice_scores(model, samples, single, tok.pad_token_id, torch.device("cpu"))
-        rows, row_counts = _choice_rows_scores(model, samples, single, tok.pad_token_id, torch.device("cpu"))
+        for options in (multi, single):
+            calls.clear()
+            got, got_counts = choice_scores(model, samples, options, tok.pad_token_id, torch.device("cpu"))
+            prompt_width = max(len(s.prompt_ids) for s in samples)
+            longest = max(map(len, options))
+            # The prompts once; then only the choices' tokens, one row per (sample, choice); none for one token.
+            assert calls == [(len(samples), prompt_width)] + (
+                [(len(samples) * len(options), longest)] if longest > 1 else [])
+            want, want_counts = _choice_rows_scores(model, samples, options, tok.pad_token_id, torch.device("cpu"))
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+            assert torch.equal(got_counts, want_counts)
     hook.remove()
-    assert calls == [len(samples), len(samples) * len(single)]  # one row per sample, then one per (sample, choice)
-    torch.testing.assert_close(fast, rows, atol=1e-5, rtol=0)
-    assert torch.equal(fast_counts, row_counts)
-    # A multi-token choice anywhere takes the row-per-choice path, hand-checked by the test above.
-    mixed = single[:1] + [single[1] + single[0]]
+
+
+def test_models_that_take_no_position_ids_score_a_row_per_choice(world_of_one, tiny_model):
+    """Left-padded prompts need explicit positions; a forward without position_ids (ALiBi models) gets rows."""
+    from distune.evaluation import _choice_rows_scores, choice_scores
+
+    tok, model, samples, choices, choice_ids = _setup(tiny_model)
+    model.eval()
+    forward = model.forward
+    model.forward = lambda input_ids=None, attention_mask=None, **kw: forward(input_ids=input_ids,
+                                                                             attention_mask=attention_mask)
     with torch.no_grad():
-        scores, counts = choice_scores(model, samples, mixed, tok.pad_token_id, torch.device("cpu"))
-    assert counts[:, 1].eq(2).all()
+        got, _ = choice_scores(model, samples, choice_ids, tok.pad_token_id, torch.device("cpu"))
+        want, _ = _choice_rows_scores(model, samples, choice_ids, tok.pad_token_id, torch.device("cpu"))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
