@@ -132,8 +132,8 @@ class RssPeak:
     """The peak of the process's resident memory (VmRSS) over its value at start, sampled every `interval` s.
 
     Not VmHWM, which would count the import transients before the start. File-backed pages count: frozen weights
-    may stay mmapped from their safetensors file (LoRA's do), and they are memory the run holds. The child runs with
-    a fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the RSS at once instead of
+    may stay mmapped from their safetensors file (LoRA's do), and they are memory the run holds. memory_check runs
+    its children with a fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the RSS at once instead of
     lingering in the heap: the RSS then follows the live tensors, the CPU's counterpart of the CUDA allocator's
     max_memory_allocated. Sampling misses nothing that matters: an allocation large enough to count takes far
     longer than `interval` to fault in."""

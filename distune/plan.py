@@ -147,22 +147,20 @@ def estimate(cfg, summary: dict, counts: dict, gpu: bool = False) -> dict:
         weights = b * (pt + pf) / (n if stage == 3 else 1)
         optimizer = (4 * (stage >= 1 or b == 2) + 8) * pt / shard
         grads = b * pt / (n if stage >= 2 else 1)
-        if stage == 0:
-            buffers, persistent = b * min(ALLREDUCE_BUCKET, pt), 0.0
-            step = 0.0  # AdamW per tensor: temporaries of one tensor at a time
-        elif stage < 3:
-            buffers, persistent = bucket, 0.0
-            step = (4 + (4 if gpu else 8)) * pt / shard
-        else:  # the gradient partition and the bucket stay allocated; gathered parameters live in fwd/bwd
-            persistent = grads * (not offload_opt) + bucket  # offloaded, the gradient partition sits in host memory
-            buffers = b * min(pt + pf, sizes["stage3_max_live_parameters"])
-            step = (4 + (4 if gpu else 8)) * pt / shard
+        # Stage 0: the flat copy of the gradients it all-reduces; 1-2: the reduction bucket; 3: the parameters
+        # gathered for the forward/backward (its bucket and gradient partition stay allocated: `kept`).
+        buffers = (b * min(ALLREDUCE_BUCKET, pt) if stage == 0 else bucket if stage < 3
+                   else b * min(pt + pf, sizes["stage3_max_live_parameters"]))
+        kept = grads + bucket if stage == 3 else 0.0
+        # Stage 0's AdamW works tensor by tensor (temporaries of one tensor); ZeRO's on the flat fp32 partition.
+        step = (4 + (4 if gpu else 8)) * pt / shard if stage >= 1 else 0.0
         staging = b * pt / shard if offload_opt and stage < 3 else 0.0
         backward = acts + (0 if stage == 3 else grads) + buffers
         host = (optimizer + staging + step + grads * (stage == 3)) * offload_opt + weights * offload_param
-        device = (weights * (not offload_param) + optimizer * (not offload_opt) + persistent
+        device = (weights * (not offload_param) + optimizer * (not offload_opt)
+                  + kept - grads * (stage == 3) * offload_opt  # offloaded, the gradient partition sits in host memory
                   + max(backward, 0 if offload_opt else step))
-        combined = weights + optimizer + staging + grads * (stage == 3) + bucket * (stage == 3) + max(backward, step)
+        combined = weights + optimizer + staging + kept + max(backward, step)
         row = {"weights": 0 if offload_param else weights, "grads": grads, "optimizer": 0 if offload_opt else optimizer,
                "activations": acts, "buffers": buffers, "step": step, "host": host}
         if t:
@@ -275,9 +273,10 @@ def command(cfg, summary: dict, args) -> int:
 
     if args.show_samples:
         print(show_samples(cfg, summary, args.show_samples))
-    plan = estimate(cfg, summary, count_params(cfg, summary["model_source"]), gpu=target_uses_gpu(cfg))
+    gpu = target_uses_gpu(cfg)
+    plan = estimate(cfg, summary, count_params(cfg, summary["model_source"]), gpu=gpu)
     print(render(plan))
-    print(capacity(plan, target_uses_gpu(cfg)))
+    print(capacity(plan, gpu))
     if args.json:
         Path(args.json).write_text(json.dumps(plan, indent=2) + "\n")
         print(f"wrote {args.json}")
