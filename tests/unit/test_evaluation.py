@@ -70,19 +70,33 @@ def test_the_prompt_runs_once_and_scores_equal_a_row_per_choice(world_of_one, ti
     calls = []
     hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(tuple(k["input_ids"].shape)),
                                            with_kwargs=True)
+    heads = []  # the output head's input per forward: the prompt's runs on its last position only
+    head_hook = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: heads.append(a[0].shape[1]))
     with torch.no_grad():
         for options in (multi, single):
             calls.clear()
+            heads.clear()
             got, got_counts = choice_scores(model, samples, options, tok.pad_token_id, torch.device("cpu"))
             prompt_width = max(len(s.prompt_ids) for s in samples)
             longest = max(map(len, options))
             # The prompts once; then only the choices' tokens, one row per (sample, choice); none for one token.
             assert calls == [(len(samples), prompt_width)] + (
                 [(len(samples) * len(options), longest)] if longest > 1 else [])
+            assert heads == [1] + ([longest] if longest > 1 else [])
             want, want_counts = _choice_rows_scores(model, samples, options, tok.pad_token_id, torch.device("cpu"))
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
             assert torch.equal(got_counts, want_counts)
     hook.remove()
+    head_hook.remove()
+
+
+def test_eval_scores_do_not_depend_on_sample_order(world_of_one, tiny_model):
+    """evaluate() batches the longest samples first; its weighted sums must not see the order."""
+    tok, model, samples, choices, choice_ids = _setup(tiny_model)
+    args = (3, tok.pad_token_id, torch.device("cpu"), 0, 1, choices, choice_ids)
+    forward, backward = evaluate(model, samples, *args), evaluate(model, samples[::-1], *args)
+    assert forward["eval/accuracy"] == backward["eval/accuracy"]
+    assert abs(forward["eval/loss"] - backward["eval/loss"]) < 1e-5
 
 
 def test_models_that_take_no_position_ids_score_a_row_per_choice(world_of_one, tiny_model):
