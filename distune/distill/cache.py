@@ -42,6 +42,11 @@ def sample_key(s: Sample) -> str:
     return h.hexdigest()[:20]
 
 
+def by_length(samples: list[Sample]) -> list[Sample]:
+    """Longest first: a micro-batch pads to similar lengths (rows are found by key, so the order is free)."""
+    return sorted(samples, key=lambda s: -len(s.input_ids))
+
+
 def shard_name(index: int, count: int) -> str:
     return f"shard-{index:05d}-of-{count:05d}.npz"
 
@@ -50,7 +55,7 @@ def write_shard(samples: list[Sample], teacher: OnlineTeacher, out_dir: Path, in
                 micro_batch: int, pad_id: int, device: torch.device, progress=None, which: str = "response") -> dict:
     """Run the teacher over `samples[index::count]` and write one shard atomically. Returns its stats.
     `which`: the KD positions stored (`response`: the trained ones; `all`: every position of the sample)."""
-    mine = samples[index::count]
+    mine = by_length(samples[index::count])
     keys, offsets, ids_parts, logp_parts = [], [0], [], []
     t0 = time.perf_counter()
     for start in range(0, len(mine), micro_batch):
@@ -87,7 +92,7 @@ def write_class_shard(samples: list[Sample], model, tokenizer, data_cfg, labels:
     from distune.data import Renderer
     from distune.evaluation import choice_scores
 
-    mine = samples[index::count]
+    mine = by_length(samples[index::count])
     renderer = Renderer(tokenizer, data_cfg, data_cfg.path)
     choice_ids = [renderer.pair("", name)[1] for name in labels]
     t0 = time.perf_counter()
