@@ -129,6 +129,10 @@ def main() -> None:
     p.add_argument("--decoder-arms", default="sft,distill-online,distill-cached",
                    help="decoder student arms to run, comma-separated (seqkd: CE on gold + teacher labels, "
                         "needs --transfer)")
+    p.add_argument("--heldout", type=int, default=0, metavar="N",
+                   help="also score the teacher and every decoder student's export on N further tweets of the same "
+                        "seeded order (after the teacher's, the students' and the transfer rows: seen by no model), "
+                        "in this process, with paired comparisons against student-sft (120 tweets resolve ~8 points)")
     p.add_argument("--encoder-steps", type=int, default=100)
     p.add_argument("--encoder-lr", type=float, default=5e-5)
     args = p.parse_args()
@@ -217,9 +221,13 @@ def main() -> None:
     teacher = arms["teacher"]["after"]
     for a in arms.values():
         a["of_teacher"] = a["after"] / teacher
+    heldout = heldout_scores(base, args, [n for n in ["teacher", *plans] if not n.startswith("minilm")]) \
+        if args.heldout else None
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores, CPU", "settings": vars(args) | {"work": str(args.work), "out": str(args.out)},
               "arms": arms}
+    if heldout:
+        report["heldout"] = heldout
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
     lines = ["| arm | accuracy before | accuracy after | of teacher | wall time |", "|---|---|---|---|---|"]
@@ -228,10 +236,68 @@ def main() -> None:
         secs = f"{a['seconds']:.0f} s{extra}" if "seconds" in a else "reused"
         before = f"{a['before']:.1%}" if a["before"] is not None else "-"
         lines.append(f"| {name} | {before} | {a['after']:.1%} | {a['of_teacher']:.1%} | {secs} |")
+    if heldout:
+        lines += ["", f"On {heldout['rows']} further held-out tweets (seen by no model; paired against student-sft: "
+                  "tweets only this arm gets right / only SFT gets right, exact McNemar p):", "",
+                  "| model | accuracy | of teacher | vs SFT (+ / -) | p |", "|---|---|---|---|---|"]
+        for name, h in heldout["models"].items():
+            vs = f"{h['only_this']} / {h['only_sft']}" if "only_this" in h else "-"
+            p = f"{h['mcnemar_p']:.2f}" if "mcnemar_p" in h else "-"
+            lines.append(f"| {name} | {h['accuracy']:.1%} | {h['of_teacher']:.1%} | {vs} | {p} |")
     table = "\n".join(lines)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(table)
     plot(arms, args.out.with_suffix(".png"))
+
+
+def heldout_scores(base: dict, args, names: list[str]) -> dict:
+    """Accuracy over the three labels of each model's export (the teacher's adapter merged on load) on
+    `--heldout` further tweets, scored like eval.choices; discordant pairs against student-sft, exact McNemar."""
+    import math
+
+    import torch
+
+    from distune.config import load_config
+    from distune.data import Renderer
+    from distune.data.dataset import sampled_rows
+    from distune.evaluation import choice_scores
+    from distune.hardware import auto_dtype
+    from distune.models import load_model, load_tokenizer, resolve_model_source
+
+    cfg = load_config({**base, "data": {**base["data"], "limit": None}})
+    _, rows = sampled_rows(cfg.data, cfg.run.seed)
+    skip = base["data"]["limit"] + args.transfer  # the teacher's 1,320 rows, then the transfer rows
+    rows = rows[skip:skip + args.heldout]
+    tokenizer = load_tokenizer(resolve_model_source(cfg.model.path))
+    renderer = Renderer(tokenizer, cfg.data, cfg.data.path, cfg.run.seed)
+    samples = [renderer.render(line, row) for line, row in rows]
+    choices = base["eval"]["choices"]
+    choice_ids = [renderer.pair("", c)[1] for c in choices]
+    gold = torch.tensor([choices.index(s.response.strip()) for s in samples])
+    right: dict[str, torch.Tensor] = {}
+    out = {"rows": len(samples), "first_row": skip, "models": {}}
+    for name in names:
+        export = args.work / name / "export"
+        if not export.is_dir():
+            continue
+        t0 = time.time()
+        model = load_model(str(export), auto_dtype(False)).eval()
+        with torch.no_grad():
+            scores = torch.cat([choice_scores(model, samples[i:i + 16], choice_ids, tokenizer.pad_token_id,
+                                              torch.device("cpu"))[0] for i in range(0, len(samples), 16)])
+        right[name] = scores.argmax(1) == gold
+        out["models"][name] = {"accuracy": right[name].float().mean().item(), "seconds": round(time.time() - t0)}
+        print(f"held-out {name}: {out['models'][name]['accuracy']:.1%} of {len(samples)}")
+        del model
+    teacher = out["models"].get("teacher", {}).get("accuracy")
+    for name, h in out["models"].items():
+        h["of_teacher"] = h["accuracy"] / teacher if teacher else None
+        if name != "student-sft" and "student-sft" in right and name in right:
+            b = int((right[name] & ~right["student-sft"]).sum())
+            c = int((~right[name] & right["student-sft"]).sum())
+            tail = sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c) if b + c else 1.0
+            h.update(only_this=b, only_sft=c, mcnemar_p=min(1.0, 2 * tail))
+    return out
 
 
 def plot(arms: dict, path: Path) -> None:
