@@ -52,17 +52,23 @@ def arm_config(base: dict, name: str, work: Path, **changes) -> Path:
     return path
 
 
-def transfer_files(base: dict, args, kd: dict) -> dict[str, Path]:
-    """eval.jsonl (the teacher's own 120 held-out tweets), gold.jsonl (its 1,200 training tweets) and
-    train.jsonl (gold + N further tweets of the same seeded order, labelled by the teacher), as {text, label}."""
+def seeded_rows(base: dict):
+    """The base config (resolved) and every corpus row in its seeded order: `data.limit` cuts this order, so the
+    teacher's rows come first, then the transfer rows, then the --heldout rows."""
     from distune.config import load_config
     from distune.data.dataset import sampled_rows
 
+    cfg = load_config({**base, "data": {**base["data"], "limit": None}})
+    return cfg, sampled_rows(cfg.data, cfg.run.seed)[1]
+
+
+def transfer_files(base: dict, args, kd: dict) -> dict[str, Path]:
+    """eval.jsonl (the teacher's own 120 held-out tweets), gold.jsonl (its 1,200 training tweets) and
+    train.jsonl (gold + N further tweets of the same seeded order, labelled by the teacher), as {text, label}."""
     folder = args.work / "transfer"
     folder.mkdir(exist_ok=True)
     n_eval, n_gold = base["data"]["eval_size"], base["data"]["limit"] - base["data"]["eval_size"]
-    unlimited = load_config({**base, "data": {**base["data"], "limit": None}})
-    _, rows = sampled_rows(unlimited.data, unlimited.run.seed)  # limit cuts this order: the teacher's rows first
+    _, rows = seeded_rows(base)
     need = n_eval + n_gold + args.transfer
     if len(rows) < need:
         raise SystemExit(f"--transfer {args.transfer}: the corpus has {len(rows) - n_eval - n_gold} more rows")
@@ -243,7 +249,8 @@ def main() -> None:
         for name, h in heldout["models"].items():
             vs = f"{h['only_this']} / {h['only_sft']}" if "only_this" in h else "-"
             p = f"{h['mcnemar_p']:.2f}" if "mcnemar_p" in h else "-"
-            lines.append(f"| {name} | {h['accuracy']:.1%} | {h['of_teacher']:.1%} | {vs} | {p} |")
+            of = f"{h['of_teacher']:.1%}" if h["of_teacher"] is not None else "-"
+            lines.append(f"| {name} | {h['accuracy']:.1%} | {of} | {vs} | {p} |")
     table = "\n".join(lines)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(table)
@@ -257,15 +264,12 @@ def heldout_scores(base: dict, args, names: list[str]) -> dict:
 
     import torch
 
-    from distune.config import load_config
     from distune.data import Renderer
-    from distune.data.dataset import sampled_rows
     from distune.evaluation import choice_scores
     from distune.hardware import auto_dtype
     from distune.models import load_model, load_tokenizer, resolve_model_source
 
-    cfg = load_config({**base, "data": {**base["data"], "limit": None}})
-    _, rows = sampled_rows(cfg.data, cfg.run.seed)
+    cfg, rows = seeded_rows(base)
     skip = base["data"]["limit"] + args.transfer  # the teacher's 1,320 rows, then the transfer rows
     rows = rows[skip:skip + args.heldout]
     tokenizer = load_tokenizer(resolve_model_source(cfg.model.path))
