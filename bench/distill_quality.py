@@ -109,7 +109,24 @@ def curve(run_dir: Path) -> list[tuple[int, float]]:
     import wandb_records
 
     rows = wandb_records.logged(run_dir)["history"]
-    return sorted((int(r["_step"]), r["eval/accuracy"]) for r in rows if "eval/accuracy" in r)
+    # A resumed run logs its checkpoint's rows again (replay): one point per step, the last logged.
+    return sorted({int(r["_step"]): r["eval/accuracy"] for r in rows if "eval/accuracy" in r}.items())
+
+
+def resumed_segment(log: Path) -> tuple[float, int] | None:
+    """(seconds, first step) of the last invocation when a run's log shows it was resumed, else None.
+    Each `distune run` appends to the log and starts its own Ray instance; the pause between invocations is
+    not run time, so only the last one, which ran to the end, is timed."""
+    import datetime
+    import re
+
+    text = log.read_text(errors="replace")
+    starts = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+\s+INFO .*Started a local Ray instance", text, re.M)
+    if len(starts) < 2:
+        return None
+    begun = datetime.datetime.strptime(starts[-1], "%Y-%m-%d %H:%M:%S").replace(tzinfo=datetime.timezone.utc)
+    step = re.search(r"(\d+)/\d+ \[", text[text.rindex(starts[-1]):])
+    return log.stat().st_mtime - begun.timestamp(), int(step.group(1)) if step else 0
 
 
 def main() -> None:
@@ -189,12 +206,14 @@ def main() -> None:
                "data": {"prompt": "{text}", "system": None, "max_length": 128},
                "eval": {"choices": None}, "train": {**student_train, "max_steps": args.encoder_steps,
                                                     "lr": args.encoder_lr}}
+        # With --transfer, like the decoder arms: SFT on the gold tweets, distillation on gold + teacher-labelled.
         plans |= {
-            "minilm-sft": {**enc, "method": {"name": "full"}},
-            "minilm-distill": {**enc, "method": {**kd, "kd_positions": "response", "signal": "cached",
-                                                 "cache_dir": str(args.work / "class-cache"),
-                                                 "teacher": {**kd["teacher"], "prompt": base["data"]["prompt"],
-                                                             "system": base["data"]["system"]}}},
+            "minilm-sft": {**enc, "data": {**enc["data"], **gold_data}, "method": {"name": "full"}},
+            "minilm-distill": {**enc, "data": {**enc["data"], **transfer_data},
+                               "method": {**kd, "kd_positions": "response", "signal": "cached",
+                                          "cache_dir": str(args.work / "class-cache"),
+                                          "teacher": {**kd["teacher"], "prompt": base["data"]["prompt"],
+                                                      "system": base["data"]["system"]}}},
         }
     for name, change in plans.items():
         sections = {"model": student_model, "train": student_train, **{k: v for k, v in change.items() if v}}
@@ -206,6 +225,8 @@ def main() -> None:
             if cache_log.exists():
                 arms[name]["cache_seconds"] = start - cfg.stat().st_mtime
             arms[name]["seconds"] = log.stat().st_mtime - start
+            if resumed := resumed_segment(log):
+                arms[name]["seconds"], arms[name]["resumed_at_step"] = resumed
         elif change["method"].get("signal") == "cached":
             arms[name]["cache_seconds"] = run_cli(["cache-teacher", str(cfg), "--force"], cache_log)
         if change["method"].get("signal") == "cached":
@@ -221,14 +242,15 @@ def main() -> None:
         arms = {**{k: v for k, v in earlier.items() if k not in plans and k not in arms}, **arms}
     for name in ["teacher", *plans]:
         res = json.loads((args.work / name / "results.json").read_text())
-        arms.setdefault(name, {}).update(before=res.get("before", {}).get("eval/accuracy"),
-                                         after=res["after"]["eval/accuracy"],
-                                         curve=curve(args.work / name))
+        points = curve(args.work / name)
+        # A resumed run's results.json has no "before" (that eval ran in its first invocation); W&B kept it.
+        before = res.get("before", {}).get("eval/accuracy", dict(points).get(0))
+        arms.setdefault(name, {}).update(before=before, after=res["after"]["eval/accuracy"], curve=points)
     teacher = arms["teacher"]["after"]
     for a in arms.values():
         a["of_teacher"] = a["after"] / teacher
-    heldout = heldout_scores(base, args, [n for n in ["teacher", *plans] if not n.startswith("minilm")]) \
-        if args.heldout else None
+    # Every model with an export, this invocation's and earlier ones' (their per-tweet results reused).
+    heldout = heldout_scores(base, args, list(dict.fromkeys(["teacher", *arms]))) if args.heldout else None
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores, CPU", "settings": vars(args) | {"work": str(args.work), "out": str(args.out)},
               "arms": arms}
@@ -240,6 +262,8 @@ def main() -> None:
     for name, a in arms.items():
         extra = f" (+ cache {a['cache_seconds']:.0f} s)" if "cache_seconds" in a else ""
         secs = f"{a['seconds']:.0f} s{extra}" if "seconds" in a else "reused"
+        if "resumed_at_step" in a:
+            secs += f", steps after {a['resumed_at_step']} only (resumed)"
         before = f"{a['before']:.1%}" if a["before"] is not None else "-"
         lines.append(f"| {name} | {before} | {a['after']:.1%} | {a['of_teacher']:.1%} | {secs} |")
     if heldout:
@@ -280,19 +304,35 @@ def heldout_scores(base: dict, args, names: list[str]) -> dict:
     gold = torch.tensor([choices.index(s.response.strip()) for s in samples])
     right: dict[str, torch.Tensor] = {}
     out = {"rows": len(samples), "first_row": skip, "models": {}}
+    # Per-tweet results of an earlier report are reused for an unchanged export: scoring the teacher on 1,000
+    # tweets takes ~10 min on 2 cores, and a --report-only after one more arm should not pay it again.
+    earlier = json.loads(args.out.read_text()).get("heldout", {}) if args.out.is_file() else {}
+    same_rows = (earlier.get("rows"), earlier.get("first_row")) == (len(samples), skip)
     for name in names:
         export = args.work / name / "export"
         if not export.is_dir():
             continue
+        stamp = export_fingerprint(export)
+        seen = earlier.get("models", {}).get(name, {}) if same_rows else {}
+        if seen.get("export") == stamp and len(seen.get("right", "")) == len(samples):
+            right[name] = torch.tensor([c == "1" for c in seen["right"]])
+            out["models"][name] = {"accuracy": right[name].float().mean().item(), "seconds": seen["seconds"],
+                                   "export": stamp, "right": seen["right"]}
+            print(f"held-out {name}: {out['models'][name]['accuracy']:.1%} of {len(samples)} (earlier report)")
+            continue
         t0 = time.time()
-        model = load_model(str(export), auto_dtype(False)).eval()
-        with torch.no_grad():
-            scores = torch.cat([choice_scores(model, samples[i:i + 16], choice_ids, tokenizer.pad_token_id,
-                                              torch.device("cpu"))[0] for i in range(0, len(samples), 16)])
-        right[name] = scores.argmax(1) == gold
-        out["models"][name] = {"accuracy": right[name].float().mean().item(), "seconds": round(time.time() - t0)}
+        if name.startswith("minilm"):
+            right[name] = classifier_right(export, [r["text"] for _, r in rows], [choices[g] for g in gold.tolist()])
+        else:
+            model = load_model(str(export), auto_dtype(False)).eval()
+            with torch.no_grad():
+                scores = torch.cat([choice_scores(model, samples[i:i + 16], choice_ids, tokenizer.pad_token_id,
+                                                  torch.device("cpu"))[0] for i in range(0, len(samples), 16)])
+            right[name] = scores.argmax(1) == gold
+            del model
+        out["models"][name] = {"accuracy": right[name].float().mean().item(), "seconds": round(time.time() - t0),
+                               "export": stamp, "right": "".join("1" if r else "0" for r in right[name].tolist())}
         print(f"held-out {name}: {out['models'][name]['accuracy']:.1%} of {len(samples)}")
-        del model
     teacher = out["models"].get("teacher", {}).get("accuracy")
     for name, h in out["models"].items():
         h["of_teacher"] = h["accuracy"] / teacher if teacher else None
@@ -302,6 +342,34 @@ def heldout_scores(base: dict, args, names: list[str]) -> dict:
             tail = sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c) if b + c else 1.0
             h.update(only_this=b, only_sft=c, mcnemar_p=min(1.0, 2 * tail))
     return out
+
+
+def classifier_right(export: Path, texts: list[str], gold: list[str]):
+    """Which tweets an encoder classifier export labels right: the bare tweet in (as its arm trained, max 128
+    tokens), the class its head scores highest out, named through the export's id2label."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    picked = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 32):
+            batch = tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            picked += [names[j] for j in model(**batch).logits.argmax(-1).tolist()]
+    return torch.tensor([p == g for p, g in zip(picked, gold)])
+
+
+def export_fingerprint(export: Path) -> str:
+    """Names, sizes and modification times of an export's files: changes whenever the export is rewritten."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in export.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(export)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def plot(arms: dict, path: Path) -> None:
