@@ -96,13 +96,14 @@ def teacher_specs(cfg) -> dict[str, TeacherSpec]:
     return build_method(cfg.method.name, cfg.method.model_extra or {}).frozen_models()
 
 
-def cache_shard(cfg_dict: dict, model_source: str, index: int, count: int) -> dict:
+def cache_shard(cfg_dict: dict, model_source: str, index: int, count: int, progress=None) -> dict:
     """Run the teacher over shard `index` of the training split and write it to method.cache_dir.
 
     Runs anywhere (a Ray task from `distune cache-teacher`, or in-process); the same samples as training
     sees, since every process renders and splits the data identically (seeded). For a causal student:
     top-k per trained position; for a classifier student: the teacher's class log-probs, from the
-    summed log-probability it gives each class name (the verbalizer) after the prompt.
+    summed log-probability it gives each class name (the verbalizer) after the prompt. `progress(n)`, when
+    given, is called with the number of samples each batch finished.
     """
     from pathlib import Path
 
@@ -127,13 +128,13 @@ def cache_shard(cfg_dict: dict, model_source: str, index: int, count: int) -> di
         samples = load_splits(data, teacher_tok, cfg.run.seed).train
         model = load_model(source, spec.dtype, spec.trust_remote_code).to(device).eval()
         return cache.write_class_shard(samples, model, teacher_tok, data, labels, out_dir, index, count,
-                                       cfg.eval.micro_batch_size, device)
+                                       cfg.eval.micro_batch_size, device, progress)
     student_config = load_model_config(model_source, cfg.model.trust_remote_code)
     prep = preflight({"teacher": _uncached(spec)}, tokenizer, student_config)["teacher"]
     splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices)
     teacher = OnlineTeacher(load_teacher(prep).to(device).eval(), prep.vocab_size, spec.top_k, spec.temperature)
     return cache.write_shard(splits.train, teacher, out_dir, index, count, cfg.eval.micro_batch_size,
-                             tokenizer.pad_token_id, device, which=spec.positions)
+                             tokenizer.pad_token_id, device, progress, which=spec.positions)
 
 
 def _uncached(spec: TeacherSpec) -> TeacherSpec:

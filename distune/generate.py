@@ -116,7 +116,8 @@ def command(cfg, summary: dict, args) -> int:
     env = dict(cfg.cluster.env) | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
     began = time.time()
     shards = run_shards(generate_shard, (settings, items), count, use_gpu, cfg.cluster.cpus_per_worker,
-                        args.address, desc="generate", show_progress=not args.no_progress, env=env)
+                        args.address, desc="generate", show_progress=not args.no_progress, env=env,
+                        total=len(items), unit="prompt")
     # Back to file order (a stable sort keeps a prompt's samples in the order they were drawn).
     written = [row for _, row in sorted((pair for s in shards for pair in s["rows"]), key=lambda p: p[0])]
     counts = {key: sum(s[key] for s in shards) for key in ("generated_tokens", "empty", "unparsed")}
@@ -137,8 +138,9 @@ def command(cfg, summary: dict, args) -> int:
     return 0
 
 
-def generate_shard(settings: dict, items: list, index: int, count: int) -> dict:
-    """Runs in a Ray task: generate for items[index::count]; returns (line, row) pairs and counts."""
+def generate_shard(settings: dict, items: list, index: int, count: int, progress=None) -> dict:
+    """Runs in a Ray task: generate for items[index::count]; returns (line, row) pairs and counts.
+    `progress(n)`, when given, hears of every finished batch of prompts."""
     import torch
 
     from distune.models import load_model, load_tokenizer
@@ -151,7 +153,7 @@ def generate_shard(settings: dict, items: list, index: int, count: int) -> dict:
     model = load_model(settings["source"], settings["dtype"], settings["trust_remote_code"], settings["layers"])
     model.to(device).eval()
     mine = items[index::count]
-    texts, tokens = complete(model, tok, [ids for _, _, ids in mine], settings, device)
+    texts, tokens = complete(model, tok, [ids for _, _, ids in mine], settings, device, progress)
     result = {"rows": [], "generated_tokens": tokens, "empty": 0, "unparsed": 0}
     for (line, row, _), samples in zip(mine, texts):
         for text in samples:
@@ -163,7 +165,8 @@ def generate_shard(settings: dict, items: list, index: int, count: int) -> dict:
     return result
 
 
-def complete(model, tok, prompts: list[list[int]], settings: dict, device) -> tuple[list[list[str]], int]:
+def complete(model, tok, prompts: list[list[int]], settings: dict, device,
+             progress=None) -> tuple[list[list[str]], int]:
     """settings["num_samples"] texts per prompt (token ids, chat template applied), in the order given, and the
     number of tokens generated. Batched by similar length, left-padded; stops at the model's end tokens.
     settings: max_new_tokens, temperature (0 = greedy), top_p, num_samples, batch_size."""
@@ -194,6 +197,8 @@ def complete(model, tok, prompts: list[list[int]], settings: dict, device) -> tu
             tokens += length
             # generate returns a prompt's n samples next to each other
             texts[batch[k // n]].append(tok.decode(seq[:length], skip_special_tokens=True).strip())
+        if progress is not None:
+            progress(len(batch))
     return texts, tokens
 
 

@@ -47,7 +47,8 @@ def command(cfg, summary: dict, args) -> int:
     cfg_dict = cfg.model_dump(mode="json")
     cfg_dict["method"]["cache_dir"] = str(out)
     shards = run_shards(cache_shard, (cfg_dict, summary["model_source"]), count, use_gpu, cfg.cluster.cpus_per_worker,
-                        args.address, desc="teacher cache", show_progress=not args.no_progress, env=env)
+                        args.address, desc="teacher cache", show_progress=not args.no_progress, env=env,
+                        total=summary.get("train_rows"))
     spec.cache_dir = str(out)
     labels = summary.get("labels") if cfg.model.task == "sequence_classification" else None
     meta = cache.write_meta(out, spec, summary.get("teacher_vocab"), shards, cfg.data.path, labels)

@@ -1,9 +1,11 @@
 """One-shot data-parallel jobs on Ray (teacher caching, generation): N shards as N Ray tasks.
 
-`run_shards(fn, args, count, ...)` calls `fn(*args, index, count)` in a Ray task per shard, with the
-resources of one training worker, and shows a progress bar over finished shards. A shard's function
-writes its output atomically itself, so a failed or retried task never leaves half a file; Ray retries a
-task whose process died (`max_retries`). Returns the shards' results in shard order.
+`run_shards(fn, args, count, ...)` calls `fn(*args, index, count[, progress=...])` in a Ray task per shard, with
+the resources of one training worker, and shows a progress bar: over the units of work (samples, prompts) when
+the caller gives their `total` and `fn` reports them through `progress(n)`, else over finished shards (with two
+shards that bar would sit at 0/2 for the whole job). A shard's function writes its output atomically itself, so a
+failed or retried task never leaves half a file; Ray retries a task whose process died (`max_retries`). Returns
+the shards' results in shard order.
 """
 
 from __future__ import annotations
@@ -17,19 +19,49 @@ from distune.cluster.trainer import start_ray
 import ray  # noqa: E402  (after trainer set Ray's environment)
 
 
+@ray.remote(num_cpus=0)  # no CPU slot: the shards hold every one the local cluster has
+class _Tally:
+    """Units of work the shards reported done; the driver polls it for the bar."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+
+    def value(self) -> int:
+        return self.done
+
+
+def _shard(fn: Callable, tally, *args):
+    """In the task: `fn(*args, progress=...)` when the bar counts units (each report goes to the tally without
+    waiting for it), else `fn(*args)`."""
+    return fn(*args) if tally is None else fn(*args, progress=lambda n: tally.add.remote(n))
+
+
 def run_shards(fn: Callable, args: tuple, count: int, use_gpu: bool, cpus: float, address: str | None = None,
-               desc: str = "shards", show_progress: bool = True, env: dict | None = None) -> list:
+               desc: str = "shards", show_progress: bool = True, env: dict | None = None,
+               total: int | None = None, unit: str = "sample") -> list:
     start_ray(address, num_cpus=None if address else max(1, int(cpus * count)))
     runtime_env = {"env_vars": env} if env else None
-    task = ray.remote(fn).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_retries=2,
-                                  runtime_env=runtime_env)
-    refs = [task.remote(*args, index, count) for index in range(count)]
+    task = ray.remote(_shard).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_retries=2,
+                                      runtime_env=runtime_env)
+    tally = _Tally.remote() if show_progress and total else None
+    refs = [task.remote(fn, tally, *args, index, count) for index in range(count)]
     order = {ref: i for i, ref in enumerate(refs)}
     results: list = [None] * count
     pending = list(refs)
-    with tqdm(total=count, desc=desc, unit="shard", disable=not show_progress, dynamic_ncols=True) as bar:
+    with tqdm(total=total if tally else count, desc=desc, unit=unit if tally else "shard",
+              disable=not show_progress, dynamic_ncols=True) as bar:
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            results[order[done[0]]] = ray.get(done[0])  # re-raises a task's error here, on the driver
-            bar.update(1)
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0 if tally else None)
+            for ref in done:
+                results[order[ref]] = ray.get(ref)  # re-raises a task's error here, on the driver
+            if tally is None:
+                bar.update(len(done))
+            else:  # a retried shard reports its samples again: never past the total
+                bar.update(min(total, ray.get(tally.value.remote())) - bar.n)
+        if tally is not None:
+            bar.update(total - bar.n)  # every shard returned: all done, whatever the last poll saw
+            ray.kill(tally)
     return results

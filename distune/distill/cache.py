@@ -84,7 +84,7 @@ def write_shard(samples: list[Sample], teacher: OnlineTeacher, out_dir: Path, in
 
 
 def write_class_shard(samples: list[Sample], model, tokenizer, data_cfg, labels: list[str], out_dir: Path,
-                      index: int, count: int, micro_batch: int, device: torch.device) -> dict:
+                      index: int, count: int, micro_batch: int, device: torch.device, progress=None) -> dict:
     """Class log-probs [S, C] of a causal-LM teacher for shard `index`, keyed by data line.
 
     A class's score is the summed log-probability of its name's tokens after the prompt (the same
@@ -102,6 +102,8 @@ def write_class_shard(samples: list[Sample], model, tokenizer, data_cfg, labels:
             scores, _ = choice_scores(model, mine[start:start + micro_batch], choice_ids, tokenizer.pad_token_id,
                                       device)
             parts.append(torch.log_softmax(scores.float(), dim=-1).cpu())
+            if progress is not None:
+                progress(len(mine[start:start + micro_batch]))
     logp = torch.cat(parts).numpy().astype(np.float32)
     keys = [line_key(s.line) for s in mine]
     target = _save(out_dir, index, count, keys=np.asarray(keys), class_logp=logp)

@@ -37,7 +37,7 @@ def greedy(ray_cluster, config_file):
     return out
 
 
-def test_greedy_rows_are_deterministic_and_match_model_generate(greedy, config_file, tiny_model, tiny_data):
+def test_greedy_rows_are_deterministic_and_match_model_generate(greedy, config_file, tiny_model, tiny_data, capsys):
     source = [json.loads(line) for line in tiny_data.read_text().splitlines()]
     rows, meta = _rows(greedy), _meta(greedy)
     assert meta["prompts"] == len(source) and meta["rows"] == len(rows)
@@ -49,9 +49,13 @@ def test_greedy_rows_are_deterministic_and_match_model_generate(greedy, config_f
 
     # Another sharding and batch size (other left padding) gives the same greedy responses.
     again = config_file.parent / "again.jsonl"
+    capsys.readouterr()
     assert main(["generate", str(config_file), "--out", str(again), "--max-new-tokens", MAX_NEW,
-                 "--shards", "1", "--batch-size", "5", "--no-progress"]) == 0
+                 "--shards", "1", "--batch-size", "5"]) == 0
     assert _rows(again) == rows
+    # One shard: its bar counts prompts as their batches finish, not the single shard.
+    err = capsys.readouterr().err
+    assert "generate: 100%" in err and f"{len(source)}/{len(source)}" in err and "prompt" in err
 
     # The first row equals a plain model.generate of its chat-rendered prompt (no padding, no Ray).
     import torch
