@@ -267,8 +267,9 @@ def main() -> None:
         before = f"{a['before']:.1%}" if a["before"] is not None else "-"
         lines.append(f"| {name} | {before} | {a['after']:.1%} | {a['of_teacher']:.1%} | {secs} |")
     if heldout:
-        lines += ["", f"On {heldout['rows']} further held-out tweets (seen by no model; paired against student-sft: "
-                  "tweets only this arm gets right / only SFT gets right, exact McNemar p):", "",
+        lines += ["", f"On {heldout['rows']} further held-out tweets (seen by no model; paired against the SFT student "
+                  "of the same architecture, student-sft or minilm-sft: tweets only this arm gets right / only SFT "
+                  "gets right, exact McNemar p):", "",
                   "| model | accuracy | of teacher | vs SFT (+ / -) | p |", "|---|---|---|---|---|"]
         for name, h in heldout["models"].items():
             vs = f"{h['only_this']} / {h['only_sft']}" if "only_this" in h else "-"
@@ -283,7 +284,8 @@ def main() -> None:
 
 def heldout_scores(base: dict, args, names: list[str]) -> dict:
     """Accuracy over the three labels of each model's export (the teacher's adapter merged on load) on
-    `--heldout` further tweets, scored like eval.choices; discordant pairs against student-sft, exact McNemar."""
+    `--heldout` further tweets, scored like eval.choices (encoders: their head); discordant pairs against the
+    same architecture's SFT arm, exact McNemar."""
     import math
 
     import torch
@@ -336,9 +338,10 @@ def heldout_scores(base: dict, args, names: list[str]) -> dict:
     teacher = out["models"].get("teacher", {}).get("accuracy")
     for name, h in out["models"].items():
         h["of_teacher"] = h["accuracy"] / teacher if teacher else None
-        if name != "student-sft" and "student-sft" in right and name in right:
-            b = int((right[name] & ~right["student-sft"]).sum())
-            c = int((~right[name] & right["student-sft"]).sum())
+        sft = "minilm-sft" if name.startswith("minilm") else "student-sft"  # the same architecture's SFT arm
+        if name != sft and sft in right and name in right:
+            b = int((right[name] & ~right[sft]).sum())
+            c = int((~right[name] & right[sft]).sum())
             tail = sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c) if b + c else 1.0
             h.update(only_this=b, only_sft=c, mcnemar_p=min(1.0, 2 * tail))
     return out
