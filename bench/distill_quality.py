@@ -153,9 +153,10 @@ def main() -> None:
                    help="decoder student arms to run, comma-separated (seqkd: CE on gold + teacher labels, "
                         "needs --transfer)")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
-                   help="also score the teacher and every decoder student's export on N further tweets of the same "
+                   help="also score the teacher's and every student's export on N further tweets of the same "
                         "seeded order (after the teacher's, the students' and the transfer rows: seen by no model), "
-                        "in this process, with paired comparisons against student-sft (120 tweets resolve ~8 points)")
+                        "in this process, each student paired against the SFT arm of its architecture "
+                        "(120 tweets resolve ~8 points)")
     p.add_argument("--encoder-steps", type=int, default=100)
     p.add_argument("--encoder-lr", type=float, default=5e-5)
     args = p.parse_args()
@@ -307,7 +308,7 @@ def heldout_scores(base: dict, args, names: list[str]) -> dict:
     right: dict[str, torch.Tensor] = {}
     out = {"rows": len(samples), "first_row": skip, "models": {}}
     # Per-tweet results of an earlier report are reused for an unchanged export: scoring the teacher on 1,000
-    # tweets takes ~10 min on 2 cores, and a --report-only after one more arm should not pay it again.
+    # tweets took ~7 min on 2 cores, and a --report-only after one more arm should not pay it again.
     earlier = json.loads(args.out.read_text()).get("heldout", {}) if args.out.is_file() else {}
     same_rows = (earlier.get("rows"), earlier.get("first_row")) == (len(samples), skip)
     for name in names:

@@ -36,7 +36,11 @@ class _Tally:
 def _shard(fn: Callable, tally, *args):
     """In the task: `fn(*args, progress=...)` when the bar counts units (each report goes to the tally without
     waiting for it), else `fn(*args)`."""
-    return fn(*args) if tally is None else fn(*args, progress=lambda n: tally.add.remote(n))
+    if tally is None:
+        return fn(*args)
+    out = fn(*args, progress=lambda n: tally.add.remote(n))
+    ray.get(tally.value.remote())  # one caller's actor calls run in order: every report above has landed
+    return out
 
 
 def run_shards(fn: Callable, args: tuple, count: int, use_gpu: bool, cpus: float, address: str | None = None,
@@ -62,6 +66,5 @@ def run_shards(fn: Callable, args: tuple, count: int, use_gpu: bool, cpus: float
             else:  # a retried shard reports its samples again: never past the total
                 bar.update(min(total, ray.get(tally.value.remote())) - bar.n)
         if tally is not None:
-            bar.update(total - bar.n)  # every shard returned: all done, whatever the last poll saw
             ray.kill(tally)
     return results

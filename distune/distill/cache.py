@@ -99,11 +99,11 @@ def write_class_shard(samples: list[Sample], model, tokenizer, data_cfg, labels:
     parts = []
     with torch.no_grad():
         for start in range(0, len(mine), micro_batch):
-            scores, _ = choice_scores(model, mine[start:start + micro_batch], choice_ids, tokenizer.pad_token_id,
-                                      device)
+            chunk = mine[start:start + micro_batch]
+            scores, _ = choice_scores(model, chunk, choice_ids, tokenizer.pad_token_id, device)
             parts.append(torch.log_softmax(scores.float(), dim=-1).cpu())
             if progress is not None:
-                progress(len(mine[start:start + micro_batch]))
+                progress(len(chunk))
     logp = torch.cat(parts).numpy().astype(np.float32)
     keys = [line_key(s.line) for s in mine]
     target = _save(out_dir, index, count, keys=np.asarray(keys), class_logp=logp)
