@@ -1,6 +1,6 @@
 """`distill`: a student method (full, lora, ...) trained towards a frozen teacher.
 
-loss = (1 - kd_weight) * CE(labels) + kd_weight * D(student || teacher) [+ hidden.weight * hidden MSE]
+loss = (1 - kd_weight) * CE(labels) + kd_weight * D(student || teacher) [+ hidden.weight * hidden-state distance]
 
 The wrapped student method decides what trains and what is exported; this class only adds the teacher
 terms. The teacher arrives in `frozen["teacher"]` as a signal (distune.distill.teacher): the method does
@@ -47,7 +47,11 @@ class TeacherOptions(MethodConfig):
 
 
 class HiddenOptions(MethodConfig):
-    weight: float = Field(0.0, ge=0, description="Weight of the hidden-state MSE term (0: off).")
+    weight: float = Field(0.0, ge=0, description="Weight of the hidden-state term (0: off).")
+    loss: Literal["cosine", "mse"] = Field(
+        "cosine", description="cosine: 1 - cos(projected student, teacher) per token (DistilBERT's cosine "
+                              "embedding loss; blind to scale, so Llama-style massive activations, measured at "
+                              "~24,000 in SmolLM2's residual stream, do not swamp it); mse: plain MSE (TinyBERT).")
     layers: dict[int, int] | None = Field(
         None, description="student hidden-state index -> teacher index (0 = embeddings); default: evenly spaced.")
 
@@ -155,8 +159,13 @@ class Distill(Method):
                 raise ValueError("hidden-state distillation: the runner did not give the teacher's width")
             width = model.config.hidden_size
             layers = self.layer_map(model.config.num_hidden_layers, self.teacher_layers)
-            model.add_module(PROJECTION, nn.ModuleDict(
-                {str(s): nn.Linear(width, self.teacher_width, bias=False) for s in layers}))
+            proj = nn.ModuleDict({str(s): nn.Linear(width, self.teacher_width, bias=False) for s in layers})
+            if width == self.teacher_width:
+                # Same width (e.g. a student made of the teacher's own layers): start from the identity, so the
+                # term compares the two residual streams directly from step 0 instead of through a random map.
+                for linear in proj.values():
+                    nn.init.eye_(linear.weight)
+            model.add_module(PROJECTION, proj)
         return model
 
     def layer_map(self, student_layers: int, teacher_layers: int) -> dict[int, int]:
@@ -226,7 +235,7 @@ class Distill(Method):
         if hidden:
             h = self._hidden_loss(model, out.hidden_states, t.hidden, batch["attention_mask"])
             total = total + c.hidden.weight * h
-            metrics["hidden_mse"] = h.detach()
+            metrics[f"hidden_{c.hidden.loss}"] = h.detach()
         student_top1 = torch.cat([top1[k] for k in sorted(top1)])
         metrics.update(teacher_metrics(student_top1, t, c.temperature))
         return LossOutput(total, metrics)
@@ -249,8 +258,12 @@ class Distill(Method):
         keep = attention_mask.bool()
         losses = []
         for s, t in self.layer_map(len(student_h) - 1, len(teacher_h) - 1).items():
-            mapped = proj[str(s)](student_h[s][keep].to(proj[str(s)].weight.dtype))
-            losses.append(nn.functional.mse_loss(mapped.float(), teacher_h[t][keep].float()))
+            mapped = proj[str(s)](student_h[s][keep].to(proj[str(s)].weight.dtype)).float()
+            target = teacher_h[t][keep].float()
+            if self.config.hidden.loss == "cosine":
+                losses.append((1 - nn.functional.cosine_similarity(mapped, target, dim=-1)).mean())
+            else:
+                losses.append(nn.functional.mse_loss(mapped, target))
         return torch.stack(losses).mean()
 
     # -- on-policy samples ---------------------------------------------------------------------------

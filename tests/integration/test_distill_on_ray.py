@@ -148,7 +148,7 @@ def test_hidden_states_full_student_from_teacher_layers(ray_cluster, make_config
     cfg.train.lr = 1e-3
     fit(cfg, str(tiny_teacher), show_progress=False)
     rows = _history(cfg)
-    assert rows[-1]["train/hidden_mse"] < rows[0]["train/hidden_mse"]
+    assert rows[-1]["train/hidden_cosine"] < rows[0]["train/hidden_cosine"]
     export = cfg.run_dir / "export"
     config = json.loads((export / "config.json").read_text())
     assert config["num_hidden_layers"] == 2

@@ -450,9 +450,51 @@ def test_hidden_state_projection_added_trained_and_not_exported(tiny_model, tiny
     batch = collate(_train_samples(data_cfg, tok)[:2], tok.pad_token_id)
     teacher = OnlineTeacher(teacher_model, len(tok), None, 1.0, hidden_states=True)
     out = method.loss(model, batch, {"teacher": teacher})
-    assert out.metrics["hidden_mse"].item() > 0
+    assert out.metrics["hidden_cosine"].item() > 0  # the default loss
     out.loss.backward()
     assert all(linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0 for linear in proj.values())
+
+
+@pytest.mark.parametrize("loss", ["cosine", "mse"])
+def test_hidden_term_of_a_same_width_student_matches_hand_computed(tiny_teacher, teacher_model, data_cfg, tok, loss):
+    """A student made of teacher blocks 0 and 3 (same width): the projection starts as the identity, so the
+    term is the plain distance between the two residual streams, mean over the mapped layers and real tokens."""
+    import copy
+
+    method = _method(tiny_teacher, student={"name": "full"}, hidden={"weight": 1.0, "loss": loss,
+                                                                      "layers": {1: 2, 2: 4}})
+    method.see_frozen_configs({"teacher": AutoConfig.from_pretrained(tiny_teacher)})
+    student = copy.deepcopy(teacher_model)
+    student.model.layers = torch.nn.ModuleList([student.model.layers[0], student.model.layers[3]])
+    student.config.num_hidden_layers = 2
+    student = method.adapt(student)
+    assert all(torch.equal(lin.weight, torch.eye(96)) for lin in getattr(student, PROJECTION).values())
+
+    batch = collate(_train_samples(data_cfg, tok)[:2], tok.pad_token_id)
+    teacher = OnlineTeacher(teacher_model, len(tok), None, 1.0, hidden_states=True)
+    out = method.loss(student, batch, {"teacher": teacher})
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        sh = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     output_hidden_states=True).hidden_states
+        th = teacher_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           output_hidden_states=True).hidden_states
+    terms = []
+    for s_i, t_i in {1: 2, 2: 4}.items():
+        a, b = sh[s_i][keep], th[t_i][keep]
+        if loss == "cosine":
+            terms.append(sum(1 - float(x @ y) / float(x.norm() * y.norm()) for x, y in zip(a, b)) / len(a))
+        else:
+            terms.append(float((a - b).pow(2).mean()))
+    assert out.metrics[f"hidden_{loss}"].item() == pytest.approx(sum(terms) / 2, rel=1e-4)
+    assert out.metrics[f"hidden_{loss}"].item() > 0.01  # blocks 1, 2 (and the last) are missing: not a no-op
+
+    method = _method(tiny_teacher, student={"name": "full"}, hidden={"weight": 1.0, "loss": loss,
+                                                                      "layers": {2: 2, 4: 4}})
+    method.see_frozen_configs({"teacher": AutoConfig.from_pretrained(tiny_teacher)})
+    student_is_teacher = method.adapt(copy.deepcopy(teacher_model))  # a full copy: the streams coincide
+    same = method.loss(student_is_teacher, batch, {"teacher": teacher})
+    assert same.metrics[f"hidden_{loss}"].item() == pytest.approx(0, abs=1e-5)
 
 
 @pytest.mark.parametrize("layers", [{3: 4}, {1: 5}, {-1: 2}])
