@@ -139,8 +139,11 @@ def train(engine, method, frozen: dict, feeds: list, state: TrainState, cadence:
             norm = engine.get_global_grad_norm()
             if norm is not None:
                 metrics["train/grad_norm"] = float(norm)
+            # A loss that is its CE (full, lora, ...) would log train/ce = train/loss; a composite one (distill:
+            # CE + KD [+ hidden]) logs its CE term on its own.
+            only_ce = set(extra_acc) <= {"ce", "trained_tokens"}
             for k, v in extra_acc.items():
-                if k != "ce":
+                if k != "ce" or not only_ce:
                     metrics[f"train/{k}"] = (v / (sum(rounds.values()) * cadence.grad_accum)).item()
             log(metrics, state.step)
             emit({"kind": "step", "step": state.step, "loss": metrics["train/loss"],

@@ -74,6 +74,7 @@ def test_cached_topk_matches_online_and_trains_under_zero3(ray_cluster, make_con
     rows = _history(cfg)
     assert rows[-1]["train/kd"] < 0.95 * rows[0]["train/kd"]
     assert 0 < rows[0]["train/teacher_topk_mass"] <= 1
+    assert rows[0]["train/ce"] > 0  # the loss's two terms, each on its own curve
 
 
 def test_remote_teacher_actor_group(ray_cluster, make_config, tiny_teacher):
