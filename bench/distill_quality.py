@@ -335,11 +335,13 @@ def main() -> None:
         lines += ["", f"On {heldout['rows']} further held-out tweets (seen by no model; paired against the SFT student "
                   "of the same architecture, stage and seed, student-sft, student-sft-after-sft or minilm-sft: tweets "
                   "only this arm gets right / only SFT gets right, exact McNemar p):", "",
-                  "| model | accuracy | of teacher | vs SFT (+ / -) | p |", "|---|---|---|---|---|"]
+                  "| model | accuracy | of teacher (bootstrap 95 % CI) | vs SFT (+ / -) | p |", "|---|---|---|---|---|"]
         for name, h in heldout["models"].items():
             vs = f"{h['only_this']} / {h['only_sft']}" if "only_this" in h else "-"
             p = f"{h['mcnemar_p']:.2f}" if "mcnemar_p" in h else "-"
             of = f"{h['of_teacher']:.1%}" if h["of_teacher"] is not None else "-"
+            if "of_teacher_ci95" in h:
+                of += " ({:.1%}–{:.1%})".format(*h["of_teacher_ci95"])
             lines.append(f"| {name} | {h['accuracy']:.1%} | {of} | {vs} | {p} |")
     table = "\n".join(lines)
     args.out.with_suffix(".md").write_text(table + "\n")
@@ -402,8 +404,15 @@ def heldout_scores(base: dict, args, names: list[str]) -> dict:
                                "export": stamp, "right": "".join("1" if r else "0" for r in right[name].tolist())}
         print(f"held-out {name}: {out['models'][name]['accuracy']:.1%} of {len(samples)}")
     teacher = out["models"].get("teacher", {}).get("accuracy")
+    # Paired bootstrap of the ratio to the teacher (the same resampled tweets for both): how far the sample lets
+    # "≥ 95 % of the teacher" be trusted.
+    resamples = torch.randint(len(samples), (5000, len(samples)), generator=torch.Generator().manual_seed(0))
     for name, h in out["models"].items():
         h["of_teacher"] = h["accuracy"] / teacher if teacher else None
+        if teacher and name != "teacher":
+            ratios = right[name][resamples].sum(1) / right["teacher"][resamples].sum(1)
+            h["of_teacher_ci95"] = [round(q, 4) for q in torch.quantile(ratios.double(), torch.tensor(
+                [0.025, 0.975], dtype=torch.float64)).tolist()]
         # The SFT arm of the same architecture, stage and seed (an -after-sft arm against SFT continued as long).
         sft = "minilm-sft" if name.startswith("minilm") else "student-sft" + re.search(r"(-after-sft)?(-s\d+)?$",
                                                                                          name).group(0)
