@@ -346,7 +346,7 @@ def main() -> None:
     table = "\n".join(lines)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(table)
-    plot(arms, args.out.with_suffix(".png"))
+    plot(arms, args.out.with_suffix(".png"), args.student_steps)
 
 
 def heldout_scores(base: dict, args, names: list[str]) -> dict:
@@ -452,7 +452,8 @@ def export_fingerprint(export: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def plot(arms: dict, path: Path) -> None:
+def plot(arms: dict, path: Path, stage_one_steps: int) -> None:
+    """Eval curves; a second-stage (-after-sft) arm is drawn dashed after its first stage's steps."""
     try:
         import matplotlib
 
@@ -461,16 +462,19 @@ def plot(arms: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib not installed (pip install -e .[bench]): no plot")
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, a in arms.items():
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    colours = plt.get_cmap("tab20").colors  # more arms than tab10's 10 colours
+    for i, (name, a) in enumerate(arms.items()):
         if a["curve"]:
             steps, acc = zip(*a["curve"])
-            ax.plot(steps, acc, marker="o", label=name)
+            second = "-after-sft" in name
+            ax.plot([s + stage_one_steps * second for s in steps], acc, marker="o", markersize=3,
+                    linestyle="--" if second else "-", color=colours[i % len(colours)], label=name)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out accuracy (3 labels)")
     ax.set_title("SmolLM2-135M LoRA teacher -> 49.5M SmolLM2 / 22.7M MiniLM students, Twitter sentiment",
                  fontsize=9)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
