@@ -248,9 +248,7 @@ def main() -> None:
             "distill-hidden": {"method": {**kd, "hidden": {"weight": args.hidden_weight, "loss": "cosine"}},
                                "data": transfer_data},
             "distill-cached": {"method": {**kd, "signal": "cached", "top_k": args.top_k,
-                                          # After SFT: the same teacher, rows, k and T, so the same cache.
-                                          "cache_dir": str(args.work / f"teacher-cache{suffix}"),
-                                          "reuse_cache": bool(args.after_sft)},
+                                          "cache_dir": str(args.work / f"teacher-cache{suffix}")},
                                "data": transfer_data},
         }
         wanted = args.decoder_arms.split(",")
@@ -279,7 +277,6 @@ def main() -> None:
                                                       "system": base["data"]["system"]}}},
         }
     for name, change in plans.items():
-        reuse_cache = change["method"].pop("reuse_cache", False)
         sections = {"model": student_model, "train": student_train, **{k: v for k, v in change.items() if v}}
         cfg = args.work / f"{name}.yaml" if args.report_only else arm_config(base, name, args.work, **sections)
         cache_log, log = args.work / f"{name}-cache.log", args.work / f"{name}.log"
@@ -291,8 +288,9 @@ def main() -> None:
             arms[name]["seconds"] = log.stat().st_mtime - start
             if resumed := resumed_segment(log):
                 arms[name]["seconds"], arms[name]["resumed_at_step"] = resumed
+        # After SFT: the same teacher, rows, k and T as the distill-cached arm, so its complete cache is reused.
         elif change["method"].get("signal") == "cached" and not (
-                reuse_cache and (Path(change["method"]["cache_dir"]) / "meta.json").is_file()):
+                args.after_sft and (Path(change["method"]["cache_dir"]) / "meta.json").is_file()):
             arms[name]["cache_seconds"] = run_cli(["cache-teacher", str(cfg), "--force"], cache_log)
         if change["method"].get("signal") == "cached":
             meta = json.loads((Path(change["method"]["cache_dir"]) / "meta.json").read_text())
