@@ -74,6 +74,12 @@ class ModelSection(Strict):
     layers: int | list[int] | None = Field(
         None, description="Keep only these decoder blocks: k = every k-th (0, k, 2k, ...) or a list. With "
         "model.path set to the teacher, this initialises a student from the teacher's layers.")
+    load: Literal["auto", "partitioned", "whole"] = Field(
+        "auto", description="How the weights reach the ranks. partitioned (deepspeed.stage 3, safetensors "
+        "checkpoints): the model is built already partitioned and each rank reads only its own slices of the "
+        "checkpoint, so no rank ever holds a whole copy (private memory at load ~ the model / ranks); a LoRA "
+        "adapter folder is merged slice by slice. whole: every rank loads the full model, then DeepSpeed "
+        "partitions it. auto: partitioned under stage 3 (whole with model.quantization), else whole.")
 
     @field_validator("layers")
     @classmethod
@@ -418,6 +424,21 @@ class RunConfig(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
+
+    @model_validator(mode="after")
+    def _partitioned_load(self) -> RunConfig:
+        if self.model.load == "partitioned" and self.deepspeed.stage != 3:
+            raise ValueError(f"model.load: partitioned needs deepspeed.stage: 3 (stage is {self.deepspeed.stage}); "
+                             "below stage 3 every rank holds the whole model anyway")
+        if self.model.load == "partitioned" and self.model.quantization:
+            raise ValueError("model.load: partitioned does not apply to a quantized base (model.quantization)")
+        return self
+
+    def loads_partitioned(self) -> bool:
+        """Whether the student is built partitioned across the ranks (model.load, resolved)."""
+        if self.model.load == "auto":
+            return self.deepspeed.stage == 3 and not self.model.quantization
+        return self.model.load == "partitioned"
 
     def grad_accum_steps(self) -> int:
         per_step = self.train.micro_batch_size * self.cluster.num_workers

@@ -3,7 +3,7 @@
 `preflight` runs on the driver before scheduling (from validate) and again in every worker: it resolves
 the teacher, checks the vocabularies align (distune.distill.vocab) and that a cache matches. `build`
 runs in the worker after the student: online -> the teacher on this rank (replicated, or ZeRO-3
-partitioned by distune.engine); cached -> the cache attached to the training samples; remote -> the
+partitioned by distune.engine, built partitioned: method.teacher.placement); cached -> the cache attached to the training samples; remote -> the
 client the cluster layer passed in. Imports no ray; deepspeed only through distune.engine, lazily.
 """
 
@@ -15,7 +15,7 @@ from distune.config import ConfigError
 from distune.distill import cache
 from distune.distill.teacher import CachedTeacher, OnlineTeacher, TeacherSpec
 from distune.distill.vocab import VocabMismatch, aligned_vocab_size
-from distune.models import load_model, load_model_config, load_tokenizer, resolve_model_source
+from distune.models import blueprint, load_model, load_model_config, load_tokenizer, resolve_model_source
 
 
 @dataclass
@@ -62,8 +62,18 @@ def preflight(specs: dict[str, TeacherSpec], student_tok, student_config, check_
     return out
 
 
-def load_teacher(prep: Prepared):
-    return load_model(prep.source, prep.spec.dtype, prep.spec.trust_remote_code)
+def load_teacher(prep: Prepared, device_map: str | None = None):
+    return load_model(prep.source, prep.spec.dtype, prep.spec.trust_remote_code, device_map=device_map)
+
+
+def _load_partitioned_teacher(prep: Prepared, ds_config: dict):
+    """The teacher built already partitioned across the ranks, each reading only its own slices."""
+    from distune.engine.runtime import frozen_ds_config
+    from distune.engine.sharded_load import load_partitioned
+
+    spec = prep.spec
+    plan = blueprint(prep.source, spec.dtype, spec.trust_remote_code, key="method.teacher.path")
+    return load_partitioned(plan, frozen_ds_config(ds_config, spec.dtype), spec.dtype)
 
 
 def build(prepared: dict[str, Prepared], ds_config: dict, train_samples: list, remote: dict | None = None) -> dict:
@@ -74,7 +84,9 @@ def build(prepared: dict[str, Prepared], ds_config: dict, train_samples: list, r
     for name, prep in prepared.items():
         spec = prep.spec
         if spec.signal == "online":
-            engine = build_frozen_engine(load_teacher(prep), ds_config, spec.dtype)
+            partitioned = spec.partitioned(ds_config["zero_optimization"]["stage"])
+            model = _load_partitioned_teacher(prep, ds_config) if partitioned else load_teacher(prep)
+            engine = build_frozen_engine(model, ds_config, spec.dtype, partitioned)
             frozen[name] = OnlineTeacher(engine, prep.vocab_size, spec.top_k, spec.temperature, spec.hidden_states)
         elif spec.signal == "cached":
             cache.attach(train_samples, spec.cache_dir)
@@ -132,7 +144,12 @@ def cache_shard(cfg_dict: dict, model_source: str, index: int, count: int, progr
     student_config = load_model_config(model_source, cfg.model.trust_remote_code)
     prep = preflight({"teacher": _uncached(spec)}, tokenizer, student_config)["teacher"]
     splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices)
-    teacher = OnlineTeacher(load_teacher(prep).to(device).eval(), prep.vocab_size, spec.top_k, spec.temperature)
+    if torch.cuda.device_count() > 1:  # the task's GPUs (cache-teacher --gpus-per-shard): a layer range on each
+        model = load_teacher(prep, device_map="auto").eval()
+        device = model.get_input_embeddings().weight.device
+    else:
+        model = load_teacher(prep).to(device).eval()
+    teacher = OnlineTeacher(model, prep.vocab_size, spec.top_k, spec.temperature)
     return cache.write_shard(splits.train, teacher, out_dir, index, count, cfg.eval.micro_batch_size,
                              tokenizer.pad_token_id, device, progress, which=spec.positions)
 

@@ -12,12 +12,15 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from distune.paths import cache_root, looks_local, resolve_path
+from distune.weights import WeightReader, hub_snapshot
 
 # PEFT warns on every generate() step of a prompt-learning adapter; it drops position ids by design there.
 warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
@@ -89,13 +92,16 @@ def is_adapter_folder(source: str) -> bool:
 def load_model(source: str, dtype: str = "fp32", trust_remote_code: bool = False,
                layers: int | list[int] | None = None, labels: list[str] | None = None,
                pad_token_id: int | None = None, task: str | None = None, quantization: str | None = None,
-               attn_implementation: str | None = None) -> torch.nn.Module:
+               attn_implementation: str | None = None, device_map: str | None = None) -> torch.nn.Module:
     """A causal LM, or a model with a fresh task head (`task`; `labels` alone means sequence classification):
     a classifier over `labels` (sequence or token classification), or an extractive QA head. A PEFT adapter
     folder loads its base and merges the adapter in (e.g. a fine-tuned teacher exported by a `lora` run).
     `layers` keeps a subset of the decoder blocks (see `keep_layers`); `attn_implementation` picks the attention
-    kernel (None: the model's default)."""
+    kernel (None: the model's default). `device_map` ("auto"): a causal LM spread over every visible GPU, a
+    layer range each (a frozen teacher too big for one device)."""
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if device_map is not None:
+        attn["device_map"] = device_map
     task = task or ("sequence_classification" if labels is not None else "causal_lm")
     if task != "causal_lm":
         options = {} if labels is None else {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
@@ -138,10 +144,12 @@ def _load_head(auto, source: str, **kwargs) -> torch.nn.Module:
     """`auto.from_pretrained`, with the base weights found under a causal LM checkpoint's name for them:
     transformers' LlamaForQuestionAnswering names its base `transformer` where LlamaForCausalLM (and so every
     Llama checkpoint) says `model`, so a plain load would leave the whole base randomly initialised."""
+    rng = torch.get_rng_state()
     model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
     prefix = model.base_model_prefix
     if any(k.startswith(f"{prefix}.") for k in info["missing_keys"]) and any(
             k.startswith("model.") for k in info["unexpected_keys"]):
+        torch.set_rng_state(rng)  # the new head initialised as by one load (a partitioned load gives the same)
         model = auto.from_pretrained(source, key_mapping={r"^model\.": f"{prefix}."}, **kwargs)
         # transformers reverses a load's key mapping when saving; forget it, so that an export keeps the head
         # class's own names, which a plain AutoModelFor*.from_pretrained loads back.
@@ -232,3 +240,66 @@ def meta_model(config: PretrainedConfig, trust_remote_code: bool = False, task: 
     if layers is not None:
         keep_layers(model, layers)
     return model
+
+
+@dataclass
+class Blueprint:
+    """What loading a model partitioned needs, without reading a weight: how to build the architecture (called by
+    distune.engine inside ZeRO-3's partitioning context), where each parameter's weights lie, and how to
+    initialise the parameters the checkpoint lacks (a new task head) the way a whole load does."""
+
+    build: Callable[[], torch.nn.Module]
+    reader: WeightReader
+    key: str  # the config key the model came from, for errors
+
+
+def blueprint(source: str, dtype: str = "fp32", trust_remote_code: bool = False,
+              layers: int | list[int] | None = None, labels: list[str] | None = None,
+              pad_token_id: int | None = None, task: str | None = None, attn_implementation: str | None = None,
+              key: str = "model.path") -> Blueprint:
+    """The partitioned counterpart of `load_model` (same arguments; no quantization): the same model, built
+    empty, its weights read slice by slice by whoever owns them. A LoRA adapter folder is merged on read."""
+    import json
+
+    task = task or ("sequence_classification" if labels is not None else "causal_lm")
+    adapter = None
+    base = source
+    if is_adapter_folder(source):
+        if task != "causal_lm":
+            raise ValueError(f"{key}: a {task} model cannot load from an adapter folder")
+        adapter = Path(source)
+        base = resolve_model_source(json.loads((adapter / "adapter_config.json").read_text())[
+            "base_model_name_or_path"], key=key)
+    folder = Path(base) if Path(base).is_dir() else hub_snapshot(base)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    picked = None
+    if layers is not None:
+        picked = layer_indices(layers, config.num_hidden_layers)
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = [config.layer_types[i] for i in picked]
+        config.num_hidden_layers = len(picked)
+    if labels is not None:
+        config.num_labels = len(labels)
+        config.id2label, config.label2id = dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
+    reader = WeightReader(folder, key, picked, adapter)
+    auto = head_class(task) if task != "causal_lm" else AutoModelForCausalLM
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+    def build() -> torch.nn.Module:
+        model = auto.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **attn)
+        model.tie_weights()  # weight init, which ties, was switched off
+        if task != "causal_lm" and model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_token_id
+        model.config.use_cache = False
+        return model
+
+    return Blueprint(build, reader, key)
+
+
+def init_missing(model: torch.nn.Module, names: list[str]) -> None:
+    """Initialise the parameters `names` (whole, e.g. gathered) as transformers does those a checkpoint lacks:
+    `_init_weights` on each module that owns one, in module order, from the caller's random state."""
+    owners = {name.rpartition(".")[0] for name in names}
+    for module_name, module in model.named_modules():
+        if module_name in owners:
+            model._init_weights(module)

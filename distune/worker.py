@@ -28,7 +28,7 @@ from distune.data import Renderer, load_splits
 from distune.feeds import build_feeds
 from distune.loop import Cadence, TrainState, train
 from distune.methods import build_method
-from distune.models import load_model, load_tokenizer, resolve_model_source
+from distune.models import blueprint, load_model, load_tokenizer, resolve_model_source
 from distune.reporting import LocalReporter, Reporter
 from distune.tracking import make_tracker
 
@@ -60,21 +60,20 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     method = build_method(cfg.method.name, cfg.method.model_extra or {})
     method.seed = cfg.run.seed
     method.loss_chunk = cfg.train.loss_chunk
-    student = load_model(source, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.layers,
-                         labels=splits.labels, pad_token_id=tokenizer.pad_token_id, task=cfg.model.task,
-                         quantization=cfg.model.quantization, attn_implementation=cfg.model.attn_implementation)
+    grad_accum = cfg.grad_accum_steps()
+    ds_config = build_ds_config(cfg, grad_accum)
+    student, adapting = _load_student(cfg, source, splits.labels, tokenizer.pad_token_id, ds_config)
     prepared = frozen_models.preflight(method.frozen_models(), tokenizer, student.config, task=cfg.model.task)
     method.see_frozen_configs({name: p.config for name, p in prepared.items()})
-    model = method.adapt(student)
+    with adapting:
+        model = method.adapt(student)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.run.seed + rank)
 
     # Wrap. Packed rows are fixed from lengths alone (the step count is known before any teacher signal is
     # attached); the samples are merged after frozen models attach their per-sample extras.
-    grad_accum = cfg.grad_accum_steps()
     feeds, total = build_feeds(cfg, splits, method.streams(), grad_accum, rank, world, tokenizer.pad_token_id)
-    ds_config = build_ds_config(cfg, grad_accum)
     state = TrainState()
     with contextlib.ExitStack() as stack:
         ckpt_dir = stack.enter_context(reporter.restore())
@@ -171,6 +170,22 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     emit({"kind": "done", "step": state.step, "metrics": {"step": state.step},
           "text": f"done at step {state.step}/{run_steps}" + (f"; export: {results['export']}" if "export" in results else "")})
     return results
+
+
+def _load_student(cfg: RunConfig, source: str, labels, pad_token_id: int | None, ds_config: dict):
+    """The student, and the context its adapters are added in. Partitioned (model.load): built already split
+    across the ZeRO-3 ranks, each reading only its own slices; adapters are then added where transformers and
+    PEFT know ZeRO-3 is on (they gather a partitioned weight they must read)."""
+    m = cfg.model
+    if not cfg.loads_partitioned():
+        return load_model(source, m.dtype, m.trust_remote_code, m.layers, labels=labels, pad_token_id=pad_token_id,
+                          task=m.task, quantization=m.quantization,
+                          attn_implementation=m.attn_implementation), contextlib.nullcontext()
+    from distune.engine.sharded_load import load_partitioned, zero3_aware
+
+    plan = blueprint(source, m.dtype, m.trust_remote_code, m.layers, labels=labels, pad_token_id=pad_token_id,
+                     task=m.task, attn_implementation=m.attn_implementation)
+    return load_partitioned(plan, ds_config, m.dtype), zero3_aware(ds_config)
 
 
 def _eval_line(when: str, step: int, metrics: dict) -> str:

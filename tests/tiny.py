@@ -109,7 +109,10 @@ def build_tokenizer(out: Path):
     return fast
 
 
-def build_model_dir(out: Path, hidden: int = 64, layers: int = 2) -> Path:
+def build_model_dir(out: Path, hidden: int = 64, layers: int = 2, tied: bool = False,
+                    max_shard_size: str | None = None) -> Path:
+    """A tiny Llama; `tied` shares the input and output embeddings (as SmolLM2 does), `max_shard_size` saves it
+    in several safetensors files with an index (as big checkpoints are)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -118,10 +121,11 @@ def build_model_dir(out: Path, hidden: int = 64, layers: int = 2) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=False,
+                         max_position_embeddings=256, tie_word_embeddings=tied,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True, **shards)
     return out
 
 

@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, help="shard files / Ray tasks (default: cluster.num_workers)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.add_argument("--force", action="store_true", help="rebuild even if a complete cache exists")
+    p.add_argument("--gpus-per-shard", type=int, default=1,
+                   help="GPUs per shard on a GPU cluster (default 1); above 1 the teacher is spread over them, a "
+                        "layer range on each (a teacher too big for one GPU)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -35,6 +38,8 @@ def command(cfg, summary: dict, args) -> int:
     count = args.shards or cfg.cluster.num_workers
     if count <= 0:
         raise ConfigError("--shards must be >= 1")
+    if args.gpus_per_shard <= 0:
+        raise ConfigError("--gpus-per-shard must be >= 1")
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
 
@@ -48,7 +53,7 @@ def command(cfg, summary: dict, args) -> int:
     cfg_dict["method"]["cache_dir"] = str(out)
     shards = run_shards(cache_shard, (cfg_dict, summary["model_source"]), count, use_gpu, cfg.cluster.cpus_per_worker,
                         args.address, desc="teacher cache", show_progress=not args.no_progress, env=env,
-                        total=summary.get("train_rows"))
+                        total=summary.get("train_rows"), gpus=args.gpus_per_shard)
     spec.cache_dir = str(out)
     labels = summary.get("labels") if cfg.model.task == "sequence_classification" else None
     meta = cache.write_meta(out, spec, summary.get("teacher_vocab"), shards, cfg.data.path, labels)

@@ -33,6 +33,13 @@ class _Tally:
         return self.done
 
 
+def gpu_env(env: dict, num_gpus: float) -> dict:
+    """`env` for a task or actor given `num_gpus`: with none, no GPU is visible to it. Ray leaves
+    CUDA_VISIBLE_DEVICES unset for a 0-GPU process, so torch would see every GPU of the node and put a model on
+    cuda:0, next to a training rank's."""
+    return {**env, "CUDA_VISIBLE_DEVICES": ""} if not num_gpus else dict(env)
+
+
 def _shard(fn: Callable, tally, *args):
     """In the task: `fn(*args, progress=...)` when the bar counts units (each report goes to the tally without
     waiting for it), else `fn(*args)`."""
@@ -45,11 +52,12 @@ def _shard(fn: Callable, tally, *args):
 
 def run_shards(fn: Callable, args: tuple, count: int, use_gpu: bool, cpus: float, address: str | None = None,
                desc: str = "shards", show_progress: bool = True, env: dict | None = None,
-               total: int | None = None, unit: str = "sample") -> list:
+               total: int | None = None, unit: str = "sample", gpus: int = 1) -> list:
+    """`gpus`: GPUs per shard when `use_gpu` (a model spread over several of a node's GPUs)."""
     start_ray(address, num_cpus=None if address else max(1, int(cpus * count)))
-    runtime_env = {"env_vars": env} if env else None
-    task = ray.remote(_shard).options(num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_retries=2,
-                                      runtime_env=runtime_env)
+    num_gpus = gpus if use_gpu else 0
+    task = ray.remote(_shard).options(num_cpus=cpus, num_gpus=num_gpus, max_retries=2,
+                                      runtime_env={"env_vars": gpu_env(env or {}, num_gpus)})
     tally = _Tally.remote() if show_progress and total else None
     refs = [task.remote(fn, tally, *args, index, count) for index in range(count)]
     order = {ref: i for i, ref in enumerate(refs)}

@@ -1,6 +1,7 @@
 """The remote teacher: a Ray actor group with its own resources (e.g. other GPUs) serving top-k log-probs.
 
-Each actor holds a full teacher replica. Student rank r asks actor r % actors, so the load spreads and
+Each actor holds a full teacher replica: on its GPU, spread over its GPUs (`gpus_per_actor` > 1: a layer range
+on each, for a teacher bigger than one device), or on CPU; an actor without GPUs sees none. Student rank r asks actor r % actors, so the load spreads and
 one rank's requests stay in order. Only the KD positions' top-k travel back ([N, k] ids + fp32 log-probs),
 not [B, L, V] logits.
 
@@ -17,6 +18,7 @@ from collections import deque
 import ray
 import torch
 
+from distune.cluster.tasks import gpu_env
 from distune.data.loader import model_inputs
 from distune.distill.teacher import OnlineTeacher, TeacherOutput, kd_positions
 
@@ -26,12 +28,24 @@ class TeacherActor:
     def __init__(self, prep, use_gpu: bool):
         from distune.frozen import load_teacher
 
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model = load_teacher(prep).to(self.device).eval()
+        gpus = torch.cuda.device_count() if use_gpu else 0  # the GPUs Ray gave this actor, and only those
+        if gpus > 1:  # a teacher bigger than one GPU: a layer range on each of them; inputs enter on the first
+            model = load_teacher(prep, device_map="auto").eval()
+            self.device = model.get_input_embeddings().weight.device
+        else:
+            self.device = torch.device("cuda" if gpus else "cpu")
+            model = load_teacher(prep).to(self.device).eval()
         self.teacher = OnlineTeacher(model, prep.vocab_size, prep.spec.top_k, prep.spec.temperature)
 
     def ready(self) -> bool:
         return True
+
+    def devices(self) -> dict:
+        """What this actor sees: CUDA_VISIBLE_DEVICES, torch's GPU count, and where the teacher's weights are."""
+        import os
+
+        return {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpus": torch.cuda.device_count(),
+                "weights": sorted({str(p.device) for p in self.teacher.model.parameters()})}
 
     def topk(self, inputs: dict, positions):
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
@@ -42,8 +56,10 @@ class TeacherActor:
 def start_teachers(prep, use_gpu: bool) -> list:
     """The actor group for one teacher; returns once every replica has loaded (errors surface here)."""
     r = prep.spec.remote
-    actors = [TeacherActor.options(num_cpus=r["cpus_per_actor"], num_gpus=r["gpus_per_actor"] if use_gpu else 0)
-              .remote(prep, use_gpu) for _ in range(r["actors"])]
+    gpus = r["gpus_per_actor"] if use_gpu else 0
+    actors = [TeacherActor.options(num_cpus=r["cpus_per_actor"], num_gpus=gpus,
+                                   runtime_env={"env_vars": gpu_env({}, gpus)}).remote(prep, use_gpu)
+              for _ in range(r["actors"])]
     ray.get([a.ready.remote() for a in actors])
     return actors
 

@@ -36,6 +36,11 @@ class TeacherSpec:
     prompt: str | None = None  # the teacher's own prompt template / system message (cross-architecture)
     system: str | None = None
     positions: str = "response"  # response | all: which positions the KD term covers (see kd_positions)
+    placement: str = "auto"  # online: auto | partitioned | replicated (see TeacherOptions.placement)
+
+    def partitioned(self, student_stage: int) -> bool:
+        """Whether an online teacher is ZeRO-3-partitioned across the ranks (auto: when the student is)."""
+        return self.placement == "partitioned" or (self.placement == "auto" and student_stage == 3)
 
 
 @dataclass

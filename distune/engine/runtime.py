@@ -119,27 +119,33 @@ def grad_norm(engine) -> torch.Tensor | None:
     return norm if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
 
 
-def build_frozen_engine(model: torch.nn.Module, train_ds_config: dict, dtype: str):
-    """A frozen model (a teacher) for forward passes next to the training engine.
-
-    Under ZeRO-3 it becomes a DeepSpeed engine without optimizer, its parameters partitioned across the
-    ranks like the student's (every rank must then run its forward every step: the gathers are
-    collective). Below stage 3 it is replicated: a plain module on this rank's device.
-    """
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if train_ds_config["zero_optimization"]["stage"] != 3:
-        return model.to(device())
-    config = {
+def frozen_ds_config(train_ds_config: dict, dtype: str) -> dict:
+    """The DeepSpeed config of a frozen ZeRO-3-partitioned model (a teacher), whatever stage the student trains at:
+    no optimizer, the student's parameter offload if it has one."""
+    zero = train_ds_config["zero_optimization"]
+    return {
         "train_micro_batch_size_per_gpu": train_ds_config["train_micro_batch_size_per_gpu"],
         "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False,
-                              **({"offload_param": train_ds_config["zero_optimization"]["offload_param"]}
-                                 if "offload_param" in train_ds_config["zero_optimization"] else {})},
+                              **({"offload_param": zero["offload_param"]} if "offload_param" in zero else {})},
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {"enabled": dtype == "fp16"},
         "steps_per_print": 10**9,
     }
-    engine, _, _, _ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+
+
+def build_frozen_engine(model: torch.nn.Module, train_ds_config: dict, dtype: str, partitioned: bool):
+    """A frozen model (a teacher) for forward passes next to the training engine.
+
+    Partitioned: a ZeRO-3 DeepSpeed engine without optimizer, its parameters split across the ranks (every rank
+    must then run its forward every step: the gathers are collective), whatever stage the student trains at.
+    Otherwise replicated: a plain module on this rank's device.
+    """
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not partitioned:
+        return model.to(device())
+    engine, _, _, _ = deepspeed.initialize(model=model, config=frozen_ds_config(train_ds_config, dtype),
+                                           dist_init_required=False)
     engine.eval()
     return engine

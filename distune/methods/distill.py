@@ -39,6 +39,12 @@ class TeacherOptions(MethodConfig):
                                                  "data.prompt), e.g. with the instruction the student does not need.")
     system: str | None = Field(None, description="Cross-architecture: the teacher's system message (default "
                                                  "data.system).")
+    placement: Literal["auto", "partitioned", "replicated"] = Field(
+        "auto", description="Where an online teacher's weights live, whatever the student's ZeRO stage. partitioned: "
+        "ZeRO-3 across the job's ranks, built partitioned from its safetensors slices (no rank holds it whole; "
+        "every rank runs its forward each step, gathering a layer at a time); replicated: a whole copy on every "
+        "rank (fastest when it fits). auto: partitioned when deepspeed.stage is 3, else replicated. "
+        "`distune plan` shows both.")
 
     @field_validator("path")
     @classmethod
@@ -66,10 +72,19 @@ class GkdOptions(MethodConfig):
 class RemoteOptions(MethodConfig):
     actors: int = Field(1, gt=0, description="Teacher actors (each holds a full teacher replica).")
     cpus_per_actor: float = Field(1, gt=0)
-    gpus_per_actor: float = Field(0, ge=0)
+    gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor; above 1 (a whole number), the teacher "
+                                  "is spread over them, a layer range on each (one too big for one GPU).")
     prefetch: bool = Field(True, description="Send each micro-batch to the teacher before its turn, so the "
                                              "teacher's forward overlaps the student's step (train/teacher_wait_s "
                                              "shows the wait left).")
+
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _whole_gpus(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"more than one GPU per actor must be a whole number (got {v})")
+        return v
 
 
 class DistillOptions(MethodConfig):
@@ -116,6 +131,9 @@ class DistillOptions(MethodConfig):
     def _combinations(self) -> DistillOptions:
         if self.signal != "online" and self.top_k is None:
             self.top_k = 64
+        if self.signal != "online" and self.teacher.placement != "auto":
+            raise ValueError(f"method.teacher.placement: applies to an online teacher (signal is {self.signal!r}; a "
+                             "remote teacher's actors are placed by method.remote, a cache holds no model)")
         if self.signal == "cached" and not self.cache_dir:
             raise ValueError("method.cache_dir: signal 'cached' needs it (written by `distune cache-teacher`)")
         if self.signal == "cached" and self.gkd.lmbda > 0:
@@ -144,7 +162,7 @@ class Distill(Method):
                                        top_k=c.top_k, temperature=c.temperature, hidden_states=c.hidden.weight > 0,
                                        cache_dir=c.cache_dir, remote=c.remote.model_dump(),
                                        prompt=c.teacher.prompt, system=c.teacher.system,
-                                       positions=c.kd_positions)}
+                                       positions=c.kd_positions, placement=c.teacher.placement)}
 
     def see_frozen_configs(self, configs) -> None:
         teacher = configs["teacher"]

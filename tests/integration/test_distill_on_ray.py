@@ -4,6 +4,7 @@ remote), GKD on the student's own samples, hidden-state distillation, student fr
 import json
 
 import pytest
+import ray
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -103,6 +104,8 @@ def test_remote_teacher_prefetch_serves_the_announced_batches(ray_cluster, make_
     tok = load_tokenizer(str(cfg.model.path))
     prep = preflight(teacher_specs(cfg), tok, load_model_config(str(cfg.model.path)))["teacher"]
     actors = start_teachers(prep, use_gpu=False)
+    # A 0-GPU actor sees no GPU at all (Ray leaves CUDA_VISIBLE_DEVICES unset for it, which shows them all).
+    assert ray.get(actors[0].devices.remote()) == {"CUDA_VISIBLE_DEVICES": "", "gpus": 0, "weights": ["cpu"]}
     samples = load_splits(cfg.data, tok, 0).train
     batches = [collate(samples[4 * i:4 * i + 4], tok.pad_token_id) for i in range(4)]
     positions = [kd_positions(b, "response") for b in batches]
@@ -120,6 +123,18 @@ def test_remote_teacher_prefetch_serves_the_announced_batches(ray_cluster, make_
     third = ahead(batches[2], positions[2])
     assert third.prefetched and not ahead.pending  # the stale batch 1 went with it
     assert torch.equal(third.topk_logp, sync(batches[2], positions[2]).topk_logp)
+
+
+def test_zero_gpu_shard_task_sees_no_gpu(ray_cluster):
+    """A cache-teacher / generate / eval shard without GPUs cannot put a model on a GPU a training rank uses."""
+    from distune.cluster.tasks import run_shards
+
+    def visible(index, count):  # nested: Ray ships it by value
+        import os
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count()
+
+    assert run_shards(visible, (), 2, use_gpu=False, cpus=1, show_progress=False) == [("", 0), ("", 0)]
 
 
 @pytest.mark.parametrize("stage, signal", [(3, {}), pytest.param(2, {"signal": "remote", "top_k": 16},
