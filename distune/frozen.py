@@ -15,7 +15,8 @@ from distune.config import ConfigError
 from distune.distill import cache
 from distune.distill.teacher import CachedTeacher, OnlineTeacher, TeacherSpec
 from distune.distill.vocab import VocabMismatch, aligned_vocab_size
-from distune.models import blueprint, load_model, load_model_config, load_tokenizer, resolve_model_source
+from distune.models import (load_model, load_model_config, load_tokenizer, partitioned_blueprint,
+                            resolve_model_source)
 
 
 @dataclass
@@ -67,13 +68,23 @@ def load_teacher(prep: Prepared, device_map: str | None = None):
 
 
 def _load_partitioned_teacher(prep: Prepared, ds_config: dict):
-    """The teacher built already partitioned across the ranks, each reading only its own slices."""
+    """The teacher built already partitioned across the ranks, each reading only its own slices; loaded whole (and
+    partitioned by DeepSpeed) where its checkpoint cannot be read that way (validate printed why)."""
     from distune.engine.runtime import frozen_ds_config
     from distune.engine.sharded_load import load_partitioned
 
     spec = prep.spec
-    plan = blueprint(prep.source, spec.dtype, spec.trust_remote_code, key="method.teacher.path")
+    plan, _ = teacher_blueprint(prep)
+    if plan is None:
+        return load_teacher(prep)
     return load_partitioned(plan, frozen_ds_config(ds_config, spec.dtype), spec.dtype)
+
+
+def teacher_blueprint(prep: Prepared):
+    """(blueprint, None) or (None, why the teacher cannot be loaded partitioned)."""
+    spec = prep.spec
+    return partitioned_blueprint(prep.source, False, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                                 key="method.teacher.path")
 
 
 def build(prepared: dict[str, Prepared], ds_config: dict, train_samples: list, remote: dict | None = None) -> dict:

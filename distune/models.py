@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from distune.config import ConfigError
 from distune.paths import cache_root, looks_local, resolve_path
 from distune.weights import WeightReader, hub_snapshot
 
@@ -252,6 +253,32 @@ class Blueprint:
     reader: WeightReader
     key: str  # the config key the model came from, for errors
 
+    def locate(self, model: torch.nn.Module) -> tuple[dict[str, str], list[str]]:
+        """(model parameter -> checkpoint name, parameters the checkpoint lacks). Every base parameter must be
+        found with its shape (a head of the model's own may be missing: it is initialised)."""
+        prefix = getattr(model, "base_model_prefix", "")
+        found, missing = {}, []
+        for name, param in model.named_parameters():
+            key = self.reader.locate(name, prefix)
+            if key is None:
+                if prefix and name.startswith(f"{prefix}."):
+                    raise ConfigError(f"{self.key}: the checkpoint has no weight for {name} (this architecture's "
+                                      "weights are renamed or converted on load); load it whole (model.load: whole)")
+                missing.append(name)
+                continue
+            shape = tuple(getattr(param, "ds_shape", param.shape))
+            if self.reader.shape(key) != shape:
+                raise ConfigError(f"{self.key}: {key} is {self.reader.shape(key)} in the checkpoint but {shape} "
+                                  "in the model")
+            found[name] = key
+        return found, missing
+
+    def check(self) -> None:
+        """Raise ConfigError if this checkpoint cannot be loaded partitioned (built on the meta device: no weights)."""
+        with torch.device("meta"):
+            model = self.build()
+        self.locate(model)
+
 
 def blueprint(source: str, dtype: str = "fp32", trust_remote_code: bool = False,
               layers: int | list[int] | None = None, labels: list[str] | None = None,
@@ -266,7 +293,7 @@ def blueprint(source: str, dtype: str = "fp32", trust_remote_code: bool = False,
     base = source
     if is_adapter_folder(source):
         if task != "causal_lm":
-            raise ValueError(f"{key}: a {task} model cannot load from an adapter folder")
+            raise ConfigError(f"{key}: a {task} model cannot load from an adapter folder")
         adapter = Path(source)
         base = resolve_model_source(json.loads((adapter / "adapter_config.json").read_text())[
             "base_model_name_or_path"], key=key)
@@ -294,6 +321,19 @@ def blueprint(source: str, dtype: str = "fp32", trust_remote_code: bool = False,
         return model
 
     return Blueprint(build, reader, key)
+
+
+def partitioned_blueprint(source: str, strict: bool, **kwargs) -> tuple[Blueprint | None, str | None]:
+    """(blueprint, None) when `source` can be loaded partitioned; else (None, why) — or ConfigError when `strict`
+    (partitioned was asked for by name). Checked on the meta device: no weight is read."""
+    try:
+        plan = blueprint(source, **kwargs)
+        plan.check()
+        return plan, None
+    except ConfigError as e:
+        if strict:
+            raise
+        return None, str(e)
 
 
 def init_missing(model: torch.nn.Module, names: list[str]) -> None:

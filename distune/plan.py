@@ -23,9 +23,12 @@ trainable, Ψf frozen student params, /N where the stage partitions:
                partition (sqrt and divide: 8·Ψt on CPU, where AdamW runs tensor by tensor; 4·Ψt on a GPU, where
                it runs foreach)                                  /N at stage >= 1 (stage 0: per tensor, ~0)
   peak         weights + optimizer (+ grads and bucket at stage 3) + max(activations + grads + buffers, step)
-  teacher      colocated: b_T·Ψ_T (/N at stage 3, where it is a ZeRO-3 inference engine) + r·V_T·(b_T + 4);
+  teacher      colocated: b_T·Ψ_T, /N when partitioned (method.teacher.placement; auto: at stage 3) plus the
+               parameters its forward gathers, b_T·min(Ψ_T, 1e9) (DeepSpeed's max live parameters), + r·V_T·(b_T + 4);
                cached: 0 on the GPU, disk ≈ trained tokens·k·(id 2 or 4 bytes + 2 bytes fp16 log-prob);
                remote: 0 on training ranks, each actor b_T·Ψ_T + micro·seq·V_T·4
+loading      private memory while the model loads: whole, every rank holds b·(Ψt+Ψf) before DeepSpeed partitions it;
+               partitioned (model.load, stage 3), b·(Ψt+Ψf)/N plus one tensor at a time (measured: bench/sharded_load.py)
 offload_optimizer (stage >= 1) moves master, Adam state and the step to host memory, with a b·Ψt/N staging copy of
 the weights (stage 1-2); offload_param (stage 3) the weights, the colocated teacher's included. CPU workers hold
 device and host parts in one RAM: `combined` is their joint peak. Not counted: the runtime's fixed cost (CUDA
@@ -84,7 +87,7 @@ def count_params(cfg, source: str) -> dict:
         teacher = _meta_model(resolve_model_source(t.path), t.trust_remote_code)
         method.see_frozen_configs({"teacher": teacher.config})
         out["teacher"] = {"params": sum(p.numel() for p in teacher.parameters()), "dtype": t.dtype,
-                          "vocab": teacher.config.vocab_size}
+                          "vocab": teacher.config.vocab_size, "placement": t.placement}
     model = _meta_model(source, cfg.model.trust_remote_code, cfg.model.layers)
     shape = {"hidden": model.config.hidden_size, "layers": model.config.num_hidden_layers,
              "vocab": model.config.vocab_size}
@@ -137,7 +140,13 @@ def estimate(cfg, summary: dict, counts: dict, gpu: bool = False) -> dict:
         k = mc.top_k or 64  # cached/remote default to 64 when top_k is unset
         plan["teacher"] = {"signal": PLACEMENTS[mc.signal], "trained_tokens": round(tokens), "top_k": k,
                            "cache_disk": round(tokens * k * ((2 if vocab <= 65536 else 4) + 2)),
-                           "remote_actor": t_weights + t_logits, "actors": mc.remote.actors}
+                           "remote_actor": t_weights + t_logits, "actors": mc.remote.actors,
+                           "placement": t["placement"],
+                           # per rank, either way (the colocated columns follow the configured placement)
+                           "partitioned": round(t_weights / n + BYTES[t["dtype"]] * min(t["params"], 1e9) + t_logits),
+                           "replicated": round(t_weights + t_logits)}
+    whole = b * (pt + pf)
+    plan["load"] = {"whole": round(whole), "partitioned": round(whole / n)}
     ds, sizes = cfg.deepspeed, _zero_sizes(cfg)
     bucket = b * (sizes["reduce_bucket_size"] if gpu else min(sizes["reduce_bucket_size"], pt))
     for stage in range(4):
@@ -164,11 +173,14 @@ def estimate(cfg, summary: dict, counts: dict, gpu: bool = False) -> dict:
         row = {"weights": 0 if offload_param else weights, "grads": grads, "optimizer": 0 if offload_opt else optimizer,
                "activations": acts, "buffers": buffers, "step": step, "host": host}
         if t:
-            coloc = t_weights / (n if stage == 3 else 1)
+            partitioned = t["placement"] == "partitioned" or (t["placement"] == "auto" and stage == 3)
+            coloc = t_weights / (n if partitioned else 1)
+            gathered = BYTES[t["dtype"]] * min(t["params"], 1e9) if partitioned else 0
             row["teacher_host"] = coloc * offload_param  # the teacher's ZeRO-3 engine offloads like the student
-            row["teacher_colocated"] = coloc * (not offload_param) + t_logits
+            row["teacher_colocated"] = coloc * (not offload_param) + gathered + t_logits
             row["total"] = {"colocated": device + row["teacher_colocated"], "cached": device, "remote": device}
-            row["combined"] = {"colocated": combined + coloc + t_logits, "cached": combined, "remote": combined}
+            row["combined"] = {"colocated": combined + coloc + gathered + t_logits, "cached": combined,
+                               "remote": combined}
         else:
             row["total"], row["combined"] = {"device": device}, {"device": combined}
         plan["stages"][stage] = {k: ({p: round(x) for p, x in v.items()} if isinstance(v, dict) else round(v))
@@ -206,8 +218,14 @@ def render(plan: dict) -> str:
               "+ max(activations + grads + buffers, step) (stage 3 keeps grads and a bucket throughout)",
               "host = bytes offloaded to CPU memory (offload_optimizer / offload_param; a colocated teacher's "
               "weights included); runtime fixed costs not counted; formulas: distune/plan.py"]
+    load = plan.get("load")
+    if load:
+        lines.append(f"loading, private memory per rank: whole {human(load['whole'])} (every rank holds the model "
+                     f"before DeepSpeed partitions it); partitioned {human(load['partitioned'])} (model.load, stage 3)")
     if t:
-        lines += ["teacher colocated: b_T·Ψ_T [/N stage 3] + logits micro·seq·V_T·4",
+        lines += [f"teacher colocated ({t['placement']}): partitioned {human(t['partitioned'])} per rank (ZeRO-3: "
+                  f"its share + the layers its forward gathers + logits), replicated {human(t['replicated'])} "
+                  "(a whole copy + logits; no gathers, faster)",
                   f"teacher cached: 0 on the GPU; disk ≈ {t['trained_tokens']:,} trained tokens × top-{t['top_k']} "
                   f"= {human(t['cache_disk'])}",
                   f"teacher remote: 0 on training ranks; each of {t['actors']} actor(s) needs "
@@ -232,7 +250,19 @@ def capacity(plan: dict, uses_gpu: bool) -> str:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         where = (f"CPU workers: figures are host memory; {plan['num_workers']} rank(s) at stage {plan['stage']} "
                  f"{signal} need {human(need)} of this machine's {human(have)} RAM")
-    return f"{where} ({'fits' if need <= have else 'DOES NOT FIT'}, activations estimated)"
+    verdict = f"{where} ({'fits' if need <= have else 'DOES NOT FIT'}, activations estimated)"
+    t = plan["teacher"]
+    if t and signal == "colocated":
+        per_rank = have if uses_gpu else have / plan["num_workers"]
+        student = row["total"]["cached"] if uses_gpu else row["combined"]["cached"]
+        if student + t["replicated"] <= per_rank:
+            advice = "replicated (it fits whole on every rank: no gathers)"
+        elif student + t["partitioned"] <= per_rank:
+            advice = "partitioned (whole it does not fit next to the student)"
+        else:
+            advice = "remote or cached (it does not fit next to the student either way)"
+        verdict += f"\nteacher placement: recommended {advice}; configured method.teacher.placement: {t['placement']}"
+    return verdict
 
 
 def show_samples(cfg, summary: dict, n: int) -> str:

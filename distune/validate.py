@@ -134,9 +134,34 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
     teachers = {f"{name}_vocab": p.vocab_size for name, p in prepared.items() if p.vocab_size is not None}
     if splits.labels:
         teachers["labels"] = splits.labels
-    warnings = splits.warnings + _emulated_bf16(cfg, uses_gpu)
+    warnings = splits.warnings + _emulated_bf16(cfg, uses_gpu) + _partitioned_loads(cfg, source, splits, prepared)
     return {"model_source": source, "model_type": model_config.model_type, **teachers, "grad_accum": grad_accum,
             "total_steps": total, "steps_per_epoch": steps_per_epoch, **splits.stats, "warnings": warnings}
+
+
+def _partitioned_loads(cfg: RunConfig, source: str, splits, prepared: dict) -> list[str]:
+    """model.load / method.teacher.placement: a checkpoint that cannot be read slice by slice is an error when
+    partitioned was asked for by name, a warning (loaded whole, then partitioned by DeepSpeed) under auto."""
+    from distune.frozen import teacher_blueprint
+    from distune.models import partitioned_blueprint
+
+    from pathlib import Path
+
+    out = []
+    m = cfg.model
+    # A hub id is checked where the workers fetch it: validate never downloads weights.
+    if cfg.loads_partitioned() and Path(source).is_dir():
+        _, why = partitioned_blueprint(source, m.load == "partitioned", dtype=m.dtype,
+                                       trust_remote_code=m.trust_remote_code, layers=m.layers, labels=splits.labels,
+                                       task=m.task, attn_implementation=m.attn_implementation)
+        if why:
+            out.append(f"model.load: auto loads this model whole on every rank, then partitions it ({why})")
+    for name, prep in prepared.items():
+        if prep.spec.signal == "online" and prep.spec.partitioned(cfg.deepspeed.stage) and Path(prep.source).is_dir():
+            _, why = teacher_blueprint(prep)
+            if why:
+                out.append(f"method.{name}.placement: partitioned, but loaded whole on every rank first ({why})")
+    return out
 
 
 def _emulated_bf16(cfg: RunConfig, uses_gpu: bool) -> list[str]:

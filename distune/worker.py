@@ -28,7 +28,7 @@ from distune.data import Renderer, load_splits
 from distune.feeds import build_feeds
 from distune.loop import Cadence, TrainState, train
 from distune.methods import build_method
-from distune.models import blueprint, load_model, load_tokenizer, resolve_model_source
+from distune.models import load_model, load_tokenizer, partitioned_blueprint, resolve_model_source
 from distune.reporting import LocalReporter, Reporter
 from distune.tracking import make_tracker
 
@@ -177,14 +177,18 @@ def _load_student(cfg: RunConfig, source: str, labels, pad_token_id: int | None,
     across the ZeRO-3 ranks, each reading only its own slices; adapters are then added where transformers and
     PEFT know ZeRO-3 is on (they gather a partitioned weight they must read)."""
     m = cfg.model
-    if not cfg.loads_partitioned():
+    plan = None
+    if cfg.loads_partitioned():  # auto: where the checkpoint allows (validate said why not, if not)
+        plan, _ = partitioned_blueprint(source, m.load == "partitioned", dtype=m.dtype,
+                                        trust_remote_code=m.trust_remote_code, layers=m.layers, labels=labels,
+                                        pad_token_id=pad_token_id, task=m.task,
+                                        attn_implementation=m.attn_implementation)
+    if plan is None:
         return load_model(source, m.dtype, m.trust_remote_code, m.layers, labels=labels, pad_token_id=pad_token_id,
                           task=m.task, quantization=m.quantization,
                           attn_implementation=m.attn_implementation), contextlib.nullcontext()
     from distune.engine.sharded_load import load_partitioned, zero3_aware
 
-    plan = blueprint(source, m.dtype, m.trust_remote_code, m.layers, labels=labels, pad_token_id=pad_token_id,
-                     task=m.task, attn_implementation=m.attn_implementation)
     return load_partitioned(plan, ds_config, m.dtype), zero3_aware(ds_config)
 
 

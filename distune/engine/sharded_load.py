@@ -46,27 +46,17 @@ def load_partitioned(bp: Blueprint, ds_config: dict, dtype: str) -> torch.nn.Mod
     # torch.nn.functional.linear process-wide. prevent_arange_dtype_change before zero.Init: RoPE's explicit
     # arange dtypes stay as written (transformers' own ZeRO-3 construction does the same).
     init = deepspeed.zero.Init(config_dict_or_path=zero3_config(ds_config, dtype), mem_efficient_linear=False)
-    with no_init_weights(), prevent_arange_dtype_change(), init:
-        model = bp.build()
-    prefix = getattr(model, "base_model_prefix", "")
-    missing = []
-    try:
-        for name, param in model.named_parameters():
-            key = bp.reader.locate(name, prefix)
-            if key is None:
-                if prefix and name.startswith(f"{prefix}."):  # the base must come whole from the checkpoint
-                    raise ConfigError(f"{bp.key}: the checkpoint has no weight for {name} (this architecture's "
-                                      "names are converted on load); set model.load: whole "
-                                      "(method.teacher.placement: replicated for a teacher)")
-                missing.append(name)
-                continue
-            shape = bp.reader.shape(key)
-            if tuple(shape) != tuple(param.ds_shape):
-                raise ConfigError(f"{bp.key}: {key} is {tuple(shape)} in the checkpoint but "
-                                  f"{tuple(param.ds_shape)} in the model")
-            _fill(param, lambda start, stop, key=key: bp.reader.read_flat(key, start, stop, param.dtype))
-    finally:
-        bp.reader.close()
+    with _freed_memory_returned():
+        with no_init_weights(), prevent_arange_dtype_change(), init:
+            model = bp.build()
+        found, missing = bp.locate(model)
+        try:
+            for name, param in model.named_parameters():
+                if name in found:
+                    key = found[name]
+                    _fill(param, lambda start, stop, key=key: bp.reader.read_flat(key, start, stop, param.dtype))
+        finally:
+            bp.reader.close()
     if missing:
         params = [p for n, p in model.named_parameters() if n in missing]
         # Rank 0's values are the ones kept (broadcast on exit); every rank runs the same initialisation so that
@@ -76,17 +66,47 @@ def load_partitioned(bp: Blueprint, ds_config: dict, dtype: str) -> torch.nn.Mod
     return model
 
 
+@contextlib.contextmanager
+def _freed_memory_returned():
+    """While loading, a freed tensor of 1 MiB or more goes straight back to the OS (glibc only; else a no-op).
+
+    Each module's parameters exist whole for a moment before ZeRO-3 keeps this rank's share; glibc raises its mmap
+    threshold after the first large free (up to 32 MiB), so those whole tensors then come from the heap, and the
+    freed heap stays resident: measured +0.07x the model's bytes on one of 2 ranks for a 1.2B model. Afterwards the
+    threshold is left at glibc's dynamic maximum (32 MiB), where the default settles anyway."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, 1 << 20)
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_threshold, 32 << 20)
+        trim(0)
+
+
+CHUNK = 1 << 24  # elements read and converted at a time: a large embedding's share never sits twice in memory
+
+
 def _fill(param, read) -> None:
-    """Copy this rank's elements of `param` (as ZeRO-3 partitions it) from `read(start, stop)`."""
+    """Copy this rank's elements of `param` (as ZeRO-3 partitions it) from `read(start, stop)`, a chunk at a time."""
     if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
         raise RuntimeError(f"parameter {param.ds_id} is not partitioned")
     part = param.ds_tensor
     size = part.ds_numel
     start = size * torch.distributed.get_rank(group=param.ds_process_group)
     stop = min(start + size, param.ds_numel)
-    if start < stop:
-        with torch.no_grad():
-            part.narrow(0, 0, stop - start).copy_(read(start, stop))
+    with torch.no_grad():
+        for lo in range(start, stop, CHUNK):
+            hi = min(lo + CHUNK, stop)
+            part.narrow(0, lo - start, hi - lo).copy_(read(lo, hi))
 
 
 @contextlib.contextmanager

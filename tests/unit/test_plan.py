@@ -143,10 +143,24 @@ def test_distill_teacher_placements(make_config, tiny_model, teacher_model):
         assert row["total"]["cached"] == row["total"]["remote"] >= row["weights"] + row["optimizer"]
         assert row["total"]["colocated"] == pytest.approx(row["total"]["cached"] + row["teacher_colocated"], abs=2)
     teacher_weights = 4 * counts["teacher"]["params"]
-    assert plan["stages"][0]["teacher_colocated"] - plan["stages"][3]["teacher_colocated"] == teacher_weights // 2
+    # auto: replicated below stage 3; at stage 3 half the weights a rank, plus what its forward gathers (all of a
+    # teacher under DeepSpeed's 1e9 max live parameters).
+    assert plan["stages"][3]["teacher_colocated"] - plan["stages"][0]["teacher_colocated"] == teacher_weights // 2
     t = plan["teacher"]
     assert t["signal"] == "colocated" and t["cache_disk"] == round(t["trained_tokens"] * 64 * (2 + 2))
     assert t["remote_actor"] > teacher_weights
+    assert t["partitioned"] == plan["stages"][3]["teacher_colocated"]
+    assert t["replicated"] == plan["stages"][0]["teacher_colocated"]
+    weights = 4 * (counts["trainable"] + counts["frozen"])
+    assert plan["load"] == {"whole": weights, "partitioned": weights // 2}
+
+    # A placement of its own: partitioned next to a ZeRO-2 student.
+    spec = _distill(teacher_model)
+    spec["teacher"] = dict(spec["teacher"], placement="partitioned")
+    cfg = make_config(method=spec, cluster={"num_workers": 2})
+    plan = estimate(cfg, summary, count_params(cfg, summary["model_source"]))
+    assert plan["stages"][2]["teacher_colocated"] == plan["stages"][3]["teacher_colocated"] == t["partitioned"]
+    assert "teacher placement: recommended replicated" in capacity(plan, uses_gpu=False)
 
 
 def test_capacity_compares_with_the_gpu_or_host_ram(make_config, tiny_model, monkeypatch):
