@@ -3,7 +3,8 @@ old path, `model.load: whole`), against built partitioned with each rank reading
 (`model.load: partitioned`, the default at stage 3). Same run, both paths side by side, 2 gloo ranks.
 
     python bench/sharded_load.py                       # ~25 min on 2 cores: bench/results/sharded_load.{json,md}
-    python bench/sharded_load.py --smoke --out /tmp/sl.json   # tiny shapes, ~2 min
+    python bench/sharded_load.py --smoke --out /tmp/sl.json   # tiny shapes, ~5 min
+    python bench/sharded_load.py --gpu --out bench/results/sharded_load-gpu.json   # one GPU: 7.3B, LoRA, ZeRO-3
 
 The bench writes its own checkpoints (random init, bf16, sharded safetensors with an index): a Llama-shaped
 `--layers`-block model of ~1.2B parameters (TinyLlama's widths, SmolLM2's vocabulary, so SmolLM2's tokenizer
@@ -137,6 +138,95 @@ def rank_load(model: str, load: str, dtype: str, teacher: bool) -> None:
     torch.distributed.barrier()
 
 
+def rank_lora_steps(model: str, load: str, dtype: str, steps: int, seq: int, out: str) -> None:
+    """One rank (the GPU check): load `model` whole or partitioned at ZeRO-3, LoRA r=8 on q/v as the worker adds
+    it, `steps` steps of one random `seq`-token row; seconds per step and torch.cuda.max_memory_allocated."""
+    import torch
+
+    from distune.config import load_config
+    from distune.engine.ds_config import build_ds_config
+    from distune.engine.runtime import build_training_engine, device, init_distributed
+    from distune.engine.sharded_load import load_partitioned, zero3_aware
+    from distune.methods import build_method
+    from distune.models import blueprint, load_model
+
+    init_distributed()
+    cfg = run_config(model, load, dtype, seq)
+    ds = build_ds_config(cfg, 1)
+    torch.manual_seed(0)
+    if load == "partitioned":
+        base = load_partitioned(blueprint(model, dtype), ds, dtype)
+        with zero3_aware(ds):
+            net = build_method("lora", LORA).adapt(base)
+    else:
+        net = build_method("lora", LORA).adapt(load_model(model, dtype))
+    engine = build_training_engine(net, ds, cfg.train, steps)
+    ids = torch.randint(0, net.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0)).to(device())
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    if torch.distributed.get_rank() == 0:
+        gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        Path(out).write_text(json.dumps({"step_s": times, "gpu_max_allocated_bytes": gpu, "loss": float(loss)}))
+
+
+LORA = {"r": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def run_config(model: str, load: str, dtype: str, seq: int, workers: int = 1):
+    """The config of the GPU check's run (for `distune plan`'s figures of the same run)."""
+    from distune.config import load_config
+
+    return load_config({"model": {"path": model, "dtype": dtype, "load": load}, "method": {"name": "lora", **LORA},
+                        "data": {"path": "unused.jsonl", "max_length": seq},
+                        "train": {"micro_batch_size": 1, "global_batch_size": workers, "lr": 1e-4},
+                        "deepspeed": {"stage": 3}, "cluster": {"num_workers": workers}})
+
+
+def gpu_check(a, work: Path, logs: Path, tok: Path) -> int:
+    """The 7B check on one GPU (or its smoke on CPU): host peak private memory and GPU peak, whole vs partitioned,
+    next to `distune plan`'s figures for the same run."""
+    from distune.plan import count_params, estimate
+
+    shape = (4096, 11008, 34, 32, 32) if not a.smoke else SMOKE["big"]
+    model = work / ("gpu-7b" if not a.smoke else "smoke-gpu")
+    params = write_checkpoint(model, shape, tok)
+    import torch
+
+    gpu = torch.cuda.is_available()
+    dtype = "bf16" if gpu else auto_dtype()
+    print(f"checkpoint: {params / 1e9:.2f}B params {shape}, {dtype}, {'GPU' if gpu else 'CPU'}", flush=True)
+    results = {"machine": machine(), "gpu": torch.cuda.get_device_name(0) if gpu else None, "dtype": dtype,
+               "params": params, "seq": a.gpu_seq, "paths": {}}
+    for load in ("whole", "partitioned"):
+        out = logs / f"gpu-{load}.json"
+        peaks, wall = launch([str(Path(__file__).resolve()), "--rank-lora", str(model), load, dtype, "3",
+                              str(a.gpu_seq), str(out)], logs / f"gpu-{load}.log", procs=1)
+        row = json.loads(out.read_text()) | {"host_peak_anon_bytes": peaks.get(0), "wall_s": round(wall, 1)}
+        results["paths"][load] = row
+        print(f"{load:12s} host peak {peaks.get(0, 0) / 2**30:.2f} GiB, GPU peak "
+              f"{(row['gpu_max_allocated_bytes'] or 0) / 2**30:.2f} GiB, step s {[round(t, 2) for t in row['step_s']]}",
+              flush=True)
+    cfg = run_config(str(model), "partitioned", dtype, a.gpu_seq)
+    plan = estimate(cfg, {"trained_token_fraction": 1.0}, count_params(cfg, str(model)), gpu=gpu)
+    results["plan"] = {"device_bytes": plan["stages"][3]["total"]["device"], "load": plan["load"]}
+    measured = results["paths"]["partitioned"]["gpu_max_allocated_bytes"]
+    if measured:
+        results["plan"]["measured_over_plan"] = round(measured / results["plan"]["device_bytes"], 3)
+    print(f"plan: {plan['stages'][3]['total']['device'] / 2**30:.2f} GiB on the device"
+          + (f", measured / plan {results['plan']['measured_over_plan']}" if measured else ""), flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {a.out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- launch
 
 
@@ -150,6 +240,12 @@ def anon_kib(pid: int) -> int | None:
     return None
 
 
+def gpu_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def rank_of(pid: int) -> int | None:
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -161,13 +257,16 @@ def rank_of(pid: int) -> int | None:
     return None
 
 
-def launch(args: list[str], log: Path) -> tuple[dict[int, int], float]:
-    """torchrun with 2 ranks running `args` (a module and its arguments); peak RssAnon per rank (bytes) and wall s."""
+def launch(args: list[str], log: Path, procs: int = 2) -> tuple[dict[int, int], float]:
+    """torchrun with `procs` ranks running `args` (a module and its arguments); peak RssAnon per rank (bytes) and
+    wall seconds."""
     import psutil
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
-           "WANDB_SILENT": "true", "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
+    if not gpu_present():
+        env["DS_ACCELERATOR"] = "cpu"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), *args]
     peaks: dict[int, int] = {}
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -196,7 +295,7 @@ def launch(args: list[str], log: Path) -> tuple[dict[int, int], float]:
 
 
 def worker_config(work: Path, name: str, model: Path, data: Path, method: dict, stage: int, load: str,
-                  steps: int) -> Path:
+                  steps: int, live: float | None = None) -> Path:
     import yaml
 
     raw = {"run": {"name": name, "output_dir": str(work / "runs"), "seed": 0},
@@ -206,7 +305,9 @@ def worker_config(work: Path, name: str, model: Path, data: Path, method: dict, 
                     "max_length": 64, "eval_size": 4},
            "train": {"max_steps": steps, "global_batch_size": 2, "micro_batch_size": 1, "lr": 1e-4, "log_every": 1},
            "eval": {"before_training": False, "micro_batch_size": 1},
-           "deepspeed": {"stage": stage}, "cluster": {"num_workers": 2, "use_gpu": False},
+           "deepspeed": {"stage": stage, "extra": {"zero_optimization": {
+               "stage3_max_live_parameters": live, "stage3_max_reuse_distance": live}} if live else {}},
+           "cluster": {"num_workers": 2, "use_gpu": False},
            "wandb": {"mode": "offline"}}
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -239,11 +340,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/sharded_load.json")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (minutes): checks the bench, not the bound")
     p.add_argument("--cases", default="load,lora,full,teacher-load,teacher-run")
+    p.add_argument("--zero3-live", type=float, help="the runs' stage3_max_live_parameters and "
+                   "stage3_max_reuse_distance (DeepSpeed's default 1e9 keeps up to 1e9 parameters gathered in a step)")
+    p.add_argument("--gpu", action="store_true", help="the GPU check: a 7.3B Llama shape, LoRA at ZeRO-3 on one "
+                                                        "rank, whole vs partitioned, against distune plan")
+    p.add_argument("--gpu-seq", type=int, default=512, help="tokens per row in the GPU check (default 512)")
     p.add_argument("--rank-load", nargs=4, metavar=("MODEL", "LOAD", "DTYPE", "TEACHER"), help=argparse.SUPPRESS)
+    p.add_argument("--rank-lora", nargs=6, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.rank_load:
         model, load, dtype, teacher = a.rank_load
         rank_load(model, load, dtype, teacher == "1")
+        return 0
+    if a.rank_lora:
+        model, load, dtype, steps, seq, out = a.rank_lora
+        rank_lora_steps(model, load, dtype, int(steps), int(seq), out)
         return 0
 
     os.environ.setdefault("DISTUNE_CACHE", str(ROOT / ".cache" / "distune"))
@@ -253,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(exist_ok=True)
     shapes = SMOKE if a.smoke else SHAPES
     tok = smollm2_tokenizer(work)
+    if a.gpu:
+        return gpu_check(a, work, logs, tok)
     tag = "smoke-" if a.smoke else ""
     models, counts = {}, {}
     for name, shape in shapes.items():
@@ -266,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     data = write_data(work / "reviews.jsonl")
 
     cases = a.cases.split(",")
-    results: dict = {"machine": machine(), "dtype": dtype, "params": counts, "cases": {}}
+    results: dict = {"machine": machine(), "dtype": dtype, "params": counts, "cases": {},
+                     "stage3_max_live_parameters": a.zero3_live or 1e9}
     model_bytes = {k: v * width for k, v in counts.items()}
     lora = {"name": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]}
 
@@ -301,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         def prog(which, load, run_name):
             m_path = models[student or which]
             cfg = worker_config(work, run_name, m_path, data, method_for(which, load), stage,
-                                load if student is None else "whole", steps)
+                                load if student is None else "whole", steps, a.zero3_live)
             _clear(work / "runs" / run_name)
             return ["-m", "distune.worker", str(cfg)]
         prog.model = model
@@ -399,7 +513,9 @@ def machine() -> dict:
 def table(results: dict) -> str:
     gib = 2**30
     lines = [f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, training dtype "
-             f"{results['dtype']}. Params: " + ", ".join(f"{k} {v / 1e9:.3f}B" for k, v in results["params"].items()),
+             f"{results['dtype']}, runs' stage3_max_live_parameters / max_reuse_distance "
+             f"{results.get('stage3_max_live_parameters', 1e9):.0e}. Params: "
+             + ", ".join(f"{k} {v / 1e9:.3f}B" for k, v in results["params"].items()),
              "", "| case | path | rank 0: peak above baseline (GiB) | × model bytes | rank 1 | × model bytes | wall s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for case, rows in results["cases"].items():

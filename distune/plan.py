@@ -24,7 +24,7 @@ trainable, Ψf frozen student params, /N where the stage partitions:
                it runs foreach)                                  /N at stage >= 1 (stage 0: per tensor, ~0)
   peak         weights + optimizer (+ grads and bucket at stage 3) + max(activations + grads + buffers, step)
   teacher      colocated: b_T·Ψ_T, /N when partitioned (method.teacher.placement; auto: at stage 3) plus the
-               parameters its forward gathers, b_T·min(Ψ_T, 1e9) (DeepSpeed's max live parameters), + r·V_T·(b_T + 4);
+               parameters its forward gathers, b_T·min(Ψ_T, 1e8) (distune's max live parameters), + r·V_T·(b_T + 4);
                cached: 0 on the GPU, disk ≈ trained tokens·k·(id 2 or 4 bytes + 2 bytes fp16 log-prob);
                remote: 0 on training ranks, each actor b_T·Ψ_T + micro·seq·V_T·4
 loading      private memory while the model loads: whole, every rank holds b·(Ψt+Ψf) before DeepSpeed partitions it;
@@ -104,8 +104,9 @@ def count_params(cfg, source: str) -> dict:
     return {"trainable": trainable, "frozen": frozen, **shape, **out}
 
 
-# DeepSpeed's defaults for the buffers the estimate counts (deepspeed/runtime/zero/config.py, engine.py).
-DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9}
+# The defaults of the buffers the estimate counts (deepspeed/runtime/zero/config.py, engine.py; distune.engine.ds_config).
+DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e8}  # the latter: distune's default
+TEACHER_GATHER = 1e8  # a partitioned teacher's engine keeps this many parameters gathered at most
 ALLREDUCE_BUCKET = 5e8  # stage 0: the engine all-reduces gradients flattened into buffers of this many elements
 
 
@@ -143,7 +144,7 @@ def estimate(cfg, summary: dict, counts: dict, gpu: bool = False) -> dict:
                            "remote_actor": t_weights + t_logits, "actors": mc.remote.actors,
                            "placement": t["placement"],
                            # per rank, either way (the colocated columns follow the configured placement)
-                           "partitioned": round(t_weights / n + BYTES[t["dtype"]] * min(t["params"], 1e9) + t_logits),
+                           "partitioned": round(t_weights / n + BYTES[t["dtype"]] * min(t["params"], TEACHER_GATHER) + t_logits),
                            "replicated": round(t_weights + t_logits)}
     whole = b * (pt + pf)
     plan["load"] = {"whole": round(whole), "partitioned": round(whole / n)}
@@ -175,7 +176,7 @@ def estimate(cfg, summary: dict, counts: dict, gpu: bool = False) -> dict:
         if t:
             partitioned = t["placement"] == "partitioned" or (t["placement"] == "auto" and stage == 3)
             coloc = t_weights / (n if partitioned else 1)
-            gathered = BYTES[t["dtype"]] * min(t["params"], 1e9) if partitioned else 0
+            gathered = BYTES[t["dtype"]] * min(t["params"], TEACHER_GATHER) if partitioned else 0
             row["teacher_host"] = coloc * offload_param  # the teacher's ZeRO-3 engine offloads like the student
             row["teacher_colocated"] = coloc * (not offload_param) + gathered + t_logits
             row["total"] = {"colocated": device + row["teacher_colocated"], "cached": device, "remote": device}

@@ -18,6 +18,8 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="deepspeed")
 import deepspeed  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
+from distune.engine.ds_config import ZERO3_GATHER  # noqa: E402
+
 
 def init_distributed() -> tuple[int, int]:
     """Join the process group Ray / torchrun prepared, or make a world of one. Returns (rank, world)."""
@@ -125,7 +127,7 @@ def frozen_ds_config(train_ds_config: dict, dtype: str) -> dict:
     zero = train_ds_config["zero_optimization"]
     return {
         "train_micro_batch_size_per_gpu": train_ds_config["train_micro_batch_size_per_gpu"],
-        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False,
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False, **ZERO3_GATHER,
                               **({"offload_param": zero["offload_param"]} if "offload_param" in zero else {})},
         "bf16": {"enabled": dtype == "bf16"},
         "fp16": {"enabled": dtype == "fp16"},

@@ -77,7 +77,7 @@ def test_zero_stages_shard_by_num_workers(make_config, tiny_model):
     assert stages[1]["step"] == round((4 + 8) * pt / 4)  # fp32 gradient partition + Adam's temporaries (CPU)
     totals = [stages[s]["total"]["device"] for s in range(4)]
     assert totals[0] > totals[1] > totals[2]
-    # ZeRO-3 keeps up to stage3_max_live_parameters gathered (DeepSpeed's default 1e9: all of a small model);
+    # ZeRO-3 keeps up to stage3_max_live_parameters gathered (distune's default 1e8: all of a small model);
     # bounded, it is the smallest stage.
     bounded = make_config(cluster={"num_workers": 4}, model={"dtype": "bf16"},
                           deepspeed={"stage": 3, "extra": {"zero_optimization": {"stage3_max_live_parameters": 1000}}})
@@ -144,7 +144,7 @@ def test_distill_teacher_placements(make_config, tiny_model, teacher_model):
         assert row["total"]["colocated"] == pytest.approx(row["total"]["cached"] + row["teacher_colocated"], abs=2)
     teacher_weights = 4 * counts["teacher"]["params"]
     # auto: replicated below stage 3; at stage 3 half the weights a rank, plus what its forward gathers (all of a
-    # teacher under DeepSpeed's 1e9 max live parameters).
+    # teacher under distune's 1e8 max live parameters).
     assert plan["stages"][3]["teacher_colocated"] - plan["stages"][0]["teacher_colocated"] == teacher_weights // 2
     t = plan["teacher"]
     assert t["signal"] == "colocated" and t["cache_disk"] == round(t["trained_tokens"] * 64 * (2 + 2))
