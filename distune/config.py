@@ -607,7 +607,7 @@ def describe_error(err: ValidationError, root: type[BaseModel], prefix: tuple = 
         # YAML 1.1 reads unquoted yes/no/on/off as booleans: `choices: [yes, no]` is [True, False].
         shown = f" (got {got!r}: YAML reads unquoted yes/no/on/off/true/false as booleans; quote the value)"
     msg = first["msg"].removeprefix("Value error, ")
-    if msg.startswith(path + ".") or not loc:  # the message names its keys (a nested plugin, a cross-section check)
+    if msg.startswith(path + ".") or not (loc or prefix):  # the message names its keys (a plugin, a cross-section check)
         return msg
     return f"{path}: {msg}{shown}"
 
