@@ -384,6 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     model_bytes = {k: v * width for k, v in counts.items()}
     lora = {"name": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]}
 
+    out_path = ROOT / a.out
+
+    def save() -> None:  # after every case: a long run that stops keeps what it measured
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(results, indent=2))
+        out_path.with_suffix(".md").write_text(table(results))
+
     def measure(case: str, paths: dict, program) -> dict:
         """program(model_name, path_value, run_name) -> launch args; runs baseline + big for every path."""
         out = {}
@@ -434,20 +441,24 @@ def main(argv: list[str] | None = None) -> int:
     paths = {"whole": "whole", "partitioned": "partitioned"}
     if "load" in cases:
         results["cases"]["load"] = measure("load", paths, rank_program(False, "big"))
+        save()
     if "lora" in cases:
         out = measure("lora", paths, worker_program(lambda which, load: lora, 3, 3, "big"))
         compare("lora", out, "train/loss", "whole", "partitioned", "big")
         trainable = lora_params(shapes["big"], 8)
         out["adapter"] = {"params": trainable, "weights_grads_adam_bytes": trainable * 4 * 4}
         results["cases"]["lora"] = out
+        save()
     if "full" in cases:
         out = measure("full", paths, worker_program(lambda which, load: {"name": "full"}, 3, 2, "mid"))
         compare("full", out, "train/loss", "whole", "partitioned", "mid")
         results["cases"]["full"] = out
+        save()
     teacher_paths = {"replicated": "replicated", "partitioned": "partitioned"}
     if "teacher-load" in cases:
         tp = {"replicated": "whole", "partitioned": "partitioned"}
         results["cases"]["teacher-load"] = measure("teacher-load", tp, rank_program(True, "big"))
+        save()
 
     def distill(which, placement):
         return {"name": "distill", "student": {"name": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]},
@@ -457,11 +468,9 @@ def main(argv: list[str] | None = None) -> int:
         out = measure("teacher-run", teacher_paths, worker_program(distill, 2, 3, "big", student="base"))
         compare("teacher-run", out, "train/kd", "replicated", "partitioned", "big")
         results["cases"]["teacher-run"] = out
+        save()
 
-    out_path = ROOT / a.out
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(results, indent=2))
-    out_path.with_suffix(".md").write_text(table(results))
+    save()
     print(table(results))
     print(f"wrote {out_path} and {out_path.with_suffix('.md')}")
     return 0

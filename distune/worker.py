@@ -160,6 +160,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
         emit({"kind": "eval", "step": state.step, "metrics": results["after"],
               "text": _eval_line("after training", state.step, results["after"])})
         keys = method.export_keys(engine.module)
+        export.release_gathered(engine)
         state_dict = export.gather_state_dict(engine.module, keys)
         if rank == 0:
             results["export"] = str(_publish_export(cfg.run_dir / "export", method, engine.module, state_dict, tokenizer))

@@ -11,6 +11,14 @@ import torch
 import deepspeed
 
 
+def release_gathered(engine) -> None:
+    """Partition every parameter again before a gather for export. After an eval forward, ZeRO-3's prefetch may
+    leave parameters gathered or still in flight for a backward that never comes (with stage3_max_live_parameters
+    below the model's size), and a gather's exit cannot partition a parameter in flight."""
+    if engine.zero_optimization_stage() == 3:
+        engine.empty_partition_cache()
+
+
 def gather_state_dict(module: torch.nn.Module, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
     """Full-size CPU tensors on rank 0 ({} elsewhere). Collective: every rank must call it."""
     rank = torch.distributed.get_rank()
