@@ -340,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/sharded_load.json")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (minutes): checks the bench, not the bound")
     p.add_argument("--cases", default="load,lora,full,teacher-load,teacher-run")
+    p.add_argument("--paths", default="whole,partitioned", help="the load paths to measure (both by default)")
     p.add_argument("--zero3-live", type=float, help="the runs' stage3_max_live_parameters and "
                    "stage3_max_reuse_distance (DeepSpeed's default 1e9 keeps up to 1e9 parameters gathered in a step)")
     p.add_argument("--gpu", action="store_true", help="the GPU check: a 7.3B Llama shape, LoRA at ZeRO-3 on one "
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = a.cases.split(",")
     results: dict = {"machine": machine(), "dtype": dtype, "params": counts, "cases": {},
-                     "stage3_max_live_parameters": a.zero3_live or 1e9}
+                     "stage3_max_live_parameters": a.zero3_live or 1e8}  # 1e8: distune's default
     model_bytes = {k: v * width for k, v in counts.items()}
     lora = {"name": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]}
 
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case:13s} {key} {a_label} {la} vs {b_label} {lb}; export max |diff| "
               f"{out['compare']['max_export_diff']:.3g}", flush=True)
 
-    paths = {"whole": "whole", "partitioned": "partitioned"}
+    paths = {k: k for k in a.paths.split(",")}
     if "load" in cases:
         results["cases"]["load"] = measure("load", paths, rank_program(False, "big"))
         save()
