@@ -42,10 +42,11 @@ def load_partitioned(bp: Blueprint, ds_config: dict, dtype: str) -> torch.nn.Mod
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
     # The dtype comes from the config's bf16/fp16 flags: zero.Init's own `dtype` argument picks bf16 on any
-    # accelerator without fp16 (a CPU) whatever it is given. mem_efficient_linear off: it would replace
-    # torch.nn.functional.linear process-wide. prevent_arange_dtype_change before zero.Init: RoPE's explicit
-    # arange dtypes stay as written (transformers' own ZeRO-3 construction does the same).
-    init = deepspeed.zero.Init(config_dict_or_path=zero3_config(ds_config, dtype), mem_efficient_linear=False)
+    # accelerator without fp16 (a CPU) whatever it is given. mem_efficient_linear (DeepSpeed's default) installs
+    # ZeRO-3's linear, whose backward does not keep each gathered weight alive from forward to backward: a 1.17B
+    # LoRA step peaked at 6.1 GB on a rank without it, 4.6 GB with it. prevent_arange_dtype_change before
+    # zero.Init: RoPE's explicit arange dtypes stay as written (transformers' own ZeRO-3 construction does the same).
+    init = deepspeed.zero.Init(config_dict_or_path=zero3_config(ds_config, dtype), mem_efficient_linear=True)
     # zero.Init broadcasts every new parameter from rank 0 before partitioning it, so that randomly initialised
     # ranks agree: here the values are uninitialised and replaced from the checkpoint, so that broadcast would only
     # send the whole model over the network and make every other rank hold each module whole (measured +0.08x the

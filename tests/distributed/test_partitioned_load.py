@@ -84,10 +84,7 @@ def _config(model_dir: Path, data_file: Path, runs: Path, **sections) -> dict:
 CASES = {
     # A LoRA student made of some blocks of a tied, sharded checkpoint: layer renumbering, the tied head, the index.
     "lora-layers": dict(method={"name": "lora", "r": 4}, model={"layers": [1]}),
-    # A gather budget far below the model: the eval after training leaves prefetched parameters in flight, which the
-    # export must partition first.
-    "full": dict(method={"name": "full"}, deepspeed={"extra": {"zero_optimization": {
-        "stage3_max_live_parameters": 1000, "stage3_max_reuse_distance": 1000}}}),
+    "full": dict(method={"name": "full"}),
     # A new classification head: initialised the same way by both loads, trained with LoRA on top.
     "head": dict(method={"name": "lora", "r": 4}, model={"task": "sequence_classification"},
                  data={"labels": ["positive", "negative"]}),
