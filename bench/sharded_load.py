@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -88,20 +89,13 @@ def write_checkpoint(out: Path, shape: tuple, tokenizer_dir: Path, shard_bytes: 
         if size >= shard_bytes:
             flush()
     flush()
-    count = sum(math_prod(s) for s in shapes.values())
+    count = sum(math.prod(s) for s in shapes.values())
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": count * 2}, "weight_map": weight_map}, indent=1))
     config.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "count.json").write_text(json.dumps({"params": count}))
     return count
-
-
-def math_prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def smollm2_tokenizer(work: Path) -> Path:
@@ -143,7 +137,6 @@ def rank_lora_steps(model: str, load: str, dtype: str, steps: int, seq: int, out
     it, `steps` steps of one random `seq`-token row; seconds per step and torch.cuda.max_memory_allocated."""
     import torch
 
-    from distune.config import load_config
     from distune.engine.ds_config import build_ds_config
     from distune.engine.runtime import build_training_engine, device, init_distributed
     from distune.engine.sharded_load import load_partitioned, zero3_aware

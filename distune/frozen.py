@@ -3,8 +3,8 @@
 `preflight` runs on the driver before scheduling (from validate) and again in every worker: it resolves
 the teacher, checks the vocabularies align (distune.distill.vocab) and that a cache matches. `build`
 runs in the worker after the student: online -> the teacher on this rank (replicated, or ZeRO-3
-partitioned by distune.engine, built partitioned: method.teacher.placement); cached -> the cache attached to the training samples; remote -> the
-client the cluster layer passed in. Imports no ray; deepspeed only through distune.engine, lazily.
+partitioned by distune.engine and built partitioned: method.teacher.placement); cached -> the cache attached
+to the training samples; remote -> the client the cluster layer passed in. Imports no ray; deepspeed only through distune.engine, lazily.
 """
 
 from __future__ import annotations
@@ -63,8 +63,19 @@ def preflight(specs: dict[str, TeacherSpec], student_tok, student_config, check_
     return out
 
 
-def load_teacher(prep: Prepared, device_map: str | None = None):
-    return load_model(prep.source, prep.spec.dtype, prep.spec.trust_remote_code, device_map=device_map)
+def load_teacher(prep: Prepared):
+    return load_model(prep.source, prep.spec.dtype, prep.spec.trust_remote_code)
+
+
+def place_teacher(prep: Prepared, device):
+    """(the teacher whole, in eval mode, the device its inputs go to): on `device`, or spread over every visible
+    GPU when there are several (a teacher bigger than one GPU: a layer range on each, inputs enter on the first)."""
+    import torch
+
+    if torch.cuda.device_count() > 1:
+        model = load_model(prep.source, prep.spec.dtype, prep.spec.trust_remote_code, device_map="auto").eval()
+        return model, model.get_input_embeddings().weight.device
+    return load_teacher(prep).to(device).eval(), device
 
 
 def _load_partitioned_teacher(prep: Prepared, ds_config: dict):
@@ -73,11 +84,10 @@ def _load_partitioned_teacher(prep: Prepared, ds_config: dict):
     from distune.engine.runtime import frozen_ds_config
     from distune.engine.sharded_load import load_partitioned
 
-    spec = prep.spec
     plan, _ = teacher_blueprint(prep)
     if plan is None:
         return load_teacher(prep)
-    return load_partitioned(plan, frozen_ds_config(ds_config, spec.dtype), spec.dtype)
+    return load_partitioned(plan, frozen_ds_config(ds_config, prep.spec.dtype), prep.spec.dtype)
 
 
 def teacher_blueprint(prep: Prepared):
@@ -155,11 +165,7 @@ def cache_shard(cfg_dict: dict, model_source: str, index: int, count: int, progr
     student_config = load_model_config(model_source, cfg.model.trust_remote_code)
     prep = preflight({"teacher": _uncached(spec)}, tokenizer, student_config)["teacher"]
     splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices)
-    if torch.cuda.device_count() > 1:  # the task's GPUs (cache-teacher --gpus-per-shard): a layer range on each
-        model = load_teacher(prep, device_map="auto").eval()
-        device = model.get_input_embeddings().weight.device
-    else:
-        model = load_teacher(prep).to(device).eval()
+    model, device = place_teacher(prep, device)  # the task's GPUs (cache-teacher --gpus-per-shard)
     teacher = OnlineTeacher(model, prep.vocab_size, spec.top_k, spec.temperature)
     return cache.write_shard(splits.train, teacher, out_dir, index, count, cfg.eval.micro_batch_size,
                              tokenizer.pad_token_id, device, progress, which=spec.positions)

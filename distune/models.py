@@ -98,8 +98,8 @@ def load_model(source: str, dtype: str = "fp32", trust_remote_code: bool = False
     a classifier over `labels` (sequence or token classification), or an extractive QA head. A PEFT adapter
     folder loads its base and merges the adapter in (e.g. a fine-tuned teacher exported by a `lora` run).
     `layers` keeps a subset of the decoder blocks (see `keep_layers`); `attn_implementation` picks the attention
-    kernel (None: the model's default). `device_map` ("auto"): a causal LM spread over every visible GPU, a
-    layer range each (a frozen teacher too big for one device)."""
+    kernel (None: the model's default). `device_map` ("auto"): spread over every visible GPU, a layer range each
+    (a frozen teacher too big for one device)."""
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if device_map is not None:
         attn["device_map"] = device_map

@@ -44,6 +44,8 @@ import json
 import os
 from pathlib import Path
 
+from distune.engine.ds_config import ZERO3_GATHER  # plain data (that module imports no deepspeed)
+
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 PLACEMENTS = {"online": "colocated", "cached": "cached", "remote": "remote"}  # config signal -> table name
 
@@ -105,8 +107,8 @@ def count_params(cfg, source: str) -> dict:
 
 
 # The defaults of the buffers the estimate counts (deepspeed/runtime/zero/config.py, engine.py; distune.engine.ds_config).
-DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e8}  # the latter: distune's default
-TEACHER_GATHER = 1e8  # a partitioned teacher's engine keeps this many parameters gathered at most
+DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": ZERO3_GATHER["stage3_max_live_parameters"]}
+TEACHER_GATHER = ZERO3_GATHER["stage3_max_live_parameters"]  # a partitioned teacher's engine: the same budget
 ALLREDUCE_BUCKET = 5e8  # stage 0: the engine all-reduces gradients flattened into buffers of this many elements
 
 

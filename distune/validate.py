@@ -7,6 +7,7 @@ Raises ConfigError / DataError with a one-line message. Imports neither ray nor 
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import torch
 
@@ -144,8 +145,6 @@ def _partitioned_loads(cfg: RunConfig, source: str, splits, prepared: dict) -> l
     partitioned was asked for by name, a warning (loaded whole, then partitioned by DeepSpeed) under auto."""
     from distune.frozen import teacher_blueprint
     from distune.models import partitioned_blueprint
-
-    from pathlib import Path
 
     out = []
     m = cfg.model

@@ -1,8 +1,8 @@
 """The remote teacher: a Ray actor group with its own resources (e.g. other GPUs) serving top-k log-probs.
 
 Each actor holds a full teacher replica: on its GPU, spread over its GPUs (`gpus_per_actor` > 1: a layer range
-on each, for a teacher bigger than one device), or on CPU; an actor without GPUs sees none. Student rank r asks actor r % actors, so the load spreads and
-one rank's requests stay in order. Only the KD positions' top-k travel back ([N, k] ids + fp32 log-probs),
+on each, for a teacher bigger than one device), or on CPU; an actor without GPUs sees none. Student rank r asks
+actor r % actors, so the load spreads and one rank's requests stay in order. Only the KD positions' top-k travel back ([N, k] ids + fp32 log-probs),
 not [B, L, V] logits.
 
 With `remote.prefetch` the training loop announces each micro-batch before its turn (distune.loop), so the
@@ -26,15 +26,11 @@ from distune.distill.teacher import OnlineTeacher, TeacherOutput, kd_positions
 @ray.remote
 class TeacherActor:
     def __init__(self, prep, use_gpu: bool):
-        from distune.frozen import load_teacher
+        from distune.frozen import place_teacher
 
-        gpus = torch.cuda.device_count() if use_gpu else 0  # the GPUs Ray gave this actor, and only those
-        if gpus > 1:  # a teacher bigger than one GPU: a layer range on each of them; inputs enter on the first
-            model = load_teacher(prep, device_map="auto").eval()
-            self.device = model.get_input_embeddings().weight.device
-        else:
-            self.device = torch.device("cuda" if gpus else "cpu")
-            model = load_teacher(prep).to(self.device).eval()
+        # Ray set CUDA_VISIBLE_DEVICES to this actor's GPUs (none for a 0-GPU actor): those are all it sees.
+        on = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model, self.device = place_teacher(prep, on)
         self.teacher = OnlineTeacher(model, prep.vocab_size, prep.spec.top_k, prep.spec.temperature)
 
     def ready(self) -> bool:

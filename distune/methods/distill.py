@@ -78,7 +78,6 @@ class RemoteOptions(MethodConfig):
                                              "teacher's forward overlaps the student's step (train/teacher_wait_s "
                                              "shows the wait left).")
 
-
     @field_validator("gpus_per_actor")
     @classmethod
     def _whole_gpus(cls, v: float) -> float:
