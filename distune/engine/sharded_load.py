@@ -21,6 +21,7 @@ import torch
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 from distune.config import ConfigError
+from distune.engine.host_memory import return_large_frees
 from distune.models import Blueprint, init_missing
 
 
@@ -52,17 +53,19 @@ def load_partitioned(bp: Blueprint, ds_config: dict, dtype: str) -> torch.nn.Mod
     # send the whole model over the network and make every other rank hold each module whole (measured +0.08x the
     # model's bytes on rank 1). Convert and partition without it.
     init._zero_init_param = lambda param: (init._convert_to_deepspeed_param(param), param.partition())
-    with _freed_memory_returned():
-        with no_init_weights(), prevent_arange_dtype_change(), init:
-            model = bp.build()
-        found, missing = bp.locate(model)
-        try:
-            for name, param in model.named_parameters():
-                if name in found:
-                    key = found[name]
-                    _fill(param, lambda start, stop, key=key: bp.reader.read_flat(key, start, stop, param.dtype))
-        finally:
-            bp.reader.close()
+    # Each module is whole for a moment before ZeRO-3 keeps this rank's share; without this its freed memory stays
+    # on the heap (+0.07x the model's bytes on one of 2 ranks for a 1.2B model).
+    return_large_frees()
+    with no_init_weights(), prevent_arange_dtype_change(), init:
+        model = bp.build()
+    found, missing = bp.locate(model)
+    try:
+        for name, param in model.named_parameters():
+            if name in found:
+                key = found[name]
+                _fill(param, lambda start, stop, key=key: bp.reader.read_flat(key, start, stop, param.dtype))
+    finally:
+        bp.reader.close()
     if missing:
         params = [p for n, p in model.named_parameters() if n in missing]
         # Rank 0's values are the ones kept (broadcast on exit); every rank runs the same initialisation so that
@@ -70,32 +73,6 @@ def load_partitioned(bp: Blueprint, ds_config: dict, dtype: str) -> torch.nn.Mod
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             init_missing(model, missing)
     return model
-
-
-@contextlib.contextmanager
-def _freed_memory_returned():
-    """While loading, a freed tensor of 1 MiB or more goes straight back to the OS (glibc only; else a no-op).
-
-    Each module's parameters exist whole for a moment before ZeRO-3 keeps this rank's share; glibc raises its mmap
-    threshold after the first large free (up to 32 MiB), so those whole tensors then come from the heap, and the
-    freed heap stays resident: measured +0.07x the model's bytes on one of 2 ranks for a 1.2B model. Afterwards the
-    threshold is left at glibc's dynamic maximum (32 MiB), where the default settles anyway."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        yield
-        return
-    m_mmap_threshold = -3
-    mallopt(m_mmap_threshold, 1 << 20)
-    try:
-        yield
-    finally:
-        mallopt(m_mmap_threshold, 32 << 20)
-        trim(0)
 
 
 CHUNK = 1 << 24  # elements read and converted at a time: a large embedding's share never sits twice in memory
