@@ -21,6 +21,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return errors + (data.DataError,) if data else errors
 
 
+def _refuse_what_does_not_fit(cfg, summary: dict) -> None:
+    """A local run whose plan does not fit this machine (distune plan's verdict): one line with what would make
+    room, before any worker starts; Ray would otherwise kill the workers part-way (CPU) or CUDA run out."""
+    from distune.config import ConfigError
+    from distune.plan import count_params, estimate, human, verdict
+    from distune.validate import target_uses_gpu
+
+    gpu = target_uses_gpu(cfg)
+    counts = count_params(cfg, summary["model_source"])
+    v = verdict(estimate(cfg, summary, counts, gpu=gpu), cfg, summary, counts, gpu)
+    if v["fits"] is not False:
+        return
+    room = ("; to make room: " + "; ".join(f"{label} -> {human(p)}" for label, p, _ in v["advice"])
+            if v["advice"] else "; no single setting makes room: a smaller model, more workers or more memory")
+    raise ConfigError(f"this run does not fit {'GPU 0' if gpu else 'this machine'} (distune plan): it needs "
+                      f"{human(v['need'])} and {human(max(v['limit'], 0))} is available{room}; --ignore-plan runs "
+                      f"it anyway")
+
+
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; with `command`, only that subcommand's module is imported for its options (so
     `distune status` does not import torch)."""
@@ -35,6 +54,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting one")
     r.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     r.add_argument("--verbose", action="store_true", help="forward every worker's log lines to this terminal")
+    r.add_argument("--ignore-plan", action="store_true",
+                   help="run even when `distune plan`'s verdict says the run does not fit this machine")
     for name, (module, help_text) in EXTRA_COMMANDS.items():
         sp = sub.add_parser(name, help=help_text)
         sp.add_argument("config")
@@ -102,18 +123,32 @@ def main(argv: list[str] | None = None) -> int:
     from distune.validate import validate
 
     try:
-        if getattr(args, "address", None) and args.command != "submit":  # submit's is the dashboard's: jobs.py
+        address = getattr(args, "address", None)
+        joins = address and args.command != "submit"  # submit's address is the dashboard's: jobs.py
+        if joins:
             from distune.cluster.address import check_gcs_address
 
-            check_gcs_address(args.address)  # seconds, before validation reads the model and the data
-        cfg = load_config(args.config, args.overrides)
+            check_gcs_address(address)  # seconds, before validation reads the model and the data
+        # On a cluster, `use_gpu: auto` / `dtype: auto` are the cluster's to decide: a submitted job's head
+        # resolves them when it runs this command with --address auto.
+        cfg = load_config(args.config, args.overrides, resolve=not (joins or args.command == "submit"))
+        if joins:
+            from distune.cluster.target import resolve_on_cluster
+            from distune.cluster.trainer import start_ray
+
+            start_ray(address, verbose=getattr(args, "verbose", False))
+            print(resolve_on_cluster(cfg), flush=True)
         print(f"validating {args.config} ...", flush=True)
-        summary = validate(cfg, local_cluster=not getattr(args, "address", None),
-                           check_cache=args.command != "cache-teacher")
+        # A paper plan (`plan --gpu`) is for a cluster that is not this machine, as a submit's is.
+        elsewhere = address or args.command == "submit" or getattr(args, "gpu", None)
+        summary = validate(cfg, local_cluster=not elsewhere,
+                           check_cache=args.command not in ("cache-teacher", "plan"))  # plan: before it exists
         if args.command in ("validate", "run", "submit"):
             from distune.rundir import check_resumable
 
             check_resumable(cfg)  # before any worker starts, and before the run directory's record is replaced
+        if args.command == "run" and not address and not args.ignore_plan:
+            _refuse_what_does_not_fit(cfg, summary)
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -130,18 +165,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
 
-    from distune.cluster.trainer import fit
+    from distune.cluster.trainer import RunFailed, fit
     from distune.rundir import write_config
     from distune.tracking import run_id
 
     write_config(cfg)
 
     if cfg.wandb.mode != "disabled":
-        run_id(cfg.run_dir)  # fixed before any worker starts: every restart logs to the same W&B run
-    fit(cfg, summary["model_source"], address=args.address, show_progress=not args.no_progress,
-        verbose=args.verbose)
-    print(f"run directory: {cfg.run_dir}")
-    done = json.loads((cfg.run_dir / "results.json").read_text())["step"]
+        run_id(cfg.run_dir, cfg.store())  # fixed before any worker starts: every restart logs to the same W&B run
+    try:
+        fit(cfg, summary["model_source"], address=args.address, show_progress=not args.no_progress,
+            verbose=args.verbose)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"run directory: {cfg.store()}")
+    done = json.loads(cfg.store().read_text("results.json"))["step"]
     if done < min(summary["total_steps"], cfg.train.stop_after_steps or summary["total_steps"]):
         # Stopped on request (SIGTERM): the checkpoint is written; a non-zero exit makes schedulers retry.
         print(f"stopped at step {done} of {summary['total_steps']}: run the same command again to resume",

@@ -27,12 +27,17 @@ class Strict(BaseModel):
 
 class RunSection(Strict):
     name: str = Field("run", description="Run name; the run directory is output_dir/name.")
-    output_dir: str = Field("runs", description="Parent folder of run directories (checkpoints, export, W&B).")
+    output_dir: str = Field("runs", description="Parent of run directories (checkpoints, export, results, the "
+                            "recorded config): a folder every node can reach, or an object-store URI (s3://bucket/"
+                            "runs, gs://bucket/runs, any URI pyarrow opens; credentials from the nodes' environment).")
     seed: int = Field(0, description="Seeds model init, data order, dropout; restored exactly on resume.")
 
     @field_validator("output_dir")
     @classmethod
     def _absolute(cls, v: str) -> str:
+        if "://" in v:  # object storage: opened (and checked) by distune.storage
+            base, sep, query = v.partition("?")
+            return base.rstrip("/") + sep + query
         # Resolved where the config is loaded (the driver): Ray workers run in another working directory.
         return str(Path(v).expanduser().absolute())
 
@@ -48,9 +53,13 @@ class ModelSection(Strict):
     path: str = Field(..., description="Hub id, local folder, or .gguf file (pkg:<package>/<file> is allowed).")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "fp32", description="Training precision (fp16 needs a GPU). auto: bf16 where the hardware computes it "
-        "natively (a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX/ARM BF16), else fp32; resolved when the config "
-        "loads and recorded resolved in run_dir/config.yaml.")
+        "natively on the workers' hardware (a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX/ARM BF16), else fp32; "
+        "resolved where the job runs (on the cluster's workers for --address / submit / k8s) and recorded resolved "
+        "in run_dir/config.yaml.")
     trust_remote_code: bool = False
+    tf32: bool = Field(True, description="On CUDA GPUs from Ampere on (A100, H100), fp32 matmuls and convolutions "
+                       "use TF32 tensor cores (inputs rounded to a 10-bit mantissa, fp32 accumulation), as HF "
+                       "Trainer's --tf32: an fp32 run several times faster. false: exact fp32. No effect on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute each block's activations in backward "
                                          "(activation memory ~ one block instead of all; ~1/3 more compute).")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
@@ -362,7 +371,10 @@ class DeepSpeedSection(Strict):
 
 class ClusterSection(Strict):
     num_workers: int = Field(1, gt=0)
-    use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPUs if the driver sees CUDA.")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="auto: GPUs if the cluster the job runs on has them (a local run: this machine sees CUDA; "
+        "--address / submit / k8s render: the Ray cluster advertises GPU resources). Resolved before any worker "
+        "starts, and recorded resolved in run_dir/config.yaml.")
     cpus_per_worker: float = Field(1, gt=0)
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
@@ -422,7 +434,31 @@ class RunConfig(Strict):
         return plugin.Config(**(self.method.model_extra or {}))
 
     @property
+    def run_location(self) -> str:
+        """The run directory where its durable files go: a local path, or a URI under an object-store output_dir."""
+        from distune.storage import join
+
+        return join(self.run.output_dir, self.run.name)
+
+    def store(self):
+        """The run directory as a distune.storage.RunStore (local or object storage)."""
+        from distune.storage import RunStore
+
+        return RunStore(self.run_location)
+
+    @property
     def run_dir(self) -> Path:
+        """A local folder for the run: the run directory itself, or, when output_dir is an object store, this
+        machine's working folder for the run (W&B's files, evaluation outputs)."""
+        from distune.storage import is_uri
+
+        if is_uri(self.run.output_dir):
+            import hashlib
+
+            from distune.paths import cache_root
+
+            key = hashlib.sha256(self.run.output_dir.encode()).hexdigest()[:12]
+            return cache_root() / "runs" / key / self.run.name
         return Path(self.run.output_dir) / self.run.name
 
     @model_validator(mode="after")
@@ -455,7 +491,8 @@ class RunConfig(Strict):
 
 def load_config(source: str | Path | dict, overrides: list[str] = (), resolve: bool = True) -> RunConfig:
     """Read YAML (or a dict), apply `a.b.c=value` overrides, validate; raise ConfigError on any problem.
-    `resolve`: turn `dtype: auto` into this machine's choice (off where the config runs elsewhere: k8s render)."""
+    `resolve`: turn `use_gpu: auto` / `dtype: auto` into this machine's choice (off where the config runs elsewhere:
+    `--address`, submit and k8s render resolve them from the cluster)."""
     if isinstance(source, dict):
         raw, where = source, "config"
     else:
@@ -486,19 +523,24 @@ def load_config(source: str | Path | dict, overrides: list[str] = (), resolve: b
         raise ConfigError(f"{where}: {describe_error(e, RunConfig)}") from None
     _validate_method(cfg, where)
     if resolve:
-        resolve_auto_dtypes(cfg)
+        resolve_for_hardware(cfg)
     return cfg
 
 
-def resolve_auto_dtypes(cfg: RunConfig) -> None:
-    """`dtype: auto` (the student's and a teacher's) -> bf16 or fp32 for the hardware the workers will use, once, on
-    the machine that loads the config: the workers get the resolved config, so every rank agrees."""
+def resolve_for_hardware(cfg: RunConfig, seen=None, gpu: bool | None = None) -> None:
+    """`cluster.use_gpu: auto` and `dtype: auto` (the student's and a teacher's) -> concrete values for the hardware
+    the workers use, once: the workers get the resolved config, so every rank agrees.
+
+    `gpu` and `seen` (hardware.Facts from a worker's machine) come from the cluster for a run on one
+    (distune.cluster.target); by default this machine decides, right for a local run, where it is the cluster."""
+    from distune.hardware import auto_dtype, uses_gpu
+
+    if cfg.cluster.use_gpu == "auto":
+        cfg.cluster.use_gpu = uses_gpu("auto") if gpu is None else gpu
     teacher = getattr(cfg.method_config(), "teacher", None)
     if cfg.model.dtype != "auto" and getattr(teacher, "dtype", None) != "auto":
         return
-    from distune.hardware import auto_dtype, uses_gpu
-
-    resolved = auto_dtype(uses_gpu(cfg.cluster.use_gpu))
+    resolved = auto_dtype(cfg.cluster.use_gpu, seen)
     if cfg.model.dtype == "auto":
         cfg.model.dtype = resolved
     if getattr(teacher, "dtype", None) == "auto":

@@ -16,7 +16,7 @@ from distune.distill import cache
 from distune.distill.teacher import CachedTeacher, OnlineTeacher, TeacherSpec
 from distune.distill.vocab import VocabMismatch, aligned_vocab_size
 from distune.models import (load_model, load_model_config, load_tokenizer, partitioned_blueprint,
-                            resolve_model_source)
+                            resolve_model_source, source_on_this_node)
 
 
 @dataclass
@@ -147,6 +147,7 @@ def cache_shard(cfg_dict: dict, model_source: str, index: int, count: int, progr
 
     cfg = load_config(cfg_dict)
     spec = teacher_specs(cfg)["teacher"]
+    model_source = source_on_this_node(cfg.model.path, model_source)
     tokenizer = load_tokenizer(model_source, cfg.model.trust_remote_code)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(spec.cache_dir)

@@ -1,14 +1,42 @@
-"""What the machine computes natively: the choice behind `dtype: auto`.
+"""What the machines that run the workers compute natively: the choices behind `cluster.use_gpu: auto` and
+`dtype: auto`.
 
 bf16 is only fast where the hardware has it: a CUDA GPU from Ampere on, or a CPU with AVX512-BF16, AMX or ARM's
 BF16 extension. Elsewhere torch emulates it: on the 2-core AVX2 EPYC this project is tested on, a bf16 matmul
 runs at 1.0 GFLOP/s against fp32's 31.7 (1 thread, 800x576 @ 576x1536), so a bf16 run is some 30x slower.
-Imports torch inside functions only (the config module imports this one).
+
+`Facts` are read on a worker's machine (`facts()`): on this one for a local run, by a Ray task placed like a
+training worker for a run on a cluster (`distune.cluster.target`). Imports torch inside functions only (the config
+module imports this one).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What one worker's machine offers. `known=False`: nobody looked (a submit resolves on the cluster)."""
+
+    gpus: int = 0
+    gpu_name: str | None = None
+    gpu_bf16: bool = False
+    gpu_tf32: bool = False  # Ampere (compute capability 8.0) and later
+    cpu_bf16: bool = False
+    known: bool = True
+
+
+def facts() -> Facts:
+    """This process's view: the CUDA devices it may use, and its CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return Facts(cpu_bf16=cpu_has_native_bf16())
+    major, _ = torch.cuda.get_device_capability(0)
+    return Facts(gpus=torch.cuda.device_count(), gpu_name=torch.cuda.get_device_name(0),
+                 gpu_bf16=torch.cuda.is_bf16_supported(), gpu_tf32=major >= 8, cpu_bf16=cpu_has_native_bf16())
 
 
 def cpu_has_native_bf16() -> bool:
@@ -26,7 +54,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def uses_gpu(setting: bool | str) -> bool:
-    """cluster.use_gpu: `auto` means "if this (driver) machine sees CUDA", as in cluster.fit."""
+    """cluster.use_gpu on this machine: `auto` means "if this machine sees CUDA" (a local run: the driver's machine
+    is the cluster). A run on a Ray cluster resolves `auto` from the cluster instead (distune.cluster.target)."""
     if setting == "auto":
         import torch
 
@@ -34,11 +63,11 @@ def uses_gpu(setting: bool | str) -> bool:
     return bool(setting)
 
 
-def auto_dtype(uses_gpu: bool) -> str:
-    """bf16 where it is native; fp32 elsewhere. A GPU target the driver cannot see (a remote cluster's) is assumed
-    to have bf16, as every data-centre GPU since the A100 does; fp16 is never chosen (it needs loss scaling)."""
-    import torch
-
+def auto_dtype(uses_gpu: bool, seen: Facts | None = None) -> str:
+    """bf16 where it is native on the workers' hardware (`seen`; default: this machine's), fp32 elsewhere. fp16 is
+    never chosen (it needs loss scaling). A GPU nobody has looked at is assumed to have bf16, as every data-centre
+    GPU since the A100 does."""
+    seen = facts() if seen is None else seen
     if uses_gpu:
-        return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+        return "bf16" if not seen.known or seen.gpus == 0 or seen.gpu_bf16 else "fp32"
+    return "bf16" if seen.cpu_bf16 else "fp32"

@@ -41,6 +41,21 @@ def resolve_model_source(path: str, key: str = "model.path") -> str:
     return str(local)
 
 
+def source_on_this_node(path: str, prepared: str | None, key: str = "model.path") -> str:
+    """What this node loads for `path`: the source the driver prepared (`prepared`: a hub id, a folder, a GGUF
+    converted into the driver's cache) when this node can read it; otherwise `path` prepared here (a GGUF converted
+    into this node's cache; a hub id downloaded by this node). Shared-nothing nodes need only `path` itself."""
+    if prepared and (not looks_local(prepared) or Path(prepared).exists()):
+        return prepared
+    import socket
+
+    try:
+        return resolve_model_source(path, key)
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {path} is not on node {socket.gethostname()}: every node must see it at that path "
+                          f"(a shared filesystem, the container image, or a hub id each node downloads)") from None
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF file into a cached safetensors folder (atomic: a folder is complete or absent)."""
     st = gguf.stat()

@@ -9,14 +9,17 @@ trainable, Ψf frozen student params, /N where the stage partitions:
   optimizer    fp32 master 4·Ψt (stage >= 1: DeepSpeed clones one even of fp32 weights; stage 0: 16-bit only)
                + Adam m, v 8·Ψt                                  /N at stage >= 1
   grads        b·Ψt                                              /N at stage >= 2 (stage 3: a persistent buffer)
-  activations  micro·seq·h·L·34·b/2 (Korthikanti et al. 2022, no attention-score term: SDPA/flash keep none);
-               with gradient checkpointing micro·seq·h·L·b (block inputs) + one block's 34·b/2 (recomputed)
+  activations  micro·seq·h·L·34·b/2 (Korthikanti et al. 2022; a GPU's SDPA/flash kernels keep no attention
+               scores) + on CPU workers L·micro·a·seq²·2b (torch's math SDPA under an attention mask keeps the
+               scores and probabilities of a heads; measured: bench/runtime_memory.py);
+               with gradient checkpointing micro·seq·h·L·b (block inputs) + one block's share (recomputed)
                + logits r·V·(b + 4 + 4): the head's output, its fp32 upcast and that one's gradient, where
                r = micro·seq·f rows are read by a loss (f: the trained-token fraction, 1 with kd_positions all;
                the head runs on those rows only, distune.logits), or train.loss_chunk rows when smaller
   buffers      the backward's reduction memory: stage 0 the flat copy of the gradients DeepSpeed all-reduces,
                b·min(Ψt, 5e8); stage 1-2 the reduction bucket, stage 3 the bucket (persistent) + the parameters
-               gathered for the forward/backward, b·min(Ψt+Ψf, stage3_max_live_parameters). A bucket is
+               gathered for the forward/backward, b·max(min(Ψt+Ψf, stage3_max_live_parameters), V·h) (a module is
+               gathered whole while it computes: the embedding or output matrix, V·h, for a language model). A bucket is
                torch.empty(reduce_bucket_size): a GPU allocates all of it, CPU pages only what the gradients fill
                (min with Ψt). Sizes come from deepspeed.extra.zero_optimization when set there.
   step         the optimizer step: the fp32 gradient partition 4·Ψt + Adam's temporaries on the flat fp32
@@ -41,7 +44,6 @@ Imports neither ray nor deepspeed; torch and transformers load inside functions 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from distune.engine.ds_config import ZERO3_GATHER  # plain data (that module imports no deepspeed)
@@ -51,7 +53,14 @@ PLACEMENTS = {"online": "colocated", "cached": "cached", "remote": "remote"}  # 
 
 
 def add_arguments(parser) -> None:
+    from distune.scale import GPU_MIB
+
     parser.add_argument("--json", metavar="PATH", help="also write the figures (bytes) as JSON")
+    parser.add_argument("--gpu", choices=sorted(GPU_MIB), help="plan for a cluster of these GPUs, on paper (with "
+                        "--nodes and --gpus-per-node): GPU memory per rank, host RAM per node at load and checkpoint, "
+                        "checkpoint size, communication per rank")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes of that cluster (with --gpu)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (with --gpu)")
     parser.add_argument("--show-samples", type=int, default=0, metavar="N",
                         help="print the first N training samples as the model sees them, trained tokens «marked», "
                              "and the truncation count")
@@ -92,6 +101,7 @@ def count_params(cfg, source: str) -> dict:
                           "vocab": teacher.config.vocab_size, "placement": t.placement}
     model = _meta_model(source, cfg.model.trust_remote_code, cfg.model.layers)
     shape = {"hidden": model.config.hidden_size, "layers": model.config.num_hidden_layers,
+             "heads": getattr(model.config, "num_attention_heads", 0) or 0,
              "vocab": model.config.vocab_size}
     try:
         adapted = method.adapt(model)
@@ -123,10 +133,13 @@ def estimate(cfg, summary: dict, counts: dict, gpu: bool = False) -> dict:
     n, b, micro, seq = cfg.cluster.num_workers, BYTES[cfg.model.dtype], cfg.train.micro_batch_size, cfg.data.max_length
     pt, pf, h, layers = counts["trainable"], counts["frozen"], counts["hidden"], counts["layers"]
     per_layer = 34 * b / 2  # bytes per token per hidden unit inside one transformer block
+    # CPU workers: torch's SDPA takes its math path under the attention mask a batch carries and keeps the scores
+    # and probabilities of every head for backward (2 x heads x seq^2 per layer and row); a GPU's kernels keep none.
+    scores = 0 if gpu else micro * counts.get("heads", 0) * seq * seq * 2 * b
     if cfg.model.gradient_checkpointing:
-        acts = micro * seq * h * (layers * b + per_layer)
+        acts = micro * seq * h * (layers * b + per_layer) + scores
     else:
-        acts = micro * seq * h * layers * per_layer
+        acts = micro * seq * h * layers * per_layer + layers * scores
     mc = cfg.method_config()
     fraction = 1.0 if getattr(mc, "kd_positions", "response") == "all" else summary.get("trained_token_fraction", 1.0)
     rows = micro * seq * fraction  # the positions a loss reads: the only ones the output head computes
@@ -151,6 +164,9 @@ def estimate(cfg, summary: dict, counts: dict, gpu: bool = False) -> dict:
     whole = b * (pt + pf)
     plan["load"] = {"whole": round(whole), "partitioned": round(whole / n)}
     ds, sizes = cfg.deepspeed, _zero_sizes(cfg)
+    # ZeRO-3 gathers a module's parameters whole while it computes, whatever the live budget: the embedding or the
+    # output matrix (vocab x hidden) is the largest for a language model.
+    largest = counts["vocab"] * counts["hidden"]
     bucket = b * (sizes["reduce_bucket_size"] if gpu else min(sizes["reduce_bucket_size"], pt))
     for stage in range(4):
         # DeepSpeed offloads the optimizer from stage 1 on, and parameters under stage 3 only.
@@ -162,7 +178,7 @@ def estimate(cfg, summary: dict, counts: dict, gpu: bool = False) -> dict:
         # Stage 0: the flat copy of the gradients it all-reduces; 1-2: the reduction bucket; 3: the parameters
         # gathered for the forward/backward (its bucket and gradient partition stay allocated: `kept`).
         buffers = (b * min(ALLREDUCE_BUCKET, pt) if stage == 0 else bucket if stage < 3
-                   else b * min(pt + pf, sizes["stage3_max_live_parameters"]))
+                   else b * max(min(pt + pf, sizes["stage3_max_live_parameters"]), largest))
         kept = grads + bucket if stage == 3 else 0.0
         # Stage 0's AdamW works tensor by tensor (temporaries of one tensor); ZeRO's on the flat fp32 partition.
         step = (4 + (4 if gpu else 8)) * pt / shard if stage >= 1 else 0.0
@@ -236,36 +252,81 @@ def render(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def capacity(plan: dict, uses_gpu: bool) -> str:
-    """The configured row against the memory the ranks will have (this machine's GPU 0, or its RAM)."""
-    row = plan["stages"][plan["stage"]]
+def _meminfo() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def _own_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def need_on_this_machine(plan: dict, cfg, uses_gpu: bool) -> float:
+    """What the configured run takes of the machine's limited resource: a GPU's memory per rank (the estimate + the
+    CUDA context and NCCL), or, for CPU workers, this machine's RAM: every rank with its process, Ray's own
+    processes and the driver (distune.scale's measured constants)."""
+    from distune.scale import DRIVER, GPU_RUNTIME, RAY_NODE, WORKER_PROCESS
+
+    row = plan["stages"][cfg.deepspeed.stage]
     signal = plan["teacher"]["signal"] if plan["teacher"] else "device"
-    need = row["total"][signal]
+    if uses_gpu:
+        return row["total"][signal] + GPU_RUNTIME
+    return plan["num_workers"] * (row["combined"][signal] + WORKER_PROCESS) + RAY_NODE + DRIVER
+
+
+def verdict(plan: dict, cfg, summary: dict, counts: dict, uses_gpu: bool) -> dict:
+    """The configured run against this machine: {fits, near, need, limit, text, advice}. CPU workers' limit is Ray's
+    memory-monitor kill threshold (RAY_memory_usage_threshold x RAM) less what other processes use now."""
+    from distune.scale import KILL_THRESHOLD, NEAR, advice
+
+    stage = cfg.deepspeed.stage
+    signal = plan["teacher"]["signal"] if plan["teacher"] else "device"
+    need = need_on_this_machine(plan, cfg, uses_gpu)
     if uses_gpu:
         import torch
 
         if not torch.cuda.is_available():
-            return f"GPU workers, but this machine has no CUDA device to compare {human(need)} per rank with"
-        have = torch.cuda.get_device_properties(0).total_memory
-        where = f"GPU 0 has {human(have)}; stage {plan['stage']} {signal} needs {human(need)} a rank"
-    else:  # CPU workers: device and host parts share RAM, and a local cluster puts every rank on this box
-        need = plan["num_workers"] * row["combined"][signal]
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        where = (f"CPU workers: figures are host memory; {plan['num_workers']} rank(s) at stage {plan['stage']} "
-                 f"{signal} need {human(need)} of this machine's {human(have)} RAM")
-    verdict = f"{where} ({'fits' if need <= have else 'DOES NOT FIT'}, activations estimated)"
+            return {"fits": None, "near": False, "need": need, "limit": None, "advice": [],
+                    "text": f"GPU workers, but this machine has no CUDA device to compare {human(need)} per rank with"}
+        limit = torch.cuda.get_device_properties(0).total_memory
+        where = (f"GPU 0 has {human(limit)}; stage {stage} {signal} needs {human(need)} a rank (the estimate + "
+                 f"CUDA context and NCCL buffers)")
+    else:
+        mem = _meminfo()
+        others = max(0, mem["MemTotal"] - mem["MemAvailable"] - _own_rss())
+        limit = KILL_THRESHOLD * mem["MemTotal"] - others
+        where = (f"CPU workers: {plan['num_workers']} rank(s) at stage {stage} {signal} with their processes, Ray's "
+                 f"and the driver need {human(need)}; Ray kills workers above {KILL_THRESHOLD:.0%} of this machine's "
+                 f"{human(mem['MemTotal'])} RAM, and other processes use {human(others)} now: "
+                 f"{human(max(limit, 0))} for this run")
+    fits, near = need <= limit, limit * (1 - NEAR) < need <= limit
+    state = "fits" if fits and not near else "fits, within 10 % of the limit" if fits else "DOES NOT FIT"
+    text = f"{where} ({state}, activations estimated)"
+    tips = []
+    if not fits or near:
+        tips = advice(cfg, summary, counts, uses_gpu,
+                      lambda p, c: need_on_this_machine(p, c, uses_gpu), limit * (1 - NEAR))
+        text += "\n" + ("to make room: " + "; ".join(f"{label} -> {human(p)}" for label, p, _ in tips) if tips else
+                        "no single setting makes room: a smaller model, more workers or more memory")
     t = plan["teacher"]
     if t and signal == "colocated":
-        per_rank = have if uses_gpu else have / plan["num_workers"]
+        row = plan["stages"][stage]
+        per_rank = limit if uses_gpu else limit / plan["num_workers"]
         student = row["total"]["cached"] if uses_gpu else row["combined"]["cached"]
         if student + t["replicated"] <= per_rank:
-            advice = "replicated (it fits whole on every rank: no gathers)"
+            rec = "replicated (it fits whole on every rank: no gathers)"
         elif student + t["partitioned"] <= per_rank:
-            advice = "partitioned (whole it does not fit next to the student)"
+            rec = "partitioned (whole it does not fit next to the student)"
         else:
-            advice = "remote or cached (it does not fit next to the student either way)"
-        verdict += f"\nteacher placement: recommended {advice}; configured method.teacher.placement: {t['placement']}"
-    return verdict
+            rec = "remote or cached (it does not fit next to the student either way)"
+        text += f"\nteacher placement: recommended {rec}; configured method.teacher.placement: {t['placement']}"
+    return {"fits": fits, "near": near, "need": need, "limit": limit, "text": text, "advice": tips}
 
 
 def show_samples(cfg, summary: dict, n: int) -> str:
@@ -306,11 +367,21 @@ def command(cfg, summary: dict, args) -> int:
 
     if args.show_samples:
         print(show_samples(cfg, summary, args.show_samples))
-    gpu = target_uses_gpu(cfg)
-    plan = estimate(cfg, summary, count_params(cfg, summary["model_source"]), gpu=gpu)
-    print(render(plan))
-    print(capacity(plan, gpu))
+    counts = count_params(cfg, summary["model_source"])
+    if args.gpu:
+        from distune.scale import cluster_plan, render_cluster
+
+        cp = cluster_plan(cfg, summary, counts, args.gpu, args.nodes, args.gpus_per_node)
+        print(render(cp["plan"]))
+        print(render_cluster(cp))
+        out = cp
+    else:
+        gpu = target_uses_gpu(cfg)
+        plan = estimate(cfg, summary, counts, gpu=gpu)
+        print(render(plan))
+        print(verdict(plan, cfg, summary, counts, gpu)["text"])
+        out = plan
     if args.json:
-        Path(args.json).write_text(json.dumps(plan, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

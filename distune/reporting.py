@@ -35,6 +35,35 @@ class Reporter(Protocol):
         the loop agrees on it across ranks, then checkpoints and returns."""
 
 
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, a lost connection to the store): one line for the user. The
+    checkpoint before it stays the one a resume takes."""
+
+    @classmethod
+    def failed_write(cls, error: Exception, folder: Path) -> bool:
+        """`error` is a write that failed for lack of space or I/O: an OSError, or a RuntimeError from torch.save
+        ("iostream error", "unexpected pos") on a filesystem with (almost) no room left."""
+        if isinstance(error, OSError):
+            return True
+        try:
+            return isinstance(error, RuntimeError) and shutil.disk_usage(folder).free < 64 * 2**20
+        except OSError:
+            return False
+
+    @classmethod
+    def of(cls, step: int, where, error: Exception, part: Path | None, world: int) -> CheckpointWriteError:
+        size = sum(f.stat().st_size for f in part.rglob("*") if f.is_file()) if part is not None and part.exists() \
+            else 0
+        need = (f"; this rank's part is {mib(size)}, the checkpoint about {mib(size * world)}: free that much there "
+                f"(checkpoint.keep older ones are kept beside it), or set another run.output_dir") if size else ""
+        why = getattr(error, "strerror", None) or (str(error) if isinstance(error, OSError) else "No space left on device")
+        return cls(f"checkpoint step_{step}: writing to {where} failed: {why}{need}")
+
+
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Published local checkpoints, oldest first (temp dirs start with '.' and are never listed)."""
     found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
@@ -72,7 +101,12 @@ class LocalReporter:
             shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
             tmp.mkdir(parents=True)
         dist.barrier()
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, RuntimeError) as e:  # the other ranks are writing too: they fail alike or finish
+            if not CheckpointWriteError.failed_write(e, tmp):
+                raise
+            raise CheckpointWriteError.of(step, self.root, e, tmp, dist.get_world_size()) from None
         dist.barrier()  # every rank has written its part
         if self.rank == 0:
             if final.exists():  # same step saved before (e.g. a re-run): the new one replaces it
@@ -81,6 +115,12 @@ class LocalReporter:
             for old in checkpoint_dirs(self.root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
+
+    def close(self) -> None:
+        """End the progress bar (before a last message)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def progress(self, event: dict) -> None:
         if not self._show:

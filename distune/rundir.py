@@ -31,34 +31,54 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name[5:]), default=None)
 
 
+def step_names(store) -> list[str]:
+    """The checkpoint folders (`step_N`) directly in a run directory (a RunStore), oldest first."""
+    steps = [n for n in store.names() if n.startswith("step_") and n[5:].isdigit()]
+    return sorted(steps, key=lambda n: int(n[5:]))
+
+
+def latest_complete(store) -> str | None:
+    """The newest checkpoint folder of a Ray run in `store` that every rank finished writing (a save that failed
+    half-way leaves its folder without some rank's marker)."""
+    from distune.storage import checkpoint_complete
+
+    return next((n for n in reversed(step_names(store)) if checkpoint_complete(store, n)), None)
+
+
 def check_resumable(cfg: RunConfig) -> None:
     """ConfigError naming the differing keys when the run directory holds a checkpoint another config wrote."""
-    saved_file = cfg.run_dir / "config.yaml"
-    latest = latest_checkpoint(cfg.run_dir)
-    if latest is None or not saved_file.is_file():
+    store = cfg.store()
+    if store.remote:
+        latest = latest_complete(store)
+        saved_text = store.read_text("config.yaml") if latest else None
+    else:
+        found = latest_checkpoint(cfg.run_dir)
+        latest = found.name if found else None
+        saved_file = cfg.run_dir / "config.yaml"
+        saved_text = saved_file.read_text() if latest and saved_file.is_file() else None
+    if latest is None or saved_text is None:
         return  # nothing to resume, or nothing recorded to compare with
     try:
-        saved = yaml.safe_load(saved_file.read_text())
+        saved = yaml.safe_load(saved_text)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{saved_file}: unreadable ({type(e).__name__}); it records the config of the "
+        raise ConfigError(f"{store}/config.yaml: unreadable ({type(e).__name__}); it records the config of the "
                           f"checkpoint {latest}") from None
     old, new = _flat(saved if isinstance(saved, dict) else {}), _flat(dump_config(cfg))
     # A key only one side has comes from another distune version's schema: not a difference of the recipe.
-    differ = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k] and not k.startswith(MAY_CHANGE)]
+    # A dtype still `auto` is resolved where the job runs (a submit's head), which checks again with the value.
+    differ = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k] and not k.startswith(MAY_CHANGE)
+              and not (k.endswith("dtype") and new[k] == "auto")]
     if not differ:
         return
     shown = "; ".join(f"{k} is {_short(old[k])} there, {_short(new[k])} here" for k in differ[:3])
     more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
-    raise ConfigError(f"run.name: {cfg.run_dir} holds checkpoint {latest.name} written by another config: {shown}"
-                      f"{more}; use a new run.name, or delete {cfg.run_dir} to start over")
+    raise ConfigError(f"run.name: {store} holds checkpoint {latest} written by another config: {shown}"
+                      f"{more}; use a new run.name, or delete {store} to start over")
 
 
 def write_config(cfg: RunConfig) -> None:
     """Record the resolved config in the run directory (atomically: the old record or the new one, never half)."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.run_dir / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
-    tmp.replace(cfg.run_dir / "config.yaml")
+    cfg.store().write_text("config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

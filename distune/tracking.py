@@ -1,7 +1,8 @@
 """Weights & Biases from rank 0; a null tracker with the same methods everywhere else.
 
-The run id lives in `<run_dir>/wandb_run_id`, so every restart and every resumed invocation continues
-the same W&B run. The API key is read by wandb from the environment; distune never reads, prints or
+The run id lives in the run directory's `wandb_run_id` (in object storage too, when run.output_dir is a URI; W&B's
+own files then stay in this machine's working folder for the run), so every restart and every resumed invocation
+continues the same W&B run. The API key is read by wandb from the environment; distune never reads, prints or
 stores it. Imports neither ray nor deepspeed.
 """
 
@@ -13,8 +14,15 @@ import uuid
 from pathlib import Path
 
 
-def run_id(run_dir: Path) -> str:
-    """The W&B run id of this run directory, created once (atomically) and then reused."""
+def run_id(run_dir: Path, store=None) -> str:
+    """The W&B run id of this run directory, created once (atomically) and then reused. `store`: the run's
+    distune.storage.RunStore when it is in object storage (the driver creates the id before any worker starts)."""
+    if store is not None and store.remote:
+        found = store.read_text("wandb_run_id")
+        if found:
+            return found.strip()
+        store.write_text("wandb_run_id", uuid.uuid4().hex[:12])
+        return store.read_text("wandb_run_id").strip()
     path = run_dir / "wandb_run_id"
     if path.is_file():
         return path.read_text().strip()
@@ -50,13 +58,13 @@ class NullTracker:
 
 
 class WandbTracker:
-    def __init__(self, wandb_cfg, run_dir: Path, name: str, config: dict):
+    def __init__(self, wandb_cfg, run_dir: Path, name: str, config: dict, store=None):
         import wandb
 
         (run_dir / "wandb").mkdir(parents=True, exist_ok=True)  # wandb needs its dir to exist
         self._run = wandb.init(
             project=wandb_cfg.project, entity=wandb_cfg.entity, mode=wandb_cfg.mode, dir=str(run_dir),
-            id=run_id(run_dir), resume="allow", name=name, tags=wandb_cfg.tags, config=config,
+            id=run_id(run_dir, store), resume="allow", name=name, tags=wandb_cfg.tags, config=config,
             # The run file is flushed every second (wandb's default: 15 s), so a rank killed mid-run (node
             # loss, OOM) loses at most a second of metrics, not everything since the last flush.
             settings=wandb.Settings(console="off", silent=True, x_transaction_log_flush_interval=1.0))
@@ -93,4 +101,4 @@ class WandbTracker:
 def make_tracker(cfg, rank: int, config: dict):
     if rank != 0 or cfg.wandb.mode == "disabled":
         return NullTracker()
-    return WandbTracker(cfg.wandb, cfg.run_dir, cfg.run.name, config)
+    return WandbTracker(cfg.wandb, cfg.run_dir, cfg.run.name, config, cfg.store())

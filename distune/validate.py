@@ -11,24 +11,31 @@ from pathlib import Path
 
 import torch
 
-from distune.config import ConfigError, RunConfig
+from distune.config import ConfigError, RunConfig, resolve_for_hardware
 from distune.data import load_splits
 from distune.feeds import build_feeds
 from distune.frozen import preflight
-from distune.hardware import cpu_has_native_bf16, uses_gpu
+from distune.hardware import Facts, cpu_has_native_bf16, uses_gpu
 from distune.methods import build_method
 from distune.models import layer_indices, load_model_config, meta_model, load_tokenizer, resolve_model_source
 
 
 def target_uses_gpu(cfg: RunConfig) -> bool:
-    """Whether workers will use GPUs: `auto` means "if this (driver) machine sees CUDA", as in cluster.fit."""
+    """Whether workers will use GPUs. Resolved when the config loads (`auto` -> this machine, or the cluster for a
+    run with --address); an unresolved `auto` here means this machine (a command that runs here)."""
     return uses_gpu(cfg.cluster.use_gpu)
 
 
 def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = True) -> dict:
-    """Check `cfg`; return a summary (and the resolved model source) for printing."""
-    uses_gpu = target_uses_gpu(cfg)
-    if cfg.model.dtype == "fp16" and not uses_gpu:
+    """Check `cfg`; return a summary (and the resolved model source) for printing.
+
+    `cluster.use_gpu` / `dtype` still `auto` (a submit, where the cluster's head resolves them): the checks that
+    depend on the workers' hardware wait for the head, which validates again before any worker starts."""
+    uses_gpu = None if cfg.cluster.use_gpu == "auto" and not local_cluster else target_uses_gpu(cfg)
+    if uses_gpu is None:  # the model's shapes and the data are checked the same whatever dtype the head picks
+        cfg = cfg.model_copy(deep=True)
+        resolve_for_hardware(cfg, Facts(known=False), gpu=True)
+    if cfg.model.dtype == "fp16" and uses_gpu is False:
         raise ConfigError("model.dtype: fp16 is not supported on CPU workers; use bf16 or fp32")
     if uses_gpu and local_cluster:
         if not torch.cuda.is_available():
@@ -43,14 +50,17 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         raise ConfigError(f"cluster.placement: STRICT_SPREAD puts each of the {cfg.cluster.num_workers} workers on "
                           f"its own node, and the local embedded cluster is one node; join a cluster with "
                           f"--address, or use PACK or SPREAD")
-    if cfg.model.quantization:
-        _check_quantization(cfg, uses_gpu)
+    if cfg.model.quantization and uses_gpu is not None:
+        _check_quantization(cfg, uses_gpu, local_cluster)
     if cfg.model.attn_implementation == "flash_attention_2":
         import importlib.util
 
-        if not uses_gpu:
+        if uses_gpu is False:
             raise ConfigError("model.attn_implementation: flash_attention_2 runs on CUDA GPUs only and "
                               "cluster.use_gpu is false; use sdpa")
+        if cfg.model.dtype == "fp32":
+            raise ConfigError("model.attn_implementation: flash_attention_2 computes in bf16/fp16 only and model.dtype "
+                              "is fp32; set model.dtype: bf16 (or auto on a bf16 GPU), or use sdpa")
         if local_cluster and importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
                               "(pip install flash-attn); or use sdpa")
@@ -165,7 +175,7 @@ def _partitioned_loads(cfg: RunConfig, source: str, splits, prepared: dict) -> l
 
 def _emulated_bf16(cfg: RunConfig, uses_gpu: bool) -> list[str]:
     """bf16 chosen for CPU workers on a CPU that only emulates it (distune.hardware): legal, but ~30x slower."""
-    if uses_gpu or cpu_has_native_bf16():
+    if uses_gpu is not False or cpu_has_native_bf16():  # None: the cluster decides (submit)
         return []
     keys = [k for k, d in (("model.dtype", cfg.model.dtype),
                            ("method.teacher.dtype", getattr(getattr(cfg.method_config(), "teacher", None), "dtype",
@@ -174,11 +184,11 @@ def _emulated_bf16(cfg: RunConfig, uses_gpu: bool) -> list[str]:
             f"fp32 here; use auto or fp32" for k in keys]
 
 
-def _check_quantization(cfg: RunConfig, uses_gpu: bool) -> None:
+def _check_quantization(cfg: RunConfig, uses_gpu: bool, local_cluster: bool) -> None:
     import importlib.util
 
     what = f"model.quantization: {cfg.model.quantization} (QLoRA)"
-    if not uses_gpu or not torch.cuda.is_available():
+    if not uses_gpu or (local_cluster and not torch.cuda.is_available()):
         raise ConfigError(f"{what} loads the base through bitsandbytes, which needs CUDA GPUs; "
                           f"{'cluster.use_gpu is false' if not uses_gpu else 'this machine has no CUDA device'}. "
                           f"Set model.quantization: null to train the unquantised base")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import os
 import random
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -28,8 +28,8 @@ from distune.data import Renderer, load_splits
 from distune.feeds import build_feeds
 from distune.loop import Cadence, TrainState, train
 from distune.methods import build_method
-from distune.models import load_model, load_tokenizer, partitioned_blueprint, resolve_model_source
-from distune.reporting import LocalReporter, Reporter
+from distune.models import load_model, load_tokenizer, partitioned_blueprint, source_on_this_node
+from distune.reporting import CheckpointWriteError, LocalReporter, Reporter
 from distune.tracking import make_tracker
 
 
@@ -47,10 +47,10 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     from distune.engine.ds_config import build_ds_config
     from distune.engine.runtime import build_training_engine, device, init_distributed, start_round
 
-    rank, world = init_distributed()
+    rank, world = init_distributed(tf32=cfg.model.tf32)
     dev = device()
     transformers.utils.logging.disable_progress_bar()  # per-rank loading bars only clutter the terminal
-    source = model_source or resolve_model_source(cfg.model.path)
+    source = source_on_this_node(cfg.model.path, model_source)
 
     # Build: same seed on every rank so adapters start identical; per-rank seed afterwards for dropout.
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
@@ -67,6 +67,9 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     method.see_frozen_configs({name: p.config for name, p in prepared.items()})
     with adapting:
         model = method.adapt(student)
+    # from_pretrained returns a model in eval mode: without this, dropout never acts and transformers skips
+    # gradient checkpointing (it checkpoints only in training mode), so a checkpointed run stored every activation.
+    model.train()
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.run.seed + rank)
@@ -163,11 +166,11 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
         export.release_gathered(engine)
         state_dict = export.gather_state_dict(engine.module, keys)
         if rank == 0:
-            results["export"] = str(_publish_export(cfg.run_dir / "export", method, engine.module, state_dict, tokenizer))
+            results["export"] = _publish_export(cfg.store(), method, engine.module, state_dict, tokenizer)
     tracker.finish()
     results["step"] = state.step
     if rank == 0:
-        _write_json(cfg.run_dir / "results.json", results)
+        cfg.store().write_text("results.json", json.dumps(results, indent=2))
     emit({"kind": "done", "step": state.step, "metrics": {"step": state.step},
           "text": f"done at step {state.step}/{run_steps}" + (f"; export: {results['export']}" if "export" in results else "")})
     return results
@@ -198,30 +201,16 @@ def _eval_line(when: str, step: int, metrics: dict) -> str:
     return f"eval {when} (step {step}): {shown}"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
-def _publish_export(target: Path, method, module, state_dict: dict, tokenizer) -> Path:
-    """Write the artifact into a temp folder and rename it into place: complete or absent."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-export-"))
+def _publish_export(store, method, module, state_dict: dict, tokenizer) -> str:
+    """Write the artifact into a staging folder, then publish it as run_dir/export: complete or absent."""
+    staged = store.staging("export")
     try:
-        method.export(module, state_dict, tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            old = target.with_name(f".old-{target.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        method.export(module, state_dict, staged)
+        tokenizer.save_pretrained(staged)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return store.publish(staged, "export")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,9 +220,18 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m distune.worker CFG [key=value ...]", file=sys.stderr)
         return 2
     cfg = load_config(args[0], args[1:])
+    if cfg.store().remote:
+        print(f"error: run.output_dir: {cfg.run.output_dir} is object storage, which runs under Ray write to "
+              f"(distune run); without Ray, write to a folder every rank can reach", file=sys.stderr)
+        return 2
     rank = int(os.environ.get("RANK", "0"))
     reporter = LocalReporter(cfg.run_dir, cfg.checkpoint.keep, rank, catch_sigterm=True)
-    run(cfg, reporter)
+    try:
+        run(cfg, reporter)
+    except CheckpointWriteError as e:
+        reporter.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

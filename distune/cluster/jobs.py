@@ -110,7 +110,7 @@ def submit(cfg, summary: dict, args) -> int:
         job_id = _submit_when_ready(client, address, dict(
             entrypoint=entrypoint, runtime_env=runtime_env, submission_id=args.submission_id, metadata=meta))
     print(f"submitted {job_id} to {address}: run {cfg.run.name!r} ({summary['total_steps']} steps) -> "
-          f"{cfg.run_dir} on the cluster")
+          f"{cfg.store()}" + ("" if cfg.store().remote else " on the cluster"))
     print(f"  distune status {job_id} --address {address}\n  distune logs {job_id} --follow --address {address}")
     if args.follow:
         return _follow(client, address, job_id)

@@ -242,8 +242,11 @@ def _as_seen_by_pods(cfg, notes: list) -> dict:
     """The dumped config with run.output_dir on the shared mount. Paths under the old output_dir (an earlier
     stage's export, a teacher cache) move with it; other paths on this machine are reported."""
     from distune.config import dump_config
+    from distune.storage import is_uri
 
-    local = cfg.run.output_dir  # absolute on this machine (load_config anchors it)
+    local = cfg.run.output_dir  # absolute on this machine (load_config anchors it), or an object store's URI
+    if is_uri(local):
+        local = "\0"  # the pods write there themselves: nothing moves to the mount
 
     def move(value, key: str):
         if isinstance(value, dict):

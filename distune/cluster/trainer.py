@@ -7,6 +7,7 @@ and draws the progress bar from events rank 0 pushes to a `ProgressSink` actor.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -77,6 +78,7 @@ def fit(cfg, model_source: str, address: str | None = None, show_progress: bool 
     wanted = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + actor_cpus + 0.999)
     start_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, wanted), verbose=verbose)
     remote = _start_remote_teachers(cfg, model_source, remote_specs, use_gpu)
+    _drop_torn_ray_record(cfg.store())
     env = dict(cfg.cluster.env)
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
@@ -92,7 +94,7 @@ def fit(cfg, model_source: str, address: str | None = None, show_progress: bool 
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
                                      placement_strategy=cfg.cluster.placement),
         run_config=RunConfig(
-            name=cfg.run.name, storage_path=str(Path(cfg.run.output_dir).absolute()),
+            name=cfg.run.name, **_storage(cfg.run.output_dir),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             worker_runtime_env={"env_vars": env} if env else None,
@@ -100,10 +102,107 @@ def fit(cfg, model_source: str, address: str | None = None, show_progress: bool 
     )
     try:
         return _fit_with_progress(trainer, sink, show_progress)
+    except Exception as e:
+        why = failure_line(e, cfg.store())
+        if why is None:
+            raise
+        raise RunFailed(why) from None
     finally:
         for served in remote.values():
             for actor in served["actors"]:
                 ray.kill(actor)
+
+
+class RunFailed(RuntimeError):
+    """The run ended for a reason the user can act on: one line (the CLI prints it, exit 1)."""
+
+
+def _storage(output_dir: str) -> dict:
+    """Ray Train's storage for run.output_dir: a folder, or an object store through its pyarrow filesystem."""
+    from distune.storage import filesystem, is_uri
+
+    if is_uri(output_dir):
+        fs, path = filesystem(output_dir)
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": str(Path(output_dir).absolute())}
+
+
+MEMORY_ADVICE = ("lower the per-rank peak (`distune plan CFG` shows it): model.gradient_checkpointing: true, a smaller "
+                 "train.micro_batch_size (the same global batch), train.loss_chunk, deepspeed.offload_optimizer / "
+                 "offload_param, or a higher deepspeed.stage")
+
+
+def failure_line(error: BaseException, store=None) -> str | None:
+    """One line for a failure with a known cause, found anywhere in what Ray raised (a worker's exception is
+    wrapped in the trainer's, a task's in RayTaskError, sometimes only as text); None otherwise (the traceback is
+    then the message). `store`: the run directory (a RunStore), to size a checkpoint when the storage filled up."""
+    import re
+
+    from distune.reporting import CheckpointWriteError, mib
+
+    found, todo = [], [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is f for f in found):
+            continue
+        found.append(e)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        todo += list(getattr(e, "worker_failures", {}).values())
+        todo += list(getattr(e, "exceptions", None) or [])
+    for e in found:
+        if isinstance(e, CheckpointWriteError):
+            return str(e)
+    for e in found:
+        written = re.search(r"CheckpointWriteError: (checkpoint step_\d+: [^\n]*)", str(e))
+        if written:
+            return written.group(1)
+    for e in found:
+        if isinstance(e, ray.exceptions.OutOfMemoryError) or "low on memory" in str(e):
+            return ("a worker was killed by Ray's memory monitor: the node's memory passed its kill threshold "
+                    f"(RAY_memory_usage_threshold, 0.95 by default); {MEMORY_ADVICE}")
+    for e in found:
+        if isinstance(e, OSError) and e.errno == 28 or "No space left on device" in str(e):
+            # Ray's controller writes its own record into the same storage and may meet the full disk first.
+            size = _last_checkpoint_bytes(store)
+            need = (f"; a checkpoint of this run is {mib(size)}: free that much there (checkpoint.keep older "
+                    f"ones are kept beside it), or set another run.output_dir") if size else ""
+            return f"the run's storage {store} is full (No space left on device): a save failed half-way{need}"
+    return None
+
+
+RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints, in the run directory
+
+
+def _drop_torn_ray_record(store) -> None:
+    """A save that failed on a full disk can leave Ray's own record of its checkpoints empty or cut, and Ray Train
+    then refuses to start the run again. distune resumes from what the storage holds (RayReporter.restore), not
+    from that record: an unreadable one is removed (Ray starts a new one)."""
+    text = store.read_text(RAY_RECORD)
+    if text is None:
+        return
+    try:
+        json.loads(text)
+    except ValueError:
+        if store.remote:
+            store.fs.delete_file(f"{store.root}/{RAY_RECORD}")
+        else:
+            Path(store.root, RAY_RECORD).unlink()
+        print(f"{store}/{RAY_RECORD} was cut short by a failed save: removed (the run resumes from the newest "
+              f"complete checkpoint)", flush=True)
+
+
+def _last_checkpoint_bytes(store) -> int:
+    from distune.rundir import latest_complete
+
+    name = latest_complete(store) if store is not None else None
+    if name is None:
+        return 0
+    if not store.remote:
+        return sum(f.stat().st_size for f in Path(store.root, name).rglob("*") if f.is_file())
+    import pyarrow.fs
+
+    infos = store.fs.get_file_info(pyarrow.fs.FileSelector(f"{store.root}/{name}", recursive=True))
+    return sum(i.size or 0 for i in infos if i.type == pyarrow.fs.FileType.File)
 
 
 def _start_remote_teachers(cfg, model_source: str, specs: dict, use_gpu: bool) -> dict:

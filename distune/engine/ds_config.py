@@ -16,10 +16,13 @@ ZERO3_GATHER = {"stage3_max_live_parameters": 1e8, "stage3_max_reuse_distance": 
 def build_ds_config(cfg, grad_accum: int) -> dict[str, Any]:
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.stage}
+    # Pinned host memory: GPU<->host copies run at full PCIe speed and overlap compute. On CPU workers there is no
+    # device to copy to (and pinning needs CUDA).
+    pin = cfg.cluster.use_gpu is True
     if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if ds.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     if ds.stage == 3:
         # Export gathers parameters itself; DeepSpeed need not consolidate a 16-bit copy on every save.
         zero["stage3_gather_16bit_weights_on_model_save"] = False

@@ -19,10 +19,12 @@ import deepspeed  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from distune.engine.ds_config import ZERO3_GATHER  # noqa: E402
+from distune.engine.host_memory import return_large_frees  # noqa: E402
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group Ray / torchrun prepared, or make a world of one. Returns (rank, world)."""
+def init_distributed(tf32: bool = True) -> tuple[int, int]:
+    """Join the process group Ray / torchrun prepared, or make a world of one. Returns (rank, world).
+    `tf32`: fp32 matmuls and convolutions use TF32 on a GPU that has it (Ampere on; model.tf32)."""
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -32,7 +34,17 @@ def init_distributed() -> tuple[int, int]:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if get_accelerator().device_name() == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        use_tf32(tf32)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def use_tf32(on: bool) -> bool:
+    """TF32 for fp32 matmuls and convolutions where the current GPU has it (compute capability 8.0 on); whether it
+    is on. torch's default is off for matmuls: an fp32 run on an A100/H100 would use a fraction of the GPU."""
+    on = on and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    return on
 
 
 def _free_port() -> int:
@@ -64,7 +76,13 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, total_steps: int,
                           groups: list[dict] | None = None, compile_model: bool = False):
-    optimizer, scheduler = build_optimizer(model, train_cfg, total_steps, groups)
+    offloaded = "offload_optimizer" in ds_config.get("zero_optimization", {})
+    # DeepSpeedCPUAdam: the offloaded optimizer's step runs on the host, vectorised (AVX) and threaded; torch's
+    # AdamW there is several times slower. On a CPU-only run, nothing is offloaded to anywhere else.
+    cpu_adam = offloaded and get_accelerator().device_name() == "cuda"
+    optimizer, scheduler = build_optimizer(model, train_cfg, total_steps, groups, cpu_adam=cpu_adam)
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        return_large_frees()  # each step gathers and frees whole parameters: keep them off the heap
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     if compile_model:
@@ -73,8 +91,9 @@ def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, to
     return engine
 
 
-def build_optimizer(model: torch.nn.Module, train_cfg, total_steps: int, groups: list[dict] | None = None):
-    """AdamW + LambdaLR. `groups` (from the method; default: every trainable parameter in one group) are dicts with `params` and
+def build_optimizer(model: torch.nn.Module, train_cfg, total_steps: int, groups: list[dict] | None = None,
+                    cpu_adam: bool = False):
+    """AdamW (DeepSpeed's CPU AdamW with `cpu_adam`: an offloaded optimizer) + LambdaLR. `groups` (from the method; default: every trainable parameter in one group) are dicts with `params` and
     optional `name`, `lr` (absolute; default train.lr), `lr_scale` (x lr; LoRA+), `warmup_steps`, `total_steps`,
     `min_lr_ratio` (a schedule of the group's own; the run's by default). Each group keeps its own AdamW state."""
     if groups is None:
@@ -99,7 +118,12 @@ def build_optimizer(model: torch.nn.Module, train_cfg, total_steps: int, groups:
             if part:
                 torch_groups.append({"params": part, "weight_decay": decay, "lr": lr, "name": g.get("name", "default")})
                 lambdas.append(schedule)
-    optimizer = torch.optim.AdamW(torch_groups, lr=train_cfg.lr, betas=train_cfg.betas)
+    if cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(torch_groups, lr=train_cfg.lr, betas=train_cfg.betas, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(torch_groups, lr=train_cfg.lr, betas=train_cfg.betas)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
@@ -147,6 +171,7 @@ def build_frozen_engine(model: torch.nn.Module, train_ds_config: dict, dtype: st
         p.requires_grad_(False)
     if not partitioned:
         return model.to(device())
+    return_large_frees()  # every forward gathers and frees whole parameters: keep them off the heap
     engine, _, _, _ = deepspeed.initialize(model=model, config=frozen_ds_config(train_ds_config, dtype),
                                            dist_init_required=False)
     engine.eval()

@@ -2,81 +2,40 @@
 `distune submit` (whose job runs `distune run --address auto` there), status, logs, list, and their errors."""
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
+import distune.hardware as hardware
 import tiny
+from ray_nodes import cli, free_port, start_node, stop_node, wait_for_ports
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(script: str, *args: str, ray_args: tuple[str, ...] = ()) -> subprocess.Popen:
-    """One of launch/'s bring-up scripts, blocking, in its own process group (stopped by that group only).
-    Its own Ray temp dir, apart from the test session's cluster."""
-    # A short temp dir: Ray's unix sockets live under it (path length limits).
-    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY": str(Path(sys.executable).with_name("ray")),
-           "RAY_TMPDIR": tempfile.mkdtemp(prefix="dj-", dir="/tmp")}
-    return subprocess.Popen(["bash", str(ROOT / "launch" / script), *args, "--", "--block", *ray_args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)  # only what we started, by its process group
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_submit_to_a_cluster_started_by_the_launch_script(tmp_path, tiny_model, tiny_data):
     """launch/ray-head.sh (loopback), then `distune submit` through its dashboard: the job runs
     `distune run --address auto` on the head, joining that cluster."""
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # The dashboard agent's port too: its default (52365) is held by any other Ray on the machine (the test
     # session's own cluster), and without its agent a head answers "No available agent to submit job".
-    head = _start("ray-head.sh", "--port", str(port), "--dashboard-port", str(dash), "--cpus", "3",
-                  ray_args=(f"--dashboard-agent-listen-port={_free_port()}",))
+    head = start_node("ray-head.sh", "--port", str(port), "--dashboard-port", str(dash), "--cpus", "3",
+                  ray_args=(f"--dashboard-agent-listen-port={free_port()}",))
     nodes = [head]
     try:
-        deadline = time.time() + 120
-        waiting = {port, dash}  # the GCS, then the dashboard (the Jobs API)
-        while waiting and time.time() < deadline:
-            for p in list(waiting):
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", p)) == 0:
-                        waiting.discard(p)
-            assert head.poll() is None, head.communicate()[0]
-            time.sleep(0.5)
-        assert not waiting, f"ports {waiting} never opened"
+        wait_for_ports(head, [port, dash])  # the GCS, then the dashboard (the Jobs API)
+        # `auto`s left for the cluster: the head resolves them from its own resources and workers.
         cfg = tiny.base_config(tiny_model, tiny_data, tmp_path / "runs", method={"name": "lora"},
-                               cluster={"num_workers": 2}, deepspeed={"stage": 2}, train={"max_steps": 2})
+                               model={"dtype": "auto"}, cluster={"num_workers": 2, "use_gpu": "auto"},
+                               deepspeed={"stage": 2}, train={"max_steps": 2})
         _submit_status_logs_list(f"http://127.0.0.1:{dash}", cfg, tmp_path)
     finally:
         for node in reversed(nodes):
-            _stop(node)
+            stop_node(node)
     # The head printed how to join and submit; the dashboard stayed on loopback.
     text = head.communicate()[0]
     assert f"--head 127.0.0.1:{port}" in text and f"--address http://127.0.0.1:{dash}" in text
-
-
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distune", *args], capture_output=True, text=True, timeout=400,
-                          env={**os.environ, **(env or {})})
 
 
 def _submit_status_logs_list(address: str, cfg: dict, tmp_path: Path) -> None:
@@ -87,9 +46,9 @@ def _submit_status_logs_list(address: str, cfg: dict, tmp_path: Path) -> None:
     token = token_file.read_text().strip() if token_file.is_file() else None
     outputs = [_stop_then_resubmit(address, cfg, tmp_path)]
 
-    bad = [_cli("status", "nope", "--address", address),
-           _cli("status", "distune-t2", "--address", f"http://127.0.0.1:{_free_port()}"),
-           _cli("list", "--address", address, env={"RAY_AUTH_TOKEN": "planted-wrong-token-5e1", "RAY_AUTH_MODE": "token"})]
+    bad = [cli("status", "nope", "--address", address),
+           cli("status", "distune-t2", "--address", f"http://127.0.0.1:{free_port()}"),
+           cli("list", "--address", address, env={"RAY_AUTH_TOKEN": "planted-wrong-token-5e1", "RAY_AUTH_MODE": "token"})]
     wants = ["error: job nope: no such job", "no Ray dashboard answers there", "refused this client's token"]
     for out, want in zip(bad, wants):
         outputs.append(out.stdout + out.stderr)
@@ -109,32 +68,36 @@ def _stop_then_resubmit(address: str, cfg: dict, tmp_path: Path) -> str:
     cfg_file = tmp_path / "stopped.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "runs" / "stopped"
-    sub = _cli("submit", str(cfg_file), "--address", address, "--submission-id", "distune-t2")
+    sub = cli("submit", str(cfg_file), "--address", address, "--submission-id", "distune-t2")
     assert sub.returncode == 0 and "submitted distune-t2" in sub.stdout, sub.stdout + sub.stderr
     deadline = time.time() + 240
-    while "step 2/100000" not in _cli("logs", "distune-t2", "--address", address).stdout:
-        assert time.time() < deadline, _cli("logs", "distune-t2", "--address", address).stdout[-3000:]
+    while "step 2/100000" not in cli("logs", "distune-t2", "--address", address).stdout:
+        assert time.time() < deadline, cli("logs", "distune-t2", "--address", address).stdout[-3000:]
         time.sleep(1)
-    running = [_cli(*args, "--address", address) for args in (("status", "distune-t2"), ("list",))]
+    running = [cli(*args, "--address", address) for args in (("status", "distune-t2"), ("list",))]
     assert "distune-t2: RUNNING" in running[0].stdout, running[0].stdout + running[0].stderr
     assert re.search(r"distune-t2 +RUNNING +run=stopped", running[1].stdout), running[1].stdout + running[1].stderr
-    stop = _cli("stop", "distune-t2", "--address", address)
+    stop = cli("stop", "distune-t2", "--address", address)
     assert stop.returncode == 0 and "distune-t2: stop requested" in stop.stdout, (
-        stop.stdout + _cli("status", "distune-t2", "--address", address).stdout
-        + _cli("logs", "distune-t2", "--address", address).stdout[-3000:])
-    while "STOPPED" not in (status := _cli("status", "distune-t2", "--address", address)).stdout:
+        stop.stdout + cli("status", "distune-t2", "--address", address).stdout
+        + cli("logs", "distune-t2", "--address", address).stdout[-3000:])
+    while "STOPPED" not in (status := cli("status", "distune-t2", "--address", address)).stdout:
         assert time.time() < deadline and "SUCCEEDED" not in status.stdout, status.stdout + status.stderr
         time.sleep(1)
-    logs = _cli("logs", "distune-t2", "--address", address).stdout
+    logs = cli("logs", "distune-t2", "--address", address).stdout
+    dtype = hardware.auto_dtype(False, hardware.facts())  # the head's workers: this machine's CPU
+    assert f"the cluster has CPUs: cluster.use_gpu=False, model.dtype={dtype}" in logs, logs[-3000:]
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (recorded["cluster"]["use_gpu"], recorded["model"]["dtype"]) == (False, dtype)
     stopped = json.loads((run_dir / "results.json").read_text())["step"]
     assert 2 <= stopped < 100_000 and (run_dir / f"step_{stopped}").is_dir(), logs[-3000:]
     assert f"checkpoint of step {stopped} written" in logs, logs[-3000:]
     # Resumed for two more steps only (train.stop_after_steps may change between invocations of one run).
-    again = _cli("submit", str(cfg_file), f"train.stop_after_steps={stopped + 2}", "--address", address,
+    again = cli("submit", str(cfg_file), f"train.stop_after_steps={stopped + 2}", "--address", address,
                  "--submission-id", "distune-t3", "--follow")
     assert again.returncode == 0 and f"training: step {stopped} -> {stopped + 2}" in again.stdout, again.stdout[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["step"] == stopped + 2
-    after = [_cli(*args, "--address", address) for args in (("status", "distune-t3"), ("list",))]
+    after = [cli(*args, "--address", address) for args in (("status", "distune-t3"), ("list",))]
     assert "distune-t3: SUCCEEDED" in after[0].stdout, after[0].stdout + after[0].stderr
     assert re.search(r"distune-t2 +STOPPED +run=stopped", after[1].stdout), after[1].stdout
     assert re.search(r"distune-t3 +SUCCEEDED +run=stopped", after[1].stdout), after[1].stdout

@@ -27,13 +27,47 @@ def test_auto_picks_bf16_only_where_native(make_config, monkeypatch, native, exp
     assert make_config(model={"dtype": "auto"}, cluster={"use_gpu": False}).model.dtype == expected
 
 
-def test_a_gpu_target_the_driver_cannot_see_gets_bf16(make_config):
-    # A remote cluster's GPUs: every data-centre GPU since the A100 has bf16.
-    import torch
+@pytest.mark.parametrize("seen, expected", [
+    (hardware.Facts(gpus=8, gpu_name="NVIDIA H100", gpu_bf16=True, gpu_tf32=True), "bf16"),
+    (hardware.Facts(gpus=1, gpu_name="Tesla V100", gpu_bf16=False), "fp32"),  # Volta: no bf16
+    (hardware.Facts(known=False), "bf16"),  # nobody looked: every data-centre GPU since the A100 has it
+])
+def test_a_gpu_target_decides_by_what_its_worker_sees(seen, expected):
+    assert hardware.auto_dtype(True, seen) == expected
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine sees a GPU: its own bf16 support decides")
-    assert hardware.auto_dtype(uses_gpu=True) == "bf16"
+
+def test_resolving_fixes_use_gpu_too(tiny_model, tiny_data, tmp_path):
+    from distune.config import resolve_for_hardware
+
+    raw = tiny.base_config(tiny_model, tiny_data, tmp_path / "runs", model={"dtype": "auto"},
+                           cluster={"use_gpu": "auto"})
+    cfg = load_config(raw, resolve=False)
+    resolve_for_hardware(cfg, hardware.Facts(gpus=2, gpu_bf16=True), gpu=True)
+    assert (cfg.cluster.use_gpu, cfg.model.dtype) == (True, "bf16")
+    assert dump_config(cfg)["cluster"]["use_gpu"] is True  # the workers get no `auto`
+
+
+def test_a_submit_leaves_the_hardware_checks_to_the_cluster(tiny_model, tiny_data, tmp_path):
+    """Unresolved `auto`s (validate with local_cluster=False, as submit does): no verdict from this machine's
+    hardware, the rest of the config is still checked."""
+    from distune.config import ConfigError
+
+    raw = tiny.base_config(tiny_model, tiny_data, tmp_path / "runs", model={"dtype": "auto"},
+                           cluster={"use_gpu": "auto"})
+    cfg = load_config(raw, resolve=False)
+    assert validate(cfg, local_cluster=False)["total_steps"] == 4
+    assert (cfg.cluster.use_gpu, cfg.model.dtype) == ("auto", "auto")  # shipped as written
+    bad = load_config({**raw, "train": {**raw["train"], "global_batch_size": 3}}, resolve=False)
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        validate(bad, local_cluster=False)
+
+
+def test_flash_attention_with_fp32_is_refused_naming_the_key(make_config):
+    from distune.config import ConfigError
+
+    cfg = make_config(model={"attn_implementation": "flash_attention_2", "dtype": "fp32"}, cluster={"use_gpu": True})
+    with pytest.raises(ConfigError, match=r"^model.attn_implementation: flash_attention_2 computes in bf16/fp16 only"):
+        validate(cfg, local_cluster=False)
 
 
 def test_the_teacher_defaults_to_auto_and_is_resolved_with_the_student(make_config, tiny_teacher, monkeypatch):

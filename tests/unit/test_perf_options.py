@@ -49,3 +49,28 @@ def test_speed_options_keep_the_weights(world_of_one, plain, tiny_model, tiny_da
     assert got.keys() == plain.keys()
     worst = max((got[k].float() - plain[k].float()).abs().max().item() for k in plain)
     assert worst < 1e-5, f"{changes}: largest weight difference {worst:.2e}"
+
+
+def test_steps_run_in_training_mode_and_checkpoint_their_blocks(world_of_one, tiny_model, tiny_data, tmp_path):
+    """from_pretrained hands back a model in eval mode. The loop trains in training mode (dropout acts) and, with
+    gradient checkpointing, each block runs twice per micro-batch: forward, then again in backward (transformers
+    checkpoints only in training mode: an eval-mode run stored every activation)."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+    from transformers.models.llama import modeling_llama
+
+    calls, first = [], []
+
+    def watch(module, args):  # every module call, recomputes included (transformers checkpoints `forward`)
+        if isinstance(module, modeling_llama.LlamaMLP):
+            first[:] = first or [module]  # block 0's
+            if module is first[0]:
+                calls.append(module.training)
+
+    handle = register_module_forward_pre_hook(watch)
+    # 2 steps x 2 micro-batches of 2 (one rank, global batch 4), then the final evaluation in eval mode.
+    try:
+        train(tmp_path, "gc", tiny_model, tiny_data, model__gradient_checkpointing=True, train__max_steps=2)
+    finally:
+        handle.remove()
+    assert calls[:8] == [True] * 8, calls  # 4 micro-batches x (forward + recompute)
+    assert sum(calls) == 8 and not any(calls[8:]), calls

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import tiny
 from distune.methods import build_method
-from distune.plan import _meta_model, capacity, count_params, estimate, lora_formula
+from distune.plan import _meta_model, count_params, estimate, lora_formula, verdict
 
 
 @pytest.fixture(scope="session")
@@ -77,11 +77,12 @@ def test_zero_stages_shard_by_num_workers(make_config, tiny_model):
     assert stages[1]["step"] == round((4 + 8) * pt / 4)  # fp32 gradient partition + Adam's temporaries (CPU)
     totals = [stages[s]["total"]["device"] for s in range(4)]
     assert totals[0] > totals[1] > totals[2]
-    # ZeRO-3 keeps up to stage3_max_live_parameters gathered (distune's default 1e8: all of a small model);
-    # bounded, it is the smallest stage.
+    # ZeRO-3 keeps up to stage3_max_live_parameters gathered (distune's default 1e8: all of a small model), and
+    # never less than the module it computes (the embedding / output matrix); bounded, it is the smallest stage.
     bounded = make_config(cluster={"num_workers": 4}, model={"dtype": "bf16"},
                           deepspeed={"stage": 3, "extra": {"zero_optimization": {"stage3_max_live_parameters": 1000}}})
-    assert estimate(bounded, {}, counts)["stages"][3]["buffers"] == 2 * 1000
+    largest = counts["vocab"] * counts["hidden"]
+    assert largest > 1000 and estimate(bounded, {}, counts)["stages"][3]["buffers"] == 2 * largest
     assert estimate(bounded, {}, counts)["stages"][3]["total"]["device"] < totals[2]
 
 
@@ -158,22 +159,65 @@ def test_distill_teacher_placements(make_config, tiny_model, teacher_model):
     spec = _distill(teacher_model)
     spec["teacher"] = dict(spec["teacher"], placement="partitioned")
     cfg = make_config(method=spec, cluster={"num_workers": 2})
-    plan = estimate(cfg, summary, count_params(cfg, summary["model_source"]))
+    counts = count_params(cfg, summary["model_source"])
+    plan = estimate(cfg, summary, counts)
     assert plan["stages"][2]["teacher_colocated"] == plan["stages"][3]["teacher_colocated"] == t["partitioned"]
-    assert "teacher placement: recommended replicated" in capacity(plan, uses_gpu=False)
+    assert "teacher placement: recommended replicated" in verdict(plan, cfg, summary, counts, False)["text"]
 
 
-def test_capacity_compares_with_the_gpu_or_host_ram(make_config, tiny_model, monkeypatch):
+def test_the_verdict_counts_what_shares_the_machine(make_config, tiny_model, monkeypatch):
+    """CPU workers: every rank with its process, Ray's processes and the driver, against Ray's kill threshold less
+    what other processes use; a GPU: the estimate plus the CUDA context and NCCL, against its memory."""
     import types
 
     import torch
 
+    import distune.plan as plan_module
+    from distune.scale import DRIVER, GPU_RUNTIME, RAY_NODE, WORKER_PROCESS
+
     cfg = make_config(cluster={"num_workers": 2})
-    plan = estimate(cfg, {}, count_params(cfg, str(tiny_model)))
-    assert "CPU workers: figures are host memory" in capacity(plan, uses_gpu=False)
+    counts = count_params(cfg, str(tiny_model))
+    plan = estimate(cfg, {}, counts)
+    gib = 2**30
+    monkeypatch.setattr(plan_module, "_meminfo", lambda: {"MemTotal": 24 * gib, "MemAvailable": 20 * gib})
+    monkeypatch.setattr(plan_module, "_own_rss", lambda: gib)
+    v = verdict(plan, cfg, {}, counts, False)
+    combined = plan["stages"][cfg.deepspeed.stage]["combined"]["device"]
+    assert v["need"] == pytest.approx(2 * (combined + WORKER_PROCESS) + RAY_NODE + DRIVER)
+    assert v["limit"] == pytest.approx(0.95 * 24 * gib - 3 * gib)  # others: 4 GiB used now, 1 GiB of it is plan
+    assert v["fits"] and not v["near"] and "Ray kills workers above 95%" in v["text"] and not v["advice"]
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=2**20))
-    assert "GPU 0 has 1.00 MiB" in capacity(plan, uses_gpu=True) and "DOES NOT FIT" in capacity(plan, True)
+    v = verdict(estimate(cfg, {}, counts, gpu=True), cfg, {}, counts, True)
+    assert "GPU 0 has 1.00 MiB" in v["text"] and "DOES NOT FIT" in v["text"] and v["need"] > GPU_RUNTIME
+
+
+def test_a_run_that_does_not_fit_is_told_the_cheapest_settings_that_do(make_config, tiny_model, monkeypatch):
+    """Long rows on a small machine: the verdict names settings that make room, cheapest first, each with its
+    predicted peak under the limit (10 % kept free)."""
+    import distune.plan as plan_module
+    from distune.scale import DRIVER, RAY_NODE, WORKER_PROCESS
+
+    cfg = make_config(cluster={"num_workers": 2}, data={"max_length": 16384},
+                      train={"micro_batch_size": 16, "global_batch_size": 32})
+    counts = count_params(cfg, str(tiny_model))
+    plan = estimate(cfg, {}, counts)
+    fixed = 2 * WORKER_PROCESS + RAY_NODE + DRIVER
+    need = verdict(plan, cfg, {}, counts, False)["need"]
+    # A machine where 60 % of this run's own memory fits in the limit's first 90 %.
+    assert need - fixed > fixed / 3
+    total = (fixed + 0.6 * (need - fixed)) / 0.9 / 0.95
+    monkeypatch.setattr(plan_module, "_meminfo", lambda: {"MemTotal": total, "MemAvailable": total})
+    monkeypatch.setattr(plan_module, "_own_rss", lambda: 0)
+    v = verdict(plan, cfg, {}, counts, False)
+    assert not v["fits"] and "DOES NOT FIT" in v["text"] and "to make room: " in v["text"]
+    assert v["advice"] and all(p <= 0.9 * v["limit"] for _, p, _ in v["advice"])
+    labels = [label for label, _, _ in v["advice"]]
+    order = ["train.loss_chunk", "train.micro_batch_size", "model.gradient_checkpointing", "deepspeed.stage",
+             "deepspeed.offload_optimizer"]
+    ranks = [next(i for i, key in enumerate(order) if label.startswith(key)) for label in labels]
+    assert ranks == sorted(ranks), labels  # cheapest first
 
 
 def test_cli_prints_every_stage(tiny_model, tiny_data, teacher_model, tmp_path, capsys):
@@ -224,3 +268,19 @@ def test_logits_count_only_the_rows_a_loss_reads(make_config, tiny_model):
                           data={"max_length": 64})
     assert every - estimate(chunked, {"trained_token_fraction": 1.0}, counts)["stages"][0]["activations"] == \
         pytest.approx((2 * 64 - 16) * counts["vocab"] * 12, abs=2)
+
+
+def test_run_refuses_a_plan_that_does_not_fit_before_any_worker(tiny_model, tiny_data, tmp_path, capsys):
+    """Rows of up to 32k tokens in micro-batches of 32 need far more than this machine has: `distune run` says so
+    in one line, with what would make room, and starts nothing (no Ray, no run directory)."""
+    from distune.cli import main
+
+    path = tmp_path / "huge.yaml"
+    path.write_text(yaml.safe_dump(tiny.base_config(
+        tiny_model, tiny_data, tmp_path / "runs", cluster={"num_workers": 2}, data={"max_length": 32768},
+        train={"micro_batch_size": 32, "global_batch_size": 64})))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: this run does not fit this machine (distune plan): it needs ")
+    assert "--ignore-plan runs it anyway" in err[0]
+    assert not (tmp_path / "runs").exists()

@@ -123,3 +123,17 @@ def test_validate_falls_back_to_a_whole_load_under_auto_and_refuses_under_partit
         validate(load_config(raw))
     assert not any("model.load" in w for w in validate(load_config(
         tiny.base_config(sharded, tiny_data, tmp_path, deepspeed={"stage": 3})))["warnings"])
+
+
+def test_a_node_that_cannot_see_the_drivers_copy_prepares_its_own(tiny_model, tmp_path):
+    """Shared-nothing nodes: the driver's prepared source (e.g. a GGUF converted into its own cache) is used where
+    this node sees it; elsewhere the configured path is prepared on this node; a path no node-local copy of exists
+    is one error naming the key."""
+    from distune.models import source_on_this_node
+
+    assert source_on_this_node(str(tiny_model), str(tiny_model)) == str(tiny_model)
+    assert source_on_this_node("org/some-model", "org/some-model") == "org/some-model"  # a hub id: each node fetches
+    drivers_cache = str(tmp_path / "driver-cache" / "gguf" / "m-0123")  # not on this node
+    assert source_on_this_node(str(tiny_model), drivers_cache) == str(tiny_model)
+    with pytest.raises(ConfigError, match=r"^method.teacher.path: /nowhere/m.gguf is not on node "):
+        source_on_this_node("/nowhere/m.gguf", drivers_cache, key="method.teacher.path")
