@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import wandb_records
 
-STEPS, EVERY = 12, 3
+STEPS, EVERY = 24, 3  # enough steps left after a SIGTERM for the stop to reach the ranks (~1 s)
 
 
 def sections(name: str) -> dict:
