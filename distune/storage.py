@@ -149,8 +149,7 @@ class RunStore:
                 shutil.rmtree(old, ignore_errors=True)
                 return str(target)
             dest = self._path(rel)
-            if self.exists(f"{rel}/{DONE}"):
-                self.fs.delete_file(f"{dest}/{DONE}")  # from here on the old copy reads as absent
+            self.delete(f"{rel}/{DONE}")  # from here on the old copy reads as absent
             if self.exists(rel):
                 self.fs.delete_dir_contents(dest, missing_dir_ok=True)
             upload(staged, self.fs, dest)
@@ -160,9 +159,21 @@ class RunStore:
         finally:
             shutil.rmtree(staged, ignore_errors=True)
 
-    def complete(self, rel: str) -> bool:
-        """A folder published here is whole (a local folder is, once renamed into place)."""
-        return self.exists(f"{rel}/{DONE}") if self.remote else self.exists(rel)
+    def delete(self, rel: str) -> None:
+        """Remove the file `rel` (none there: nothing to do)."""
+        if not self.remote:
+            Path(self.root, rel).unlink(missing_ok=True)
+        elif self.exists(rel):
+            self.fs.delete_file(self._path(rel))
+
+    def size(self, rel: str) -> int:
+        """Bytes of every file under the folder `rel`."""
+        if not self.remote:
+            return sum(f.stat().st_size for f in Path(self.root, rel).rglob("*") if f.is_file())
+        import pyarrow.fs
+
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self._path(rel), recursive=True, allow_not_found=True))
+        return sum(i.size or 0 for i in infos if i.type == pyarrow.fs.FileType.File)
 
 
 def upload(local: Path, fs, dest: str, skip=lambda name: False) -> None:

@@ -183,10 +183,7 @@ def _drop_torn_ray_record(store) -> None:
     try:
         json.loads(text)
     except ValueError:
-        if store.remote:
-            store.fs.delete_file(f"{store.root}/{RAY_RECORD}")
-        else:
-            Path(store.root, RAY_RECORD).unlink()
+        store.delete(RAY_RECORD)
         print(f"{store}/{RAY_RECORD} was cut short by a failed save: removed (the run resumes from the newest "
               f"complete checkpoint)", flush=True)
 
@@ -195,14 +192,7 @@ def _last_checkpoint_bytes(store) -> int:
     from distune.rundir import latest_complete
 
     name = latest_complete(store) if store is not None else None
-    if name is None:
-        return 0
-    if not store.remote:
-        return sum(f.stat().st_size for f in Path(store.root, name).rglob("*") if f.is_file())
-    import pyarrow.fs
-
-    infos = store.fs.get_file_info(pyarrow.fs.FileSelector(f"{store.root}/{name}", recursive=True))
-    return sum(i.size or 0 for i in infos if i.type == pyarrow.fs.FileType.File)
+    return store.size(name) if name else 0
 
 
 def _start_remote_teachers(cfg, model_source: str, specs: dict, use_gpu: bool) -> dict:
