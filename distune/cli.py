@@ -40,10 +40,23 @@ def _refuse_what_does_not_fit(cfg, summary: dict) -> None:
                       f"it anyway")
 
 
+def _version() -> str:
+    """The installed package's version; the source tree's when distune runs uninstalled (PYTHONPATH)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("distune")
+    except PackageNotFoundError:
+        from distune import __version__
+
+        return __version__
+
+
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; with `command`, only that subcommand's module is imported for its options (so
     `distune status` does not import torch)."""
     p = argparse.ArgumentParser(prog="distune", description="Ray + DeepSpeed ZeRO fine-tuning and distillation.")
+    p.add_argument("--version", action="version", version=f"distune {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a config (files, model, data, batch arithmetic) without training")
     v.add_argument("config")
@@ -111,6 +124,9 @@ def _project_local_caches() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"]:  # answered here: the whole parser imports every subcommand's module (torch: seconds)
+        print(f"distune {_version()}")
+        return 0
     args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     _project_local_caches()
     if args.command in TOOL_COMMANDS:
@@ -120,25 +136,97 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     from distune.config import load_config
-    from distune.validate import validate
+    from distune.pipeline import is_pipeline
 
+    address = getattr(args, "address", None)
+    joins = address and args.command != "submit"  # submit's address is the dashboard's: jobs.py
+    pipeline = is_pipeline(args.config)
+    if pipeline and args.command not in ("validate", "run", "plan"):
+        print(f"error: {args.config} is a pipeline (it has stages:): `distune {args.command}` takes one config; "
+              f"run the pipeline with `distune run`, or give one stage's config", file=sys.stderr)
+        return 2
     try:
-        address = getattr(args, "address", None)
-        joins = address and args.command != "submit"  # submit's address is the dashboard's: jobs.py
         if joins:
             from distune.cluster.address import check_gcs_address
 
             check_gcs_address(address)  # seconds, before validation reads the model and the data
         # On a cluster, `use_gpu: auto` / `dtype: auto` are the cluster's to decide: a submitted job's head
         # resolves them when it runs this command with --address auto.
-        cfg = load_config(args.config, args.overrides, resolve=not (joins or args.command == "submit"))
+        resolve = not (joins or args.command == "submit")
+        if pipeline:
+            from distune.pipeline import load_pipeline
+
+            stages = load_pipeline(args.config, args.overrides, resolve=resolve)
+        else:
+            cfg = load_config(args.config, args.overrides, resolve=resolve)
         if joins:
-            from distune.cluster.target import resolve_on_cluster
             from distune.cluster.trainer import start_ray
 
             start_ray(address, verbose=getattr(args, "verbose", False))
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if pipeline:
+        return _pipeline(stages, args)
+    return _one(cfg, args, args.config)
+
+
+def _pipeline(stages, args) -> int:
+    """Each stage in order, on one Ray cluster: done ones skipped, cut ones resumed, changed ones started over."""
+    from distune.pipeline import published, state
+
+    if args.command == "run" and not args.address:
+        from distune.cluster.trainer import cpus_wanted, start_ray
+
+        start_ray(None, num_cpus=max(os.cpu_count() or 1, *(cpus_wanted(s.cfg) for s in stages)),
+                  verbose=args.verbose)
+    reran: set[str] = set()
+    for i, stage in enumerate(stages, 1):
+        head = f"== stage {stage.name} ({i}/{len(stages)})"
+        waiting = [n for n in stage.needs if not published(next(s for s in stages if s.name == n).cfg.store(),
+                                                               "export")]
+        if args.command != "run":
+            if waiting:  # its model or data is an earlier stage's export: checked once that exists
+                print(f"{head}: config ok; its inputs are checked once stage {', '.join(waiting)} has run",
+                      flush=True)
+                continue
+            print(head, flush=True)
+            rc = _one(stage.cfg, args, f"stage {stage.name}")
+            if rc:
+                return rc
+            continue
+        what, why = state(stage, reran)
+        if what == "done":
+            print(f"{head}: done ({why}): {stage.export}", flush=True)
+            continue
+        print(f"{head}: {what}" + (f" ({why})" if why else ""), flush=True)
+        if what == "start over":
+            stage.cfg.store().clear()
+        reran.add(stage.name)
+        rc = _one(stage.cfg, args, f"stage {stage.name}")
+        if rc:
+            return rc
+        if not published(stage.cfg.store(), "export"):  # stopped early (train.stop_after_steps)
+            print(f"stage {stage.name} stopped before its export: run the same command again to resume",
+                  file=sys.stderr)
+            return 143
+    if args.command == "run":
+        print("pipeline done: " + ", ".join(f"{s.name} -> {s.export}" for s in stages))
+    return 0
+
+
+def _one(cfg, args, label: str) -> int:
+    """Validate one config, then the command: the whole of `distune CMD CFG`, or one stage of a pipeline."""
+    from distune.validate import validate
+
+    address = getattr(args, "address", None)
+    joins = address and args.command != "submit"
+    try:
+        if joins:
+            from distune.cluster.target import resolve_on_cluster
+
             print(resolve_on_cluster(cfg), flush=True)
-        print(f"validating {args.config} ...", flush=True)
+        print(f"validating {label} ...", flush=True)
         # A paper plan (`plan --gpu`) is for a cluster that is not this machine, as a submit's is.
         elsewhere = address or args.command == "submit" or getattr(args, "gpu", None)
         summary = validate(cfg, local_cluster=not elsewhere,
@@ -174,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.wandb.mode != "disabled":
         run_id(cfg.run_dir, cfg.store())  # fixed before any worker starts: every restart logs to the same W&B run
     try:
-        fit(cfg, summary["model_source"], address=args.address, show_progress=not args.no_progress,
+        fit(cfg, summary["model_source"], address=address, show_progress=not args.no_progress,
             verbose=args.verbose)
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_serializer,
@@ -56,7 +56,8 @@ class ModelSection(Strict):
         "natively on the workers' hardware (a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX/ARM BF16), else fp32; "
         "resolved where the job runs (on the cluster's workers for --address / submit / k8s) and recorded resolved "
         "in run_dir/config.yaml.")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Passed to transformers: run the model repository's own "
+                                    "Python code (only for repositories you trust).")
     tf32: bool = Field(True, description="On CUDA GPUs from Ampere on (A100, H100), fp32 matmuls and convolutions "
                        "use TF32 tensor cores (inputs rounded to a 10-bit mantissa, fp32 accumulation), as HF "
                        "Trainer's --tf32: an fp32 run several times faster. false: exact fp32. No effect on CPU.")
@@ -171,7 +172,8 @@ class DataSection(Strict):
     use_chat_template: bool = Field(True, description="Render with the tokenizer's chat template if it has one.")
     train_on_inputs: bool = Field(False, description="Also train on prompt tokens (SDE's input modelling; "
                                   "default: response only).")
-    design: DesignSection = Field(default_factory=DesignSection)
+    design: DesignSection = Field(default_factory=DesignSection, description="Sample design: how a row becomes a "
+                                  "sample (keys below).")
     max_length: int = Field(512, gt=1, description="Samples longer than this are truncated (from the right).")
     limit: int | None = Field(None, gt=0, description="Use only this many rows (after a seeded shuffle).")
     # None, not 0.1, as the default: a dumped config (what the workers load) must not look as if it set both.
@@ -190,7 +192,7 @@ class DataSection(Strict):
                           "its own positions and attends only to itself.")
     group_by_length: bool = Field(False, description="Batch training samples of similar length together "
                                   "(less padding; ignored with packing).")
-    encoding: str = "utf-8"
+    encoding: str = Field("utf-8", description="Text encoding of JSONL / CSV / TSV files.")
     encoding_errors: Literal["strict", "replace"] = Field(
         "strict", description="replace: undecodable bytes become U+FFFD instead of an error.")
     tasks: list[TaskSection] | None = Field(
@@ -321,16 +323,17 @@ DataSection.model_rebuild()
 
 class TrainSection(Strict):
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; default: epochs over the data.")
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split; used when max_steps is not set.")
     global_batch_size: int = Field(8, gt=0, description="Samples per optimizer step, all workers together.")
     micro_batch_size: int = Field(1, gt=0, description="Samples per forward pass per worker.")
-    lr: float = Field(2e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(0, ge=0)
+    lr: float = Field(2e-5, gt=0, description="AdamW peak learning rate (after warmup_steps).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps, then cosine decay to lr x min_lr_ratio.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
-    grad_clip: float | None = Field(1.0, gt=0)
-    log_every: int = Field(1, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="Global gradient-norm clipping; null disables it "
+                                    "(DeepSpeed is told gradient_clipping: 0, since its own default clips at 1.0).")
+    log_every: int = Field(1, gt=0, description="Steps between logged metrics (one cross-rank sync per interval).")
     loss_chunk: int | None = Field(
         None, gt=0, description="Causal LMs: run the output head and the loss (CE and KD) over at most this many "
         "trained positions at a time, recomputing each chunk in backward, so [positions x vocab] logits never "
@@ -346,7 +349,7 @@ class EvalSection(Strict):
     before_training: bool = Field(True, description="Also evaluate once before the first step.")
     choices: list[str] | None = Field(
         None, description="Candidate responses; enables accuracy = the choice the model scores highest.")
-    micro_batch_size: int = Field(8, gt=0)
+    micro_batch_size: int = Field(8, gt=0, description="Samples per evaluation forward pass per worker.")
     max_answer_tokens: int = Field(30, gt=0, description="model.task question_answering: the longest answer span "
                                    "(in tokens) a prediction may be.")
 
@@ -357,8 +360,10 @@ class CheckpointSection(Strict):
 
 
 class DeepSpeedSection(Strict):
-    stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
+    stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 data parallel; 1 partitions optimizer states; "
+                                       "2 also gradients; 3 also parameters.")
+    offload_optimizer: bool = Field(False, description="Optimizer states (and, at stage 3, the gradient partition) in "
+                                    "host memory; on GPU workers pinned, stepped by DeepSpeedCPUAdam.")
     offload_param: bool = Field(False, description="ZeRO-3 only.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed keys, merged last.")
 
@@ -370,12 +375,16 @@ class DeepSpeedSection(Strict):
 
 
 class ClusterSection(Strict):
-    num_workers: int = Field(1, gt=0)
+    num_workers: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        1, description="Training workers (ranks), one GPU each on GPUs. auto: one per GPU where the job runs (this "
+        "machine's GPUs for a local run, the Ray cluster's for --address / submit), 2 on CPUs; where the global "
+        "batch is not a multiple of micro_batch_size x workers, auto lowers the micro-batch to the largest that "
+        "divides it. Recorded resolved in run_dir/config.yaml.")
     use_gpu: bool | Literal["auto"] = Field(
         "auto", description="auto: GPUs if the cluster the job runs on has them (a local run: this machine sees CUDA; "
         "--address / submit / k8s render: the Ray cluster advertises GPU resources). Resolved before any worker "
         "starts, and recorded resolved in run_dir/config.yaml.")
-    cpus_per_worker: float = Field(1, gt=0)
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves for each training worker.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement of the workers: PACK fills a node before the next (fewest nodes); SPREAD "
@@ -401,17 +410,24 @@ def looks_secret(name: str) -> bool:
 
 
 class WandbSection(Strict):
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    project: str = "distune"
-    entity: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "offline", description="online needs W&B credentials (WANDB_API_KEY in the environment, or `wandb login`); "
+        "offline writes run_dir/wandb for `wandb sync`; disabled logs nothing.")
+    project: str = Field("distune", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user); your default one when null.")
+    tags: list[str] = Field(default_factory=list, description="W&B run tags.")
+    group: str | None = Field(None, description="W&B group the run joins (a pipeline's stages share one: by "
+                              "default the pipeline file's name).")
+    job_type: str | None = Field(None, description="W&B job_type (a pipeline stage's name by default).")
 
 
 class MethodSection(BaseModel):
     """`name` picks the plugin; the other keys are validated by that plugin's own Config."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "full"
+    name: str = Field("full", description="A registered method (full, lora, ia3, prompt_tuning, p_tuning, "
+                      "prefix_tuning, distill, the adapter family, or a plugin's name); the other method keys are "
+                      "its own (see Methods below).")
 
 
 class RunConfig(Strict):
@@ -489,33 +505,17 @@ class RunConfig(Strict):
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_config(source: str | Path | dict, overrides: list[str] = (), resolve: bool = True) -> RunConfig:
-    """Read YAML (or a dict), apply `a.b.c=value` overrides, validate; raise ConfigError on any problem.
-    `resolve`: turn `use_gpu: auto` / `dtype: auto` into this machine's choice (off where the config runs elsewhere:
-    `--address`, submit and k8s render resolve them from the cluster)."""
+def load_config(source: str | Path | dict, overrides: list[str] = (), resolve: bool = True,
+                base_dir: Path | None = None) -> RunConfig:
+    """Read YAML (or a dict), merge its `base:` files under it, apply `a.b.c=value` overrides, validate; raise
+    ConfigError on any problem. `resolve`: turn `use_gpu: auto` / `dtype: auto` into this machine's choice (off
+    where the config runs elsewhere: `--address`, submit and k8s render resolve them from the cluster).
+    `base_dir`: where a dict's `base:` names are found (a file's are beside it)."""
     if isinstance(source, dict):
-        raw, where = source, "config"
+        raw, where = with_bases(source, Path(base_dir or "."), "config"), "config"
     else:
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-        try:
-            raw = yaml.load(text, Loader=UniqueKeyLoader)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if raw is None:
-            raise ConfigError(f"{path}: the file is empty (a config needs at least model.path and data.path)")
-        where = str(path)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of sections")
+        raw, where = with_bases(read_yaml(path), path.parent, str(path), (path.resolve(),)), str(path)
     raw = apply_overrides(raw, overrides)
     try:
         cfg = RunConfig.model_validate(raw)
@@ -527,16 +527,83 @@ def load_config(source: str | Path | dict, overrides: list[str] = (), resolve: b
     return cfg
 
 
-def resolve_for_hardware(cfg: RunConfig, seen=None, gpu: bool | None = None) -> None:
-    """`cluster.use_gpu: auto` and `dtype: auto` (the student's and a teacher's) -> concrete values for the hardware
-    the workers use, once: the workers get the resolved config, so every rank agrees.
+def read_yaml(path: Path) -> dict:
+    """A config file's top-level mapping; ConfigError naming the file (and line) otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty (a config needs at least model.path and data.path)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
 
-    `gpu` and `seen` (hardware.Facts from a worker's machine) come from the cluster for a run on one
-    (distune.cluster.target); by default this machine decides, right for a local run, where it is the cluster."""
-    from distune.hardware import auto_dtype, uses_gpu
+
+def with_bases(raw: dict, here: Path, where: str, chain: tuple[Path, ...] = ()) -> dict:
+    """`raw` over the files its `base:` names (one, or a list merged in order; each may have bases of its own;
+    names are relative to `here`, the including file's folder). Mappings merge key by key and the including side
+    wins; lists and scalars are replaced whole; a section whose `name` differs from its base's (another method)
+    replaces the base's section."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections")
+    raw = dict(raw)
+    names = raw.pop("base", None)
+    if names is None:
+        return raw
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{where}: base: expected a config file name or a list of them, got {names!r}")
+    merged: dict = {}
+    for name in names:
+        path = (here / Path(name).expanduser()).resolve()
+        if path in chain:
+            loop = " -> ".join(str(p) for p in chain + (path,))
+            raise ConfigError(f"{where}: base: {name} includes itself ({loop})")
+        if not path.is_file():
+            raise ConfigError(f"{where}: base: {name}: file not found ({path})")
+        merged = merge(merged, with_bases(read_yaml(path), path.parent, str(path), chain + (path,)))
+    return merge(merged, raw)
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` merged onto `base` (see with_bases)."""
+    out = dict(base)
+    for key, value in over.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, dict) and old.get("name", value.get("name")) == value.get(
+                "name", old.get("name")):
+            out[key] = merge(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_for_hardware(cfg: RunConfig, seen=None, gpu: bool | None = None, gpus: int | None = None) -> None:
+    """`cluster.use_gpu: auto`, `cluster.num_workers: auto` and `dtype: auto` (the student's and a teacher's) ->
+    concrete values for the hardware the workers use, once: the workers get the resolved config, so every rank
+    agrees.
+
+    `gpu`, `gpus` (how many) and `seen` (hardware.Facts from a worker's machine) come from the cluster for a run on
+    one (distune.cluster.target); by default this machine decides, right for a local run, where it is the cluster."""
+    from distune.hardware import auto_dtype, gpu_count, uses_gpu
 
     if cfg.cluster.use_gpu == "auto":
         cfg.cluster.use_gpu = uses_gpu("auto") if gpu is None else gpu
+    if cfg.cluster.num_workers == "auto":
+        n = (gpu_count() if gpus is None else gpus) if cfg.cluster.use_gpu else CPU_WORKERS
+        fit_workers(cfg, max(1, n))
     teacher = getattr(cfg.method_config(), "teacher", None)
     if cfg.model.dtype != "auto" and getattr(teacher, "dtype", None) != "auto":
         return
@@ -545,6 +612,20 @@ def resolve_for_hardware(cfg: RunConfig, seen=None, gpu: bool | None = None) -> 
         cfg.model.dtype = resolved
     if getattr(teacher, "dtype", None) == "auto":
         cfg.method.model_extra["teacher"] = {**cfg.method.model_extra["teacher"], "dtype": resolved}
+
+
+CPU_WORKERS = 2  # `num_workers: auto` on CPUs: two ranks show every distributed path (ZeRO partitions, all-reduce)
+
+
+def fit_workers(cfg: RunConfig, n: int) -> None:
+    """`n` workers (at most one per row of the global batch), and the largest micro-batch up to the configured one
+    that splits the global batch evenly over them."""
+    t = cfg.train
+    n = min(n, t.global_batch_size)
+    micro = min(t.micro_batch_size, t.global_batch_size // n)
+    while t.global_batch_size % (micro * n):
+        micro -= 1
+    cfg.cluster.num_workers, t.micro_batch_size = n, micro
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

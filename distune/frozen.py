@@ -114,8 +114,8 @@ def build(prepared: dict[str, Prepared], ds_config: dict, train_samples: list, r
             frozen[name] = CachedTeacher(prep.vocab_size)
         elif spec.signal == "remote":
             if not remote or name not in remote:
-                raise ConfigError(f"method.signal: remote needs the Ray actor group `distune run` starts; "
-                                  f"running without Ray, use signal online or cached")
+                raise ConfigError("method.signal: remote needs the Ray actor group `distune run` starts; "
+                                  "running without Ray, use signal online or cached")
             frozen[name] = remote[name]
         else:
             raise ConfigError(f"method.signal: unknown teacher signal {spec.signal!r}")

@@ -63,6 +63,13 @@ def uses_gpu(setting: bool | str) -> bool:
     return bool(setting)
 
 
+def gpu_count() -> int:
+    """CUDA devices this process sees."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def auto_dtype(uses_gpu: bool, seen: Facts | None = None) -> str:
     """bf16 where it is native on the workers' hardware (`seen`; default: this machine's), fp32 elsewhere. fp16 is
     never chosen (it needs loss scaling). A GPU nobody has looked at is assumed to have bf16, as every data-centre

@@ -63,17 +63,24 @@ def check_resumable(cfg: RunConfig) -> None:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{store}/config.yaml: unreadable ({type(e).__name__}); it records the config of the "
                           f"checkpoint {latest}") from None
-    old, new = _flat(saved if isinstance(saved, dict) else {}), _flat(dump_config(cfg))
-    # A key only one side has comes from another distune version's schema: not a difference of the recipe.
-    # A dtype still `auto` is resolved where the job runs (a submit's head), which checks again with the value.
-    differ = [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k] and not k.startswith(MAY_CHANGE)
-              and not (k.endswith("dtype") and new[k] == "auto")]
+    old = saved if isinstance(saved, dict) else {}
+    differ = differences(old, cfg)
     if not differ:
         return
+    old, new = _flat(old), _flat(dump_config(cfg))
     shown = "; ".join(f"{k} is {_short(old[k])} there, {_short(new[k])} here" for k in differ[:3])
     more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
     raise ConfigError(f"run.name: {store} holds checkpoint {latest} written by another config: {shown}"
                       f"{more}; use a new run.name, or delete {store} to start over")
+
+
+def differences(saved: dict, cfg: RunConfig) -> list[str]:
+    """The keys that shape the trained state and differ between a recorded config (`saved`) and `cfg`."""
+    old, new = _flat(saved), _flat(dump_config(cfg))
+    # A key only one side has comes from another distune version's schema: not a difference of the recipe.
+    # A dtype still `auto` is resolved where the job runs (a submit's head), which checks again with the value.
+    return [k for k in sorted(old.keys() & new.keys()) if old[k] != new[k] and not k.startswith(MAY_CHANGE)
+            and not (k.endswith("dtype") and new[k] == "auto")]
 
 
 def write_config(cfg: RunConfig) -> None:

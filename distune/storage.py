@@ -166,6 +166,13 @@ class RunStore:
         elif self.exists(rel):
             self.fs.delete_file(self._path(rel))
 
+    def clear(self) -> None:
+        """Remove the whole run directory (a pipeline stage that starts over)."""
+        if not self.remote:
+            shutil.rmtree(self.root, ignore_errors=True)
+        elif self.exists(""):
+            self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
+
     def size(self, rel: str) -> int:
         """Bytes of every file under the folder `rel`."""
         if not self.remote:

@@ -65,6 +65,7 @@ class WandbTracker:
         self._run = wandb.init(
             project=wandb_cfg.project, entity=wandb_cfg.entity, mode=wandb_cfg.mode, dir=str(run_dir),
             id=run_id(run_dir, store), resume="allow", name=name, tags=wandb_cfg.tags, config=config,
+            group=wandb_cfg.group, job_type=wandb_cfg.job_type,
             # The run file is flushed every second (wandb's default: 15 s), so a rank killed mid-run (node
             # loss, OOM) loses at most a second of metrics, not everything since the last flush.
             settings=wandb.Settings(console="off", silent=True, x_transaction_log_flush_interval=1.0))

@@ -1,13 +1,18 @@
 """Everything that can be checked before any worker is scheduled.
 
 Files exist, the model's config loads, the dtype suits the hardware (fp16 is refused on CPU), the
-batch arithmetic divides, every sample has trained tokens, eval choices cover the eval labels.
+batch arithmetic divides, every sample has trained tokens, eval choices cover the eval labels, the method fits
+the model (e.g. LoRA's target_modules exist), the run directory can be written, W&B online has credentials.
 Raises ConfigError / DataError with a one-line message. Imports neither ray nor deepspeed.
 """
 
 from __future__ import annotations
 
+import netrc
+import os
+import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -18,6 +23,7 @@ from distune.frozen import preflight
 from distune.hardware import Facts, cpu_has_native_bf16, uses_gpu
 from distune.methods import build_method
 from distune.models import layer_indices, load_model_config, meta_model, load_tokenizer, resolve_model_source
+from distune.storage import is_uri
 
 
 def target_uses_gpu(cfg: RunConfig) -> bool:
@@ -50,6 +56,9 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         raise ConfigError(f"cluster.placement: STRICT_SPREAD puts each of the {cfg.cluster.num_workers} workers on "
                           f"its own node, and the local embedded cluster is one node; join a cluster with "
                           f"--address, or use PACK or SPREAD")
+    if local_cluster:  # elsewhere (submit, --address), the folders and credentials are the cluster's nodes'
+        _check_output_dir(cfg)
+        _check_wandb_login(cfg)
     if cfg.model.quantization and uses_gpu is not None:
         _check_quantization(cfg, uses_gpu, local_cluster)
     if cfg.model.attn_implementation == "flash_attention_2":
@@ -182,6 +191,45 @@ def _emulated_bf16(cfg: RunConfig, uses_gpu: bool) -> list[str]:
                                                             None))) if d == "bf16"]
     return [f"{k}: bf16 on a CPU without native bf16 (AVX512-BF16/AMX): torch emulates it, about 30x slower than "
             f"fp32 here; use auto or fp32" for k in keys]
+
+
+def _check_output_dir(cfg: RunConfig) -> None:
+    """The run directory can be written: a temp file is made and removed in it, or in its nearest existing parent
+    (validate creates no folder). Without it, an unwritable folder fails later: writing the config, or on the workers.
+    An object store is opened (and checked) by distune.storage."""
+    if is_uri(cfg.run.output_dir):
+        return
+    out = Path(cfg.run.output_dir)
+    run_dir = out / cfg.run.name
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"run.output_dir: {existing} is a file, not a folder; choose another run.output_dir")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".distune-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        what = (f"cannot write to {existing}" if existing in (run_dir, out) else
+                f"{out} does not exist and cannot be created: {existing} is not writable")
+        raise ConfigError(f"run.output_dir: {what} ({e.strerror or e}); choose a folder this user can write") from None
+
+
+def _check_wandb_login(cfg: RunConfig) -> None:
+    """wandb.mode online needs an API key where the workers run (this machine): WANDB_API_KEY, or the netrc entry
+    `wandb login` writes for the W&B host. Only whether one exists is looked at; no key is read into a message."""
+    if cfg.wandb.mode != "online" or os.environ.get("WANDB_API_KEY", "").strip():
+        return
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc  # wandb's netrc machine
+    file = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    try:
+        entry = netrc.netrc(str(file)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        entry = None  # absent or unreadable: wandb finds no key there either
+    if entry and entry[2]:
+        return
+    raise ConfigError(f"wandb.mode: online, but this machine has no W&B credentials (WANDB_API_KEY is unset and "
+                      f"{file} has no machine {host}); run `wandb login`, set WANDB_API_KEY, or use wandb.mode: "
+                      f"offline")
 
 
 def _check_quantization(cfg: RunConfig, uses_gpu: bool, local_cluster: bool) -> None:

@@ -42,8 +42,9 @@ def records(path: Path) -> list[wandb_internal_pb2.Record]:
 
 
 def logged(run_dir: Path) -> dict:
-    """{'history': [ {key: value, '_step': n}, ...], 'config': {...}, 'run_ids': [...]} over all run files."""
-    history, config, run_ids = [], {}, []
+    """{'history': [ {key: value, '_step': n}, ...], 'config': {...}, 'run_ids': [...], 'groups': [...],
+    'job_types': [...]} over all run files."""
+    history, config, run_ids, groups, job_types = [], {}, [], [], []
     for f in sorted(run_dir.glob("wandb/*run-*/run-*.wandb")):
         for rec in records(f):
             which = rec.WhichOneof("record_type")
@@ -55,9 +56,11 @@ def logged(run_dir: Path) -> dict:
                     config[item.key] = json.loads(item.value_json)
             elif which == "run":
                 run_ids.append(rec.run.run_id)
+                groups.append(rec.run.run_group)
+                job_types.append(rec.run.job_type)
                 for item in rec.run.config.update:
                     config[item.key] = json.loads(item.value_json)
-    return {"history": history, "config": config, "run_ids": run_ids}
+    return {"history": history, "config": config, "run_ids": run_ids, "groups": groups, "job_types": job_types}
 
 
 def finished(run_dir: Path, timeout: float = 60.0) -> dict:

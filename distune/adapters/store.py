@@ -27,6 +27,8 @@ class AdapterError(ConfigError):
 
 def read_config(folder: Path) -> dict:
     path = Path(folder) / CONFIG
+    if not Path(folder).is_dir():
+        raise AdapterError(f"{folder}: no such folder")
     if not path.is_file():
         raise AdapterError(f"{folder}: not a PEFT adapter folder (no {CONFIG})")
     return json.loads(path.read_text())
@@ -125,6 +127,7 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None) -> Path:
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    read_config(adapter)  # one line naming the folder, not PEFT's ValueError, when it holds no adapter
     config = PeftConfig.from_pretrained(str(adapter))
     if config.is_prompt_learning:
         raise AdapterError(f"{adapter}: a {config.peft_type.value} adapter adds virtual tokens to the input and "

@@ -79,7 +79,7 @@ def command(args) -> int:
 def render(config, overrides=(), overlay: str = "cpu-smoke", image: str | None = None, name: str | None = None,
            namespace: str | None = None, workers: int | None = None, check_files: bool = False) -> tuple[str, list]:
     """(multi-document YAML, notes for the user): the overlay's objects fitted to the config + its ConfigMap."""
-    from distune.config import load_config
+    from distune.config import CPU_WORKERS, fit_workers, load_config
 
     cfg = load_config(config, list(overrides), resolve=False)  # `dtype: auto` is the pods' to resolve
     objects = kustomize(overlay_dir(overlay))
@@ -94,6 +94,8 @@ def render(config, overrides=(), overlay: str = "cpu-smoke", image: str | None =
     # On Kubernetes the driver runs on the head, which has no GPU: "auto" asks the worker pods instead.
     cfg.cluster.use_gpu = _use_gpu(cfg.cluster.use_gpu, pod_gpus, overlay)
     _check_entrypoint(job["spec"]["entrypoint"], cfg.cluster.use_gpu, overlay)
+    if cfg.cluster.num_workers == "auto":  # a worker per GPU of the worker pods (--workers of them), else 2
+        fit_workers(cfg, (workers or 1) * pod_gpus if cfg.cluster.use_gpu else CPU_WORKERS)
     cfg.grad_accum_steps()  # batch arithmetic: cheap, needs no files
     notes = []
     needed = _pods_needed(cfg, pod_cpus, pod_gpus)

@@ -48,7 +48,8 @@ def resolve_on_cluster(cfg: RunConfig, timeout_s: float = PROBE_TIMEOUT_S) -> st
         raise ConfigError(f"cluster.use_gpu: {wanted}: the Ray cluster advertises {gpus:g} GPUs, but a task given "
                           f"one sees no CUDA device (a node started with --num-gpus on a machine without CUDA, or "
                           f"CUDA_VISIBLE_DEVICES emptied); set cluster.use_gpu: false, or fix the node")
-    resolve_for_hardware(cfg, seen, gpu=gpu)
+    resolve_for_hardware(cfg, seen, gpu=gpu, gpus=int(gpus))
     where = (f"{gpus:g} GPUs" + (f" ({seen.gpu_name})" if seen.gpu_name else "")) if gpu else "CPUs"
     guess = "" if seen.known else f" (no GPU answered within {timeout_s:g} s: bf16 assumed)"
-    return f"the cluster has {where}: cluster.use_gpu={cfg.cluster.use_gpu}, model.dtype={cfg.model.dtype}{guess}"
+    return (f"the cluster has {where}: cluster.use_gpu={cfg.cluster.use_gpu}, "
+            f"cluster.num_workers={cfg.cluster.num_workers}, model.dtype={cfg.model.dtype}{guess}")

@@ -70,13 +70,18 @@ def start_ray(address: str | None, num_cpus: int | None = None, verbose: bool = 
                  log_to_driver=verbose)
 
 
+def cpus_wanted(cfg) -> int:
+    """CPUs a run's workers and remote teacher actors take (an embedded cluster gets at least this many)."""
+    remote = [s for s in teacher_specs(cfg).values() if s.signal == "remote"]
+    actor_cpus = sum(s.remote["actors"] * s.remote["cpus_per_actor"] for s in remote)
+    return int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + actor_cpus + 0.999)
+
+
 def fit(cfg, model_source: str, address: str | None = None, show_progress: bool = True, verbose: bool = False):
     """Train `cfg` on Ray; returns Ray's Result. Resumes from the run's latest checkpoint if it has one."""
     use_gpu = target_uses_gpu(cfg)
     remote_specs = {n: s for n, s in teacher_specs(cfg).items() if s.signal == "remote"}
-    actor_cpus = sum(s.remote["actors"] * s.remote["cpus_per_actor"] for s in remote_specs.values())
-    wanted = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + actor_cpus + 0.999)
-    start_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, wanted), verbose=verbose)
+    start_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, cpus_wanted(cfg)), verbose=verbose)
     remote = _start_remote_teachers(cfg, model_source, remote_specs, use_gpu)
     _drop_torn_ray_record(cfg.store())
     env = dict(cfg.cluster.env)

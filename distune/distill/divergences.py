@@ -35,6 +35,17 @@ def register_divergence(name: str):
     return deco
 
 
+def params_of(name: str) -> list[str] | None:
+    """The keyword parameters (method.divergence_params) divergence `name` takes; None when it takes any."""
+    import inspect
+
+    P = inspect.Parameter
+    taken = list(inspect.signature(DIVERGENCES[name]).parameters.values())[2:]  # after student_logp, teacher_logp
+    if any(p.kind is P.VAR_KEYWORD for p in taken):
+        return None
+    return [p.name for p in taken if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)]
+
+
 _FLOOR = -1e4  # exp(-1e4) is exactly 0 in every float type: same value, but no -inf - -inf = NaN anywhere
 
 

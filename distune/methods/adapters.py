@@ -91,6 +91,8 @@ class Adapters(Method):
         self.entries = [AdapterOptions.model_validate(a) for a in config.adapters]
         self.methods = {a.name: build_method(a.method["name"], {k: x for k, x in a.method.items() if k != "name"})
                         for a in self.entries}
+        for i, a in enumerate(self.entries):
+            self.methods[a.name].key = f"method.adapters.{i}.method"
         self.supports_packing = all(m.supports_packing for m in self.methods.values())
         self.params: dict[str, list[str]] = {}  # adapter -> its parameter names (set by adapt)
         self.active: str = self.entries[0].name
@@ -121,6 +123,8 @@ class Adapters(Method):
 
     def check_model(self, model: nn.Module) -> None:
         self.peft_configs(model)
+        for method in self.methods.values():
+            method.check_model(model)
 
     def adapt(self, model: nn.Module) -> nn.Module:
         configs = self.peft_configs(model)

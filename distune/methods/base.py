@@ -56,6 +56,7 @@ class Method(ABC):
         self.config = config
         self.seed = 0  # the run's seed; the runner sets it (for methods that draw random numbers)
         self.loss_chunk: int | None = None  # train.loss_chunk; the runner sets it (distune.logits)
+        self.key = "method"  # its config path, for error messages; a method that nests another sets that one's
 
     @abstractmethod
     def adapt(self, model: nn.Module) -> nn.Module:

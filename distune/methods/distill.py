@@ -21,8 +21,8 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from distune.data.loader import model_inputs
-from distune.distill.divergences import DIVERGENCES, distill_loss
-from distune.distill.teacher import TeacherSpec, kd_positions, trained_positions
+from distune.distill.divergences import DIVERGENCES, distill_loss, params_of
+from distune.distill.teacher import TeacherSpec, kd_positions
 from distune.paths import anchor
 from distune.logits import head_at
 from distune.methods.base import LossOutput, Method, MethodConfig, build_method, nested_method, register_method
@@ -34,7 +34,7 @@ class TeacherOptions(MethodConfig):
     path: str = Field(..., description="Hub id, local folder, .gguf, or a PEFT adapter folder (merged on load).")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 where the hardware computes it natively, else fp32 (as model.dtype).")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Passed to transformers when the teacher is loaded.")
     prompt: str | None = Field(None, description="Cross-architecture: the teacher's own prompt template (default "
                                                  "data.prompt), e.g. with the instruction the student does not need.")
     system: str | None = Field(None, description="Cross-architecture: the teacher's system message (default "
@@ -64,14 +64,14 @@ class HiddenOptions(MethodConfig):
 
 class GkdOptions(MethodConfig):
     lmbda: float = Field(0.0, ge=0, le=1, description="Probability a batch is the student's own samples.")
-    max_new_tokens: int = Field(16, gt=0)
+    max_new_tokens: int = Field(16, gt=0, description="The longest continuation the student samples.")
     temperature: float = Field(1.0, gt=0, description="Student sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="Student sampling nucleus (top-p; 1: off).")
 
 
 class RemoteOptions(MethodConfig):
     actors: int = Field(1, gt=0, description="Teacher actors (each holds a full teacher replica).")
-    cpus_per_actor: float = Field(1, gt=0)
+    cpus_per_actor: float = Field(1, gt=0, description="CPUs Ray reserves per teacher actor.")
     gpus_per_actor: float = Field(0, ge=0, description="GPUs per actor; above 1 (a whole number), the teacher "
                                   "is spread over them, a layer range on each (one too big for one GPU).")
     prefetch: bool = Field(True, description="Send each micro-batch to the teacher before its turn, so the "
@@ -89,21 +89,29 @@ class RemoteOptions(MethodConfig):
 class DistillOptions(MethodConfig):
     student: dict = Field(default_factory=lambda: {"name": "full"},
                           description="The wrapped student method: {name: lora, r: 16, ...}.")
-    teacher: TeacherOptions
-    signal: Literal["online", "cached", "remote"] = "online"
+    teacher: TeacherOptions = Field(..., description="The frozen teacher.")
+    signal: Literal["online", "cached", "remote"] = Field(
+        "online", description="Where the teacher's distributions come from. online: the teacher runs on the "
+        "training ranks (method.teacher.placement); cached: read from cache_dir, written by `distune cache-teacher`; "
+        "remote: a Ray actor group of its own (method.remote).")
     top_k: int | None = Field(None, gt=0, description="Teacher top-k (None: dense, online only; cached/remote "
                                                       "default 64).")
     cache_dir: str | None = Field(None, description="Where `distune cache-teacher` writes / training reads.")
-    divergence: str = "forward_kl"
+    divergence: str = Field("forward_kl", description="The KD divergence D(student || teacher): a name registered "
+                            "in distune/distill/divergences.py, e.g. reverse_kl, jsd, tvd.")
     divergence_params: dict[str, float] = Field(default_factory=dict, description="e.g. {beta: 0.5} for jsd.")
-    temperature: float = Field(1.0, gt=0)
-    kd_weight: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0, description="Divides the student's and the teacher's logits; the KD term "
+                               "is multiplied by T^2, so the gradient scale does not shrink with T.")
+    kd_weight: float = Field(0.5, ge=0, le=1, description="w in the loss (1 - w) x CE + w x KD.")
     kd_positions: Literal["response", "all"] = Field(
         "response", description="Where the KD term applies: the trained (response) positions, or every position "
                                 "of the row, prompt included (heals a student pruned from a bigger model).")
-    hidden: HiddenOptions = Field(default_factory=HiddenOptions)
-    gkd: GkdOptions = Field(default_factory=GkdOptions)
-    remote: RemoteOptions = Field(default_factory=RemoteOptions)
+    hidden: HiddenOptions = Field(default_factory=HiddenOptions, description="Hidden-state distillation through a "
+                                  "learned projection (signal online only).")
+    gkd: GkdOptions = Field(default_factory=GkdOptions, description="On-policy distillation (GKD): batches of the "
+                            "student's own continuations, scored by the teacher.")
+    remote: RemoteOptions = Field(default_factory=RemoteOptions, description="The remote teacher's Ray actor group "
+                                  "(signal remote).")
 
     @field_validator("cache_dir")
     @classmethod
@@ -125,6 +133,23 @@ class DistillOptions(MethodConfig):
             raise ValueError(f"method.student.name: a distillation student cannot itself be {name!r}")
         nested_method(v, ("method", "student"), "full")  # errors name method.student.<key>
         return {"name": name, **v}
+
+    @model_validator(mode="after")
+    def _divergence_params(self) -> DistillOptions:
+        # Checked here: a wrong name would otherwise be a TypeError inside the first loss, on every worker.
+        from distune.config import closest_key
+
+        accepted = params_of(self.divergence)
+        for key in self.divergence_params:
+            if accepted is not None and key not in accepted:
+                if not accepted:
+                    raise ValueError(f"method.divergence_params.{key}: divergence {self.divergence!r} takes no "
+                                     f"parameters; remove method.divergence_params")
+                close = closest_key(key, accepted)
+                hint = f"did you mean {close!r}? " if close else ""
+                raise ValueError(f"method.divergence_params.{key}: unknown parameter of divergence "
+                                 f"{self.divergence!r}; {hint}accepted: {', '.join(accepted)}")
+        return self
 
     @model_validator(mode="after")
     def _combinations(self) -> DistillOptions:
@@ -152,6 +177,7 @@ class Distill(Method):
         super().__init__(config)
         student = dict(config.student)
         self.student = build_method(student.pop("name"), student)
+        self.student.key = "method.student"
         self.teacher_width = self.teacher_layers = None  # from see_frozen_configs (hidden distillation)
 
     def frozen_models(self) -> dict[str, TeacherSpec]:

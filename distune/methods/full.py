@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from torch import nn
 
 from distune.methods.base import Method, MethodConfig, register_method
 
 
 class FullConfig(MethodConfig):
-    freeze_embeddings: bool = False  # keep input/output embeddings fixed (saves optimizer memory)
+    freeze_embeddings: bool = Field(False, description="Keep the input and output embeddings fixed (saves their "
+                                    "optimizer memory).")
 
 
 @register_method("full")

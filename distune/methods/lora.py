@@ -13,13 +13,16 @@ from distune.methods.peft_task import peft_head_modules, peft_task_type
 
 
 class LoraOptions(MethodConfig):
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"  # PEFT's shorthand: every linear layer but the output head
-    use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
-    use_dora: bool = False  # weight-decomposed LoRA
-    bias: str = "none"
+    r: int = Field(8, gt=0, description="Rank of each low-rank update.")
+    alpha: float = Field(16, gt=0, description="The update is scaled by alpha / r (alpha / sqrt(r) with use_rslora).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the input of the LoRA path.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Modules that get an adapter: a list of names (e.g. [q_proj, v_proj]), a regex, or "
+        "all-linear (PEFT's shorthand: every linear layer but the output head).")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA.")
+    bias: str = Field("none", description="Biases that train too (PEFT's bias): none, all, or lora_only (those of the "
+                      "adapted modules).")
     lr_ratio: float | None = Field(
         None, gt=0, description="LoRA+: the B matrices train at lr x lr_ratio (the paper suggests 16), A at lr.")
 

@@ -97,8 +97,9 @@ class PromptTuning(PromptLearningMethod):
 class PTuningOptions(PromptLearningOptions):
     encoder: Literal["mlp", "lstm"] = Field("mlp", description="The prompt encoder's reparameterisation.")
     encoder_hidden_size: int | None = Field(None, gt=0, description="Its hidden width (default: the model's).")
-    encoder_num_layers: int = Field(2, gt=0)
-    encoder_dropout: float = Field(0.0, ge=0, lt=1)
+    encoder_num_layers: int = Field(2, gt=0, description="Layers of an lstm encoder (PEFT's mlp encoder always has "
+                                    "2 and ignores this, with a warning).")
+    encoder_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the prompt encoder.")
 
 
 @register_method("p_tuning")

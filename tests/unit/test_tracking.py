@@ -8,7 +8,7 @@ from distune.tracking import WandbTracker
 
 
 def _tracker(run_dir):
-    cfg = SimpleNamespace(project="distune-test", entity=None, mode="offline", tags=[])
+    cfg = SimpleNamespace(project="distune-test", entity=None, mode="offline", tags=[], group=None, job_type=None)
     return WandbTracker(cfg, run_dir, "t", {"x": 1})
 
 
