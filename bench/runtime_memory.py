@@ -8,8 +8,9 @@ Ray Train's controller, distune's progress actor) and the training workers; thei
 with the verdict. The node's used memory as Ray's memory monitor sees it (MemTotal - MemAvailable, less what was
 used before the run started) is shown beside it: it also moves with any other work on the machine.
 
-- `fixed`: a 6M-parameter LoRA run: its peaks are the fixed costs `distune.scale` uses (RAY_NODE, DRIVER,
-  WORKER_PROCESS = a worker's peak less the plan's per-rank figure for that run).
+- `fixed`: a 6M-parameter LoRA run: the fixed costs `distune.scale` uses (RAY_NODE = Ray's processes at the
+  instant the run's processes peak, DRIVER = the driver's peak, WORKER_PROCESS = a worker's peak less the plan's
+  per-rank figure for that run).
 - `long` / `long-gc`: SmolLM2-135M (the offline demo model) with LoRA, rows of ~700 tokens (data.max_length 768),
   micro-batch 4, without and with gradient checkpointing: the measured whole-node peak against the verdict's
   figure (every rank with its process, Ray's processes and the driver).
@@ -101,7 +102,9 @@ def measure(cfg_path: Path, log: Path, env_extra: dict | None = None) -> dict:
             d = anon(driver.pid)
             peak["node"] = max(peak["node"], node)
             # The run's own processes at one instant: what the verdict counts, blind to other work on the machine.
-            peak["processes"] = max(peak["processes"], d + groups["ray"] + groups["workers"])
+            if d + groups["ray"] + groups["workers"] > peak["processes"]:
+                peak["processes"] = d + groups["ray"] + groups["workers"]
+                peak["at_peak"] = {"driver": d, **groups}  # who held what at that instant
             peak["driver"] = max(peak["driver"], d)
             peak["ray"] = max(peak["ray"], groups["ray"])
             peak["workers"] = max(peak["workers"], groups["workers"])
@@ -196,7 +199,8 @@ def main(argv=None) -> int:
     fixed = results["arms"].get("fixed")
     if fixed:
         m = fixed["measured"]
-        results["constants"] = {"RAY_NODE": m["ray"], "DRIVER": m["driver"],
+        at = m["at_peak"]  # Ray's processes while the workers train (their own peak comes at start-up)
+        results["constants"] = {"RAY_NODE": at["ray"], "DRIVER": m["driver"],
                                 "WORKER_PROCESS": m["worker_max"] - fixed["plan"]["per_rank"]}
         print("constants (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in results["constants"].items()))
     out = ROOT / args.out
@@ -220,12 +224,16 @@ def table(results: dict) -> str:
              "the driver's, Ray's and the workers' private memory at one instant (peak); node: MemTotal - "
              "MemAvailable less what was used before (Ray's memory monitor's measure; other work on the machine "
              "moves it).", "",
-             "| arm | the run's processes (peak) | plan's verdict figure | processes / plan | node | driver | "
-             "Ray's processes | workers (largest) | plan per rank | wall s | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| arm | the run's processes (peak) | at that instant: driver / Ray / workers | plan's verdict figure | "
+             "processes / plan | node | peaks: driver | Ray's processes | workers (largest) | plan per rank | wall s "
+             "| tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, r in results["arms"].items():
         m, p = r["measured"], r["plan"]
-        lines.append(f"| {arm} | {m['processes'] / g:.2f} | {p['node'] / g:.2f} | {r['processes_over_plan']:.3f} | "
+        at = m.get("at_peak", {})
+        split = " / ".join(f"{at.get(k, 0) / g:.2f}" for k in ("driver", "ray", "workers"))
+        lines.append(f"| {arm} | {m['processes'] / g:.2f} | {split} | {p['node'] / g:.2f} | "
+                     f"{r['processes_over_plan']:.3f} | "
                      f"{m['node'] / g:.2f} | "
                      f"{m['driver'] / g:.2f} | {m['ray'] / g:.2f} | {m['workers'] / g:.2f} ({m['worker_max'] / g:.2f}) "
                      f"| {p['per_rank'] / g:.2f} | {m['wall_s']} | {m.get('tok_s')} |")

@@ -29,13 +29,14 @@ GPU_MIB = {"h100": 81559, "h200": 143771, "a100-80": 81920, "a100-40": 40960, "l
 # What shares each GPU with the estimate: the CUDA context with torch's kernels (~0.5 GiB on an H100) and NCCL's
 # buffers and communicators (~0.5 GiB with default NCCL_BUFFSIZE and 8 GPUs a node). Not measured here (no GPU).
 GPU_RUNTIME = 1.0 * 2**30
-# Host memory of the processes beside the ranks, measured on the 2-core CPU box (bench/runtime_memory.py): a Ray
-# node's own processes (raylet, GCS, dashboard and agents; the head's), Ray Train's controller actor and
-# distune's progress actor, the driver (`distune run`), and a training worker's process before its model
-# (python, torch, DeepSpeed, transformers, Ray's worker runtime).
-RAY_NODE = 0.96 * 2**30
+# Host memory of the processes beside the ranks, measured on a 2-core CPU machine (bench/runtime_memory.py) at the
+# instant the run's processes together peaked: a Ray node's own processes (raylet, GCS, dashboard and agents; the
+# head's), Ray Train's controller actor and distune's progress actor, while the workers train (0.95 GiB is their
+# own peak, at start-up, before any model is loaded); the driver (`distune run`); and a training worker's process
+# before its model (python, torch, DeepSpeed, transformers, Ray's worker runtime).
+RAY_NODE = 0.60 * 2**30
 DRIVER = 0.37 * 2**30
-WORKER_PROCESS = 0.42 * 2**30
+WORKER_PROCESS = 0.40 * 2**30
 NEAR = 0.10  # within this fraction of the limit, a verdict names what would make room
 KILL_THRESHOLD = float(os.environ.get("RAY_memory_usage_threshold", 0.95))  # Ray's memory monitor kills above it
 

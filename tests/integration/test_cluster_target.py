@@ -19,14 +19,14 @@ def test_a_cpu_cluster_decides_for_a_driver_that_sees_a_gpu(ray_cluster, tiny_mo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     raw = tiny.base_config(tiny_model, tiny_data, tmp_path / "runs", model={"dtype": "auto"},
-                           cluster={"use_gpu": "auto"})
+                           cluster={"use_gpu": "auto", "num_workers": "auto"})
     cfg = load_config(raw, resolve=False)
     assert (cfg.cluster.use_gpu, cfg.model.dtype) == ("auto", "auto")
     line = resolve_on_cluster(cfg)
     monkeypatch.undo()
     expected = hardware.auto_dtype(False, hardware.facts())  # this machine's CPU, the cluster's only node
     assert (cfg.cluster.use_gpu, cfg.model.dtype) == (False, expected)
-    assert line == f"the cluster has CPUs: cluster.use_gpu=False, model.dtype={expected}"
+    assert line == f"the cluster has CPUs: cluster.use_gpu=False, cluster.num_workers=2, model.dtype={expected}"
     # An explicit true on a cluster without GPUs is a one-line error naming the key.
     cfg = load_config({**raw, "cluster": {**raw["cluster"], "use_gpu": True}}, resolve=False)
     with pytest.raises(ConfigError, match=r"^cluster.use_gpu: true, but the Ray cluster advertises no GPU"):

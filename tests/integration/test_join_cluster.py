@@ -86,7 +86,8 @@ def _stop_then_resubmit(address: str, cfg: dict, tmp_path: Path) -> str:
         time.sleep(1)
     logs = cli("logs", "distune-t2", "--address", address).stdout
     dtype = hardware.auto_dtype(False, hardware.facts())  # the head's workers: this machine's CPU
-    assert f"the cluster has CPUs: cluster.use_gpu=False, model.dtype={dtype}" in logs, logs[-3000:]
+    assert re.search(rf"the cluster has CPUs: cluster.use_gpu=False, cluster.num_workers=\d+, model.dtype={dtype}",
+                     logs), logs[-3000:]
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert (recorded["cluster"]["use_gpu"], recorded["model"]["dtype"]) == (False, dtype)
     stopped = json.loads((run_dir / "results.json").read_text())["step"]

@@ -152,22 +152,26 @@ def test_save_killed_half_way_leaves_previous_checkpoint(make_config, tiny_model
     subprocess.run(worker + [str(files[ref.run.name])], check=True, capture_output=True, timeout=300)
 
     ckpts = cfg.run_dir / "checkpoints"
-    proc = subprocess.Popen(worker + [str(files[cfg.run.name])], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     killed_in = None
-    try:
-        deadline = time.time() + 240
-        while killed_in is None and proc.poll() is None and time.time() < deadline:
-            partial = [p for p in ckpts.glob(".tmp-step_*")] if ckpts.is_dir() else []
-            published = [p for p in ckpts.glob("step_*")] if ckpts.is_dir() else []
-            if partial and published:  # a save in progress, with an earlier one to fall back on
+    for _ in range(3):  # a save can be published between seeing its temp folder and the kill: then try the next
+        proc = subprocess.Popen(worker + [str(files[cfg.run.name])], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while killed_in is None and proc.poll() is None and time.time() < deadline:
+                published = [p for p in ckpts.glob("step_*")] if ckpts.is_dir() else []
+                partial = [p for p in ckpts.glob(".tmp-step_*")] if ckpts.is_dir() else []
+                if partial and published:  # a save in progress, with an earlier one to fall back on
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    killed_in = partial[0].name
+                time.sleep(0.005)
+        finally:
+            if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-                killed_in = partial[0].name
-            time.sleep(0.005)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+            proc.wait()
+        if killed_in is None or (ckpts / killed_in).exists():
+            break
+        killed_in = None  # published just before the kill landed
     assert killed_in is not None, "never caught a save in progress"
     step = int(killed_in.removeprefix(".tmp-step_"))
     from distune.engine import checkpoint
