@@ -49,7 +49,7 @@ class AdapterOptions(MethodConfig):
 
 class AdaptersOptions(MethodConfig):
     adapters: list[dict] = Field(..., description="The adapters: [{name, task, method, lr, warmup_steps, max_steps, "
-                                                  "min_lr_ratio}, ...]; see README 'Many adapters on one base'.")
+                                                  "min_lr_ratio}, ...]; see docs/adapters.md.")
 
     @field_validator("adapters")
     @classmethod
