@@ -127,7 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv == ["--version"]:  # answered here: the whole parser imports every subcommand's module (torch: seconds)
         print(f"distune {_version()}")
         return 0
-    args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
+    parser = _parser(next((a for a in argv if not a.startswith("-")), None))
+    args, extra = parser.parse_known_args(argv)
+    # Overrides after an option (`distune plan CFG --gpu h100 train.lr=1e-4`): argparse takes positionals only
+    # before the first option; what is left that reads key=value is an override too.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _project_local_caches()
     if args.command in TOOL_COMMANDS:
         try:

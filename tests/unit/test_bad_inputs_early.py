@@ -200,3 +200,21 @@ def test_merge_a_folder_without_an_adapter(tmp_path, capsys):
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"distune {importlib.metadata.version('distune')}\n"
+
+
+
+def test_overrides_may_follow_options(make_config, tmp_path, capsys):
+    """`distune plan CFG --show-samples 1 k=v`: an override after an option is still an override; an unknown
+    option is still argparse's error."""
+    import yaml
+
+    from distune.cli import main
+    from distune.config import dump_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(dump_config(make_config())))
+    assert main(["plan", str(path), "--show-samples", "1", "train.global_batch_size=6"]) == 0
+    assert "grad_accum=3" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["plan", str(path), "--show-samples", "1", "--bogus", "train.lr=1"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
