@@ -188,11 +188,11 @@ def _pipeline(stages, args) -> int:
         start_ray(None, num_cpus=max(os.cpu_count() or 1, *(cpus_wanted(s.cfg) for s in stages)),
                   verbose=args.verbose)
     reran: set[str] = set()
+    by_name = {s.name: s for s in stages}
     for i, stage in enumerate(stages, 1):
         head = f"== stage {stage.name} ({i}/{len(stages)})"
-        waiting = [n for n in stage.needs if not published(next(s for s in stages if s.name == n).cfg.store(),
-                                                               "export")]
         if args.command != "run":
+            waiting = [n for n in stage.needs if not published(by_name[n].cfg.store(), "export")]
             if waiting:  # its model or data is an earlier stage's export: checked once that exists
                 print(f"{head}: config ok; its inputs are checked once stage {', '.join(waiting)} has run",
                       flush=True)

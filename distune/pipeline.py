@@ -124,19 +124,21 @@ def state(stage: Stage, reran: set[str]) -> tuple[str, str]:
     saved_text = store.read_text("config.yaml")
     if saved_text is None:
         return "new", ""
+    upstream = [n for n in stage.needs if n in reran]
+    if upstream:
+        return "start over", f"stage {upstream[0]} ran again"
     try:
         saved = yaml.safe_load(saved_text)
     except yaml.YAMLError:
         saved = None
-    changed = differences(saved if isinstance(saved, dict) else {}, stage.cfg) if saved is not None else ["config"]
-    upstream = [n for n in stage.needs if n in reran]
-    if upstream:
-        return "start over", f"stage {upstream[0]} ran again"
+    if not isinstance(saved, dict):
+        return "start over", "its recorded config.yaml is unreadable"
+    changed = differences(saved, stage.cfg)
     if changed:
         return "start over", f"its config changed ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''})"
     if published(store, "export"):
         return "done", "export published, config unchanged"
-    if latest_complete(store) or any(n == "checkpoints" for n in store.names()):
+    if latest_complete(store) or "checkpoints" in store.names():
         return "resume", "cut short: resuming from its checkpoint"
     return "new", ""
 

@@ -82,10 +82,11 @@ def build_training_engine(model: torch.nn.Module, ds_config: dict, train_cfg, to
     # AdamW there is several times slower. On a CPU-only run, nothing is offloaded to anywhere else.
     cpu_adam = offloaded and get_accelerator().device_name() == "cuda"
     optimizer, scheduler = build_optimizer(model, train_cfg, total_steps, groups, cpu_adam=cpu_adam)
-    if ds_config.get("zero_optimization", {}).get("stage") == 3:
-        return_large_frees()  # each step gathers and frees whole parameters: keep them off the heap
-    elif checkpointing and get_accelerator().device_name() == "cpu":
-        return_large_frees()  # each backward recomputes and frees block activations in host memory
+    # Keep large frees off glibc's heap where a step frees many large host tensors: ZeRO-3 gathers whole
+    # parameters; checkpointed backward on CPU recomputes and frees block activations (engine/host_memory.py).
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    if zero3 or (checkpointing and get_accelerator().device_name() == "cpu"):
+        return_large_frees()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
     if compile_model:
