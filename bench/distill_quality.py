@@ -2,7 +2,7 @@
 
     python bench/distill_quality.py [--student-steps 100] [--out bench/results/distill_quality.json]
 
-1. Teacher: SmolLM2-135M-Instruct LoRA-fine-tuned on Twitter sentiment (configs/quickstart-teacher.yaml,
+1. Teacher: SmolLM2-135M-Instruct LoRA-fine-tuned on Twitter sentiment (configs/sentiment-teacher.yaml,
    50 steps), as
    torchtune's KD recipe starts from a fine-tuned teacher.
 2. Student: 6 of SmolLM2's 30 blocks (every 5th; 49.5M parameters), full fine-tuning, same data, steps,

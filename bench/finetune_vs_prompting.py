@@ -6,7 +6,7 @@
         --search-instructions 2 --dev-size 4 --samples 2 --cot-max-new-tokens 64 --work /tmp/ftvp-smoke \\
         --out /tmp/ftvp-smoke/result.json      # smoke test, ~35 min on 2 busy cores
 
-Part 1, sentiment: Twitter sentiment (3 labels), configs/quickstart-teacher.yaml's data and model with the
+Part 1, sentiment: Twitter sentiment (3 labels), configs/sentiment-teacher.yaml's data and model with the
 question moved into the sample design (data.prompt "Tweet: {text}", data.design.instruction "Is the sentiment of
 this tweet negative, neutral or positive? Answer with one word."). One `distune eval` scores, on the same 60
 held-out tweets:
@@ -131,7 +131,7 @@ def sentiment(args, base: dict) -> dict:
     results = main["results"]
     distill_info: dict = {"path": str(distilled), "found": has_distilled,
                           "trained_with": {k: own.get(k) for k in ("system", "prompt", "design")},
-                          "trained_with_from": str(trained) if trained.is_file() else "configs/quickstart-teacher.yaml"}
+                          "trained_with_from": str(trained) if trained.is_file() else "configs/sentiment-teacher.yaml"}
     if has_distilled and not same_prompt:
         split = {k: own.get(k) for k in ("path", "limit", "eval_size")}
         if split != {k: data.get(k) for k in split}:

@@ -2,7 +2,7 @@
 
     python bench/multi_adapter.py [--adapters 3] [--steps 5] [--out bench/results/multi_adapter.json]
 
-Base: SmolLM2-135M-Instruct (configs/quickstart-teacher.yaml's model, data and LoRA recipe, bf16, 2 Ray workers,
+Base: SmolLM2-135M-Instruct (configs/sentiment-teacher.yaml's model, data and LoRA recipe, bf16, 2 Ray workers,
 ZeRO-2). N tasks over the Twitter sentiment CSV, each with its own prompt (so each adapter has its own job to
 learn), the same rows, steps, batch and seed in both arms:
 - joint: one `distune run` with `method: adapters`, one LoRA adapter per task (the base loaded once per rank);

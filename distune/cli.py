@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from importlib import import_module
 from pathlib import Path
 
@@ -179,9 +180,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pipeline(stages, args) -> int:
-    """Each stage in order, on one Ray cluster: done ones skipped, cut ones resumed, changed ones started over."""
-    from distune.pipeline import published, state
+    """Each stage in order, on one Ray cluster: done ones skipped, cut ones resumed, changed ones started over;
+    then the pipeline's report, when it has one."""
+    from distune.pipeline import load_report, published, state
 
+    try:
+        report = load_report(args.config, stages)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.command == "run" and not args.address:
         from distune.cluster.trainer import cpus_wanted, start_ray
 
@@ -197,6 +204,10 @@ def _pipeline(stages, args) -> int:
                 print(f"{head}: config ok; its inputs are checked once stage {', '.join(waiting)} has run",
                       flush=True)
                 continue
+            if stage.generate is not None and args.command == "plan":
+                print(f"{head}: generates a dataset (no training to plan); config checked by distune validate",
+                      flush=True)
+                continue
             print(head, flush=True)
             rc = _one(stage.cfg, args, f"stage {stage.name}")
             if rc:
@@ -210,15 +221,48 @@ def _pipeline(stages, args) -> int:
         if what == "start over":
             stage.cfg.store().clear()
         reran.add(stage.name)
-        rc = _one(stage.cfg, args, f"stage {stage.name}")
+        began = time.time()
+        rc = _generate_stage(stage, args) if stage.generate is not None else _one(stage.cfg, args,
+                                                                                  f"stage {stage.name}")
         if rc:
             return rc
         if not published(stage.cfg.store(), "export"):  # stopped early (train.stop_after_steps)
             print(f"stage {stage.name} stopped before its export: run the same command again to resume",
                   file=sys.stderr)
             return 143
+        stage.cfg.store().write_text("stage.json", json.dumps(
+            {"seconds": round(time.time() - began, 1), "resumed": what == "resume"}))
     if args.command == "run":
         print("pipeline done: " + ", ".join(f"{s.name} -> {s.export}" for s in stages))
+        if report is not None:
+            from distune.pipeline_report import pipeline_report
+
+            print(pipeline_report(args.config, stages, report), flush=True)
+    return 0
+
+
+def _generate_stage(stage, args) -> int:
+    """A pipeline stage that writes a dataset (distune generate) into its run directory's export folder, published
+    by one rename once complete (a cut stage leaves no export and runs again)."""
+    import shutil
+
+    import yaml
+
+    from distune.config import dump_config
+
+    run_dir = Path(stage.cfg.run_location)
+    work = run_dir / "generating"
+    shutil.rmtree(work, ignore_errors=True)
+    gen_args = argparse.Namespace(**stage.generate, command="generate", out=str(work / "generated.jsonl"),
+                                  force=True, address=args.address, no_progress=args.no_progress,
+                                  verbose=args.verbose, ignore_plan=True, overrides=[])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stage.cfg.store().write_text("config.yaml", yaml.safe_dump(dump_config(stage.cfg) | {"generate": stage.generate},
+                                                               sort_keys=False))
+    rc = _one(stage.cfg, gen_args, f"stage {stage.name}")
+    if rc:
+        return rc
+    os.replace(work, run_dir / "export")
     return 0
 
 

@@ -176,6 +176,9 @@ class DataSection(Strict):
                                   "sample (keys below).")
     max_length: int = Field(512, gt=1, description="Samples longer than this are truncated (from the right).")
     limit: int | None = Field(None, gt=0, description="Use only this many rows (after a seeded shuffle).")
+    skip: int = Field(0, ge=0, description="Rows of the seeded order passed over before data.limit applies: with "
+                      "the same run.seed, `skip: N` takes rows no run with `limit: N` saw (a disjoint sample of "
+                      "the same file, e.g. unlabelled inputs for a teacher to label).")
     # None, not 0.1, as the default: a dumped config (what the workers load) must not look as if it set both.
     eval_size: int | float | None = Field(None, description="Held-out rows: a count, or a fraction in (0, 1); "
                                           "default 0.1. Not used with data.eval_path.")

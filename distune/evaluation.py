@@ -22,9 +22,10 @@ from distune.eval import spans
 def evaluate(model, samples: list[Sample], micro_batch: int, pad_id: int, device: torch.device,
              rank: int, world: int, choices: list[str] | None = None,
              choice_ids: list[list[int]] | None = None, labels: list[str] | None = None,
-             max_answer_tokens: int = 30) -> dict[str, float]:
+             max_answer_tokens: int = 30, per_row: dict | None = None) -> dict[str, float]:
     """`labels`: a token classifier's tag names (entities are read from them); `max_answer_tokens`: the
-    longest answer span a QA head's prediction may be."""
+    longest answer span a QA head's prediction may be. `per_row`, with `choices`: filled on every rank with
+    {sample line (TASK:line in a data.tasks mixture): 1 if its gold choice scored highest else 0} over all held-out samples (for paired tests)."""
     was_training = model.training
     model.eval()
     # Longest first: each micro-batch pads to similar lengths (every total below is a weighted sum, so the
@@ -42,6 +43,7 @@ def evaluate(model, samples: list[Sample], micro_batch: int, pad_id: int, device
         return head
     # [loss_sum, tokens, correct, counted]
     totals = torch.zeros(4, dtype=torch.float64, device=device)
+    hits: list[tuple[int | str, int]] = []  # (line, correct) of this rank's real (weight > 0) samples
     for start in range(0, len(shard), micro_batch):
         chunk = shard[start:start + micro_batch]
         rows = [s for s, _ in chunk]
@@ -51,8 +53,10 @@ def evaluate(model, samples: list[Sample], micro_batch: int, pad_id: int, device
             stripped = [c.strip() for c in choices]
             gold = torch.tensor([stripped.index(s.response.strip()) for s in rows], device=device)
             scores, counts = choice_scores(model, rows, choice_ids, pad_id, device)
-            totals[2] += ((scores.argmax(1) == gold).double() * weights).sum()
+            right = scores.argmax(1) == gold
+            totals[2] += (right.double() * weights).sum()
             totals[3] += weights.sum()
+            hits += [(s.line if s.task is None else f"{s.task}:{s.line}", int(r)) for s, r, w in zip(rows, right.tolist(), weights.tolist()) if w > 0]
         if gold is not None and all(_is_gold_row(s, choice_ids[g]) for s, g in zip(rows, gold.tolist())):
             # Each sample *is* its gold-choice row: its loss is already computed, skip a forward.
             picked = torch.arange(len(rows), device=device)
@@ -66,6 +70,10 @@ def evaluate(model, samples: list[Sample], micro_batch: int, pad_id: int, device
             totals[0] -= (per_token.sum(1).double() * weights).sum()
             totals[1] += (trained.sum(1).double() * weights).sum()
     dist.all_reduce(totals)
+    if per_row is not None and choice_ids:
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, hits)
+        per_row.update((line, hit) for part in everyone for line, hit in part)
     model.train(was_training)
     out = {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item()}
     if choice_ids:

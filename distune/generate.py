@@ -44,6 +44,10 @@ def add_arguments(p) -> None:
                         "rationale and answer; responses without that line are counted and dropped")
     p.add_argument("--rationale-instruction", default=RATIONALE_INSTRUCTION,
                    help="text appended to each prompt with --rationale (default: %(default)r)")
+    p.add_argument("--choices", nargs="+", metavar="CHOICE",
+                   help="keep only responses that are one of these, compared without surrounding spaces (labels "
+                        "for a classification task: a teacher-labelled transfer set); the rest are counted and "
+                        "dropped")
     p.add_argument("--shards", type=int, help="parallel Ray tasks, each with one worker's resources "
                                               "(default: cluster.num_workers)")
     p.add_argument("--address", help="join this Ray cluster (e.g. 10.0.0.1:6379) instead of starting one")
@@ -111,7 +115,8 @@ def command(cfg, summary: dict, args) -> int:
                 "layers": getattr(teacher, "layers", None), "max_new_tokens": args.max_new_tokens,
                 "temperature": args.temperature, "top_p": args.top_p, "num_samples": args.num_samples,
                 "batch_size": args.batch_size, "seed": cfg.run.seed if args.seed is None else args.seed,
-                "rationale": args.rationale, "cpus": cfg.cluster.cpus_per_worker}
+                "rationale": args.rationale, "cpus": cfg.cluster.cpus_per_worker,
+                "choices": [c.strip() for c in args.choices] if getattr(args, "choices", None) else None}
     count = min(args.shards or cfg.cluster.num_workers, len(items))
     env = dict(cfg.cluster.env) | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
     began = time.time()
@@ -126,14 +131,16 @@ def command(cfg, summary: dict, args) -> int:
     _write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in written))
     meta = {"teacher": teacher.path, "data": data_source.name, "prompt": cfg.data.prompt, "shards": count,
             "settings": {k: settings[k] for k in ("max_new_tokens", "temperature", "top_p", "num_samples",
-                                                   "batch_size", "seed", "rationale")}
+                                                   "batch_size", "seed", "rationale", "choices")}
             | ({"rationale_instruction": args.rationale_instruction} if args.rationale else {}),
             "prompts": len(items), "rows": len(written), "generated_tokens": counts["generated_tokens"],
             "empty_responses": counts["empty"], "unparsed_answers": counts["unparsed"], "seconds": seconds}
     _write_atomic(out.with_name(out.name + ".meta.json"), json.dumps(meta, indent=2) + "\n")
     print(f"wrote {len(written)} rows to {out} ({counts['generated_tokens']} tokens generated in {seconds}s)")
     if counts["empty"] or counts["unparsed"]:
-        print(f"dropped {counts['empty']} empty responses and {counts['unparsed']} without an 'Answer:' line "
+        why = " or ".join(w for w, on in [("without an 'Answer:' line", args.rationale),
+                                          ("not one of --choices", settings["choices"])] if on) or "unparsed"
+        print(f"dropped {counts['empty']} empty responses and {counts['unparsed']} {why} "
               f"(of {len(items) * args.num_samples})")
     return 0
 
@@ -158,6 +165,9 @@ def generate_shard(settings: dict, items: list, index: int, count: int, progress
     for (line, row, _), samples in zip(mine, texts):
         for text in samples:
             made = _columns(text, settings["rationale"]) if text else None
+            if made is not None and settings.get("choices") and made.get("answer", made["response"]).strip() \
+                    not in {c.strip() for c in settings["choices"]}:
+                made = None
             if made is None:
                 result["unparsed" if text else "empty"] += 1
             else:

@@ -121,17 +121,21 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
         renderer = Renderer(tokenizer, cfg.data, cfg.data.path)
         choice_ids = [renderer.pair("", c)[1] for c in cfg.eval.choices]
 
-    def evaluate(model=None) -> dict:
+    per_row: dict[str, dict] = {}  # "teacher" / "before" / "after" -> {line: 0 or 1}: results.json's "rows"
+
+    def evaluate(model=None, record: str | None = None) -> dict:
         from distune.evaluation import evaluate as run_eval
 
         out = {}
+        rows = per_row.setdefault(record, {}) if record and cfg.eval.choices else None
         for feed in filter(lambda f: f.eval, feeds):
             choices_note = f" x {len(cfg.eval.choices)} choices" if cfg.eval.choices else ""
             emit({"kind": "info", "text": f"evaluating {len(feed.eval)} held-out samples{choices_note}"
                                           + (f" of {feed.name}" if feed.name else "") + " ..."})
             method.activate(engine.module, feed.name)
             metrics = run_eval(model or engine, feed.eval, cfg.eval.micro_batch_size, tokenizer.pad_token_id, dev,
-                               rank, world, cfg.eval.choices, choice_ids, splits.labels, cfg.eval.max_answer_tokens)
+                               rank, world, cfg.eval.choices, choice_ids, splits.labels, cfg.eval.max_answer_tokens,
+                               per_row=rows if sum(1 for f in feeds if f.eval) == 1 else None)
             out |= {feed.prefix + k: v for k, v in metrics.items()}
         return out
 
@@ -140,15 +144,15 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
         reporter.checkpoint(s.step, {"step": s.step}, lambda d: checkpoint.save(engine, d, client))
         tracker.checkpointed()
 
-    results: dict = {}
+    results: dict = {"params": _param_counts(engine.module)}
     teacher = getattr(frozen.get("teacher"), "model", None)  # an online teacher runs here: score it too
     if cfg.eval.before_training and state.step == 0 and teacher is not None:
-        results["teacher"] = evaluate(teacher)
+        results["teacher"] = evaluate(teacher, "teacher")
         tracker.log({f"teacher/{k.removeprefix('eval/')}": v for k, v in results["teacher"].items()}, 0)
         emit({"kind": "eval", "step": 0, "metrics": results["teacher"], "text": _eval_line("of the teacher", 0,
                                                                                           results["teacher"])})
     if cfg.eval.before_training and state.step == 0:
-        results["before"] = evaluate()
+        results["before"] = evaluate(record="before")
         tracker.log(results["before"], 0)
         emit({"kind": "eval", "step": 0, "metrics": results["before"], "text": _eval_line("before training", 0, results["before"])})
 
@@ -159,7 +163,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
                   lambda: start_round(engine), reporter.stop_requested)
 
     if state.step >= run_steps:
-        results["after"] = evaluate()
+        results["after"] = evaluate(record="after")
         tracker.log(results["after"], state.step)
         emit({"kind": "eval", "step": state.step, "metrics": results["after"],
               "text": _eval_line("after training", state.step, results["after"])})
@@ -170,6 +174,9 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
             results["export"] = _publish_export(cfg.store(), method, engine.module, state_dict, tokenizer)
     tracker.finish()
     results["step"] = state.step
+    if any(per_row.values()):  # eval.choices: which held-out sample (by source line) each model got right
+        results["rows"] = {when: {str(line): hit for line, hit in sorted(got.items(), key=lambda kv: str(kv[0]))}
+                           for when, got in per_row.items() if got}
     if rank == 0:
         cfg.store().write_text("results.json", json.dumps(results, indent=2))
     emit({"kind": "done", "step": state.step, "metrics": {"step": state.step},
@@ -195,6 +202,16 @@ def _load_student(cfg: RunConfig, source: str, labels, pad_token_id: int | None,
     from distune.engine.sharded_load import load_partitioned, zero3_aware
 
     return load_partitioned(plan, ds_config, m.dtype), zero3_aware(ds_config)
+
+
+def _param_counts(model) -> dict:
+    """Parameters of the trained model, all and trainable (ZeRO-3 partitions count whole: ds_numel)."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return {"total": total, "trainable": trainable}
 
 
 def _eval_line(when: str, step: int, metrics: dict) -> str:

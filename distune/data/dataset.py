@@ -35,7 +35,8 @@ class Splits:
 
 
 def sampled_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Source, list[tuple[int, dict]]]:
-    """The data's rows (line or row number, row) in the seeded order training uses, cut to data.limit.
+    """The data's rows (line or row number, row) in the seeded order training uses, past data.skip, cut to
+    data.limit.
     With `bad`, malformed rows are recorded there and dropped instead of raising."""
     on_bad = bad.add if bad is not None else None
     if data_cfg.path is None:
@@ -51,6 +52,10 @@ def sampled_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Sourc
     if not rows:
         raise DataError(f"{source.name}: no rows")
     random.Random(seed).shuffle(rows)
+    if data_cfg.skip:
+        if data_cfg.skip >= len(rows):
+            raise DataError(f"data.skip: {data_cfg.skip} passes over all {len(rows)} rows of {source.name}")
+        rows = rows[data_cfg.skip:]
     if data_cfg.limit:
         rows = rows[: data_cfg.limit]
     return source, rows

@@ -143,7 +143,12 @@ class Renderer:
         d = self.cfg.design
         response = None if d.aspects else self._fill(self.cfg.response, row, line, "data.response")
         rationale = self.rationale_text(line, row) if d.reasoning == "cot" else None
-        return self.design.target(response, row, rationale, self.source.at(line))
+        text = self.design.target(response, row, rationale, self.source.at(line))
+        if not self.chat and response is not None and rationale is None:
+            # A plain prompt runs on into the response, so the template's leading space belongs to it: after
+            # "Sentiment:", " positive" is one word-token; "positive" would be another token the model never saw there.
+            text = response[: len(response) - len(response.lstrip())] + text
+        return text
 
     def rationale_text(self, line: int, row: dict) -> str:
         """data.design.rationale filled from a (normalised) row; DataError when the row lacks its columns."""

@@ -15,7 +15,7 @@ from distune.cluster.k8s import K8sError, pod_templates, render
 from distune.config import dump_config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-TEACHER, STUDENT = CONFIGS / "quickstart-teacher.yaml", CONFIGS / "quickstart.yaml"
+TEACHER, STUDENT = CONFIGS / "sentiment-teacher.yaml", CONFIGS / "sentiment-distill.yaml"
 PLANTED = "sk-planted-0c7e55d1a9f24b6e"
 IMAGE = "registry.example/distune:0.1.0"
 
@@ -39,7 +39,7 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def smoke() -> tuple[str, list]:
-    """The quickstart teacher on the CPU overlay, rendered with a planted W&B key in the environment."""
+    """The sentiment teacher on the CPU overlay, rendered with a planted W&B key in the environment."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_API_KEY", PLANTED)
         return render(str(TEACHER), overlay="cpu-smoke", image=IMAGE, name="smoke", namespace="ml")
@@ -104,8 +104,8 @@ def test_an_earlier_stage_export_moves_with_the_output_dir():
     text, notes = render(str(STUDENT), overlay="cpu-smoke")
     config_map, job = split(text)
     config = yaml.safe_load(config_map["data"]["config.yaml"])
-    assert config["method"]["teacher"]["path"] == "/runs/quickstart-teacher/export"
-    assert job["metadata"]["name"] == "distune-quickstart" and notes == []
+    assert config["method"]["teacher"]["path"] == "/runs/sentiment-teacher/export"
+    assert job["metadata"]["name"] == "distune-sentiment-distill" and notes == []
 
 
 @needs_kubectl

@@ -39,6 +39,17 @@ def test_plain_template_appends_eos_when_chat_template_off(tok):
     assert _trained_text(tok, s) == "positive<|end|>"
 
 
+def test_plain_template_keeps_the_response_templates_leading_space(tok):
+    """'A: positive' continues the prompt: the space is part of the response (as eval.choices scores it), while
+    the chat template, which starts a new turn, takes the answer stripped."""
+    plain = Renderer(tok, DataSection(path="x", prompt="A:", response=" {label}", use_chat_template=False), "x")
+    s = plain.render(1, {"text": "fun trip", "label": "positive"})
+    assert s.input_ids == s.prompt_ids + plain.pair("", " positive")[1]  # what eval scores for choice " positive"
+    assert _trained_text(tok, s) == " positive<|end|>"
+    chat = Renderer(tok, DataSection(path="x", prompt="{text}", response=" {label}"), "x")
+    assert chat.render(1, {"text": "fun trip", "label": "positive"}).response == "positive"
+
+
 def test_messages_train_assistant_turns_only(tok):
     r = Renderer(tok, DataSection(path="x", format="messages"), "x")
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "good"},
@@ -184,3 +195,16 @@ def test_eval_path_config_survives_the_dump_the_workers_load(tmp_path):
     again = load_config(dump_config(cfg))  # what every Ray worker does with the driver's config
     assert again.data.eval_path == cfg.data.eval_path and again.data.eval_size is None
     assert load_config(cfg.model_dump(mode="json")).data.eval_path == cfg.data.eval_path
+
+
+def test_skip_takes_rows_past_another_runs_sample(tmp_path):
+    from distune.data.dataset import sampled_rows
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(50)))
+    _, everything = sampled_rows(DataSection(path=str(path)), seed=3)
+    _, first = sampled_rows(DataSection(path=str(path), limit=20), seed=3)
+    _, after = sampled_rows(DataSection(path=str(path), skip=20, limit=25), seed=3)
+    assert first == everything[:20] and after == everything[20:45]  # the same order, disjoint
+    with pytest.raises(DataError, match="data.skip: 50 passes over all 50 rows"):
+        sampled_rows(DataSection(path=str(path), skip=50), seed=3)

@@ -107,7 +107,14 @@ def test_unknown_dtype_names_the_key(make_config):
 def test_the_quickstart_leaves_the_choice_to_the_hardware():
     from pathlib import Path
 
-    for name in ("quickstart.yaml", "quickstart-teacher.yaml"):
-        raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / name).read_text())
+    from distune.pipeline import load_pipeline
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    for name in ("sentiment-distill.yaml", "sentiment-teacher.yaml"):
+        raw = yaml.safe_load((configs / name).read_text())
         assert raw["model"]["dtype"] == "auto", name
         assert raw["method"].get("teacher", {}).get("dtype", "auto") == "auto", name
+    for stage in load_pipeline(configs / "quickstart.yaml", resolve=False):
+        assert stage.cfg.model.dtype == "auto", stage.name
+        if stage.cfg.method.name == "distill":
+            assert stage.cfg.method_config().teacher.dtype == "auto", stage.name

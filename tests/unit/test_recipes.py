@@ -68,9 +68,11 @@ def test_there_are_recipes_and_bases():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS_DIR)))
 def test_config_loads(path):
-    cfg = load_config(path)
-    cfg.grad_accum_steps()
-    cfg.method_config()
+    from distune.pipeline import is_pipeline, load_pipeline
+
+    for cfg in [s.cfg for s in load_pipeline(path)] if is_pipeline(path) else [load_config(path)]:
+        cfg.grad_accum_steps()
+        cfg.method_config()
     rel = path.relative_to(CONFIGS_DIR.parent)
     assert path.read_text().splitlines()[0] == f"# distune run {rel}"
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from distune.config import load_config
+from distune.pipeline import is_pipeline, load_pipeline, load_report
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -17,6 +18,12 @@ def test_there_are_shipped_configs():
 def test_shipped_config_loads(path):
     first = path.read_text().splitlines()[0]
     assert first == f"# distune run configs/{path.name}", first
-    cfg = load_config(path)
-    cfg.grad_accum_steps()
-    cfg.method_config()
+    if is_pipeline(path):
+        stages = load_pipeline(path)
+        load_report(path, stages)
+        configs = [s.cfg for s in stages]
+    else:
+        configs = [load_config(path)]
+    for cfg in configs:
+        cfg.grad_accum_steps()
+        cfg.method_config()
