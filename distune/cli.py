@@ -189,11 +189,6 @@ def _pipeline(stages, args) -> int:
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.command == "run" and not args.address:
-        from distune.cluster.trainer import cpus_wanted, start_ray
-
-        start_ray(None, num_cpus=max(os.cpu_count() or 1, *(cpus_wanted(s.cfg) for s in stages)),
-                  verbose=args.verbose)
     reran: set[str] = set()
     by_name = {s.name: s for s in stages}
     for i, stage in enumerate(stages, 1):
@@ -218,6 +213,11 @@ def _pipeline(stages, args) -> int:
             print(f"{head}: done ({why}): {stage.export}", flush=True)
             continue
         print(f"{head}: {what}" + (f" ({why})" if why else ""), flush=True)
+        if not reran and not args.address:  # the first stage to run starts the cluster all of them share
+            from distune.cluster.trainer import cpus_wanted, start_ray
+
+            start_ray(None, num_cpus=max(os.cpu_count() or 1, *(cpus_wanted(s.cfg) for s in stages)),
+                      verbose=args.verbose)
         if what == "start over":
             stage.cfg.store().clear()
         reran.add(stage.name)

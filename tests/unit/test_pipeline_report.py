@@ -117,3 +117,18 @@ def test_generate_stage_gets_defaults_and_its_export_is_a_file(tmp_path):
     assert label.generate["max_new_tokens"] == 2 and label.generate["temperature"] == 0.0
     assert label.generate["choices"] is None
     assert label.export.endswith("label/export/generated.jsonl")
+
+
+def test_a_changed_generate_option_starts_the_stage_over(tmp_path):
+    from distune.config import dump_config
+    from distune.pipeline import state
+
+    path = pipeline(tmp_path, None)
+    label = load_pipeline(path, resolve=False)[1]
+    label.cfg.run_dir.mkdir(parents=True)
+    record = dump_config(label.cfg) | {"generate": label.generate}
+    (label.cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(record))
+    (label.cfg.run_dir / "export").mkdir()
+    assert state(label, set()) == ("done", "export published, config unchanged")
+    changed = load_pipeline(path, ["stages.label.generate.max_new_tokens=3"], resolve=False)[1]
+    assert state(changed, set()) == ("start over", "its config changed (generate)")
