@@ -246,9 +246,7 @@ def _generate_stage(stage, args) -> int:
     by one rename once complete (a cut stage leaves no export and runs again)."""
     import shutil
 
-    import yaml
-
-    from distune.config import dump_config
+    from distune.rundir import write_config
 
     run_dir = Path(stage.cfg.run_location)
     work = run_dir / "generating"
@@ -257,8 +255,7 @@ def _generate_stage(stage, args) -> int:
                                   force=True, address=args.address, no_progress=args.no_progress,
                                   verbose=args.verbose, ignore_plan=True, overrides=[])
     run_dir.mkdir(parents=True, exist_ok=True)
-    stage.cfg.store().write_text("config.yaml", yaml.safe_dump(dump_config(stage.cfg) | {"generate": stage.generate},
-                                                               sort_keys=False))
+    write_config(stage.cfg, {"generate": stage.generate})
     rc = _one(stage.cfg, gen_args, f"stage {stage.name}")
     if rc:
         return rc

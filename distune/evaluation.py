@@ -25,7 +25,8 @@ def evaluate(model, samples: list[Sample], micro_batch: int, pad_id: int, device
              max_answer_tokens: int = 30, per_row: dict | None = None) -> dict[str, float]:
     """`labels`: a token classifier's tag names (entities are read from them); `max_answer_tokens`: the
     longest answer span a QA head's prediction may be. `per_row`, with `choices`: filled on every rank with
-    {sample line (TASK:line in a data.tasks mixture): 1 if its gold choice scored highest else 0} over all held-out samples (for paired tests)."""
+    {sample line (TASK:line in a data.tasks mixture): 1 if its gold choice scored highest else 0} over all held-out
+    samples (for paired tests)."""
     was_training = model.training
     model.eval()
     # Longest first: each micro-batch pads to similar lengths (every total below is a weighted sum, so the
@@ -56,7 +57,8 @@ def evaluate(model, samples: list[Sample], micro_batch: int, pad_id: int, device
             right = scores.argmax(1) == gold
             totals[2] += (right.double() * weights).sum()
             totals[3] += weights.sum()
-            hits += [(s.line if s.task is None else f"{s.task}:{s.line}", int(r)) for s, r, w in zip(rows, right.tolist(), weights.tolist()) if w > 0]
+            hits += [(s.line if s.task is None else f"{s.task}:{s.line}", int(r))
+                     for s, r, w in zip(rows, right.tolist(), weights.tolist()) if w > 0]  # not the padding repeats
         if gold is not None and all(_is_gold_row(s, choice_ids[g]) for s, g in zip(rows, gold.tolist())):
             # Each sample *is* its gold-choice row: its loss is already computed, skip a forward.
             picked = torch.arange(len(rows), device=device)

@@ -116,7 +116,7 @@ def command(cfg, summary: dict, args) -> int:
                 "temperature": args.temperature, "top_p": args.top_p, "num_samples": args.num_samples,
                 "batch_size": args.batch_size, "seed": cfg.run.seed if args.seed is None else args.seed,
                 "rationale": args.rationale, "cpus": cfg.cluster.cpus_per_worker,
-                "choices": [c.strip() for c in args.choices] if getattr(args, "choices", None) else None}
+                "choices": getattr(args, "choices", None)}
     count = min(args.shards or cfg.cluster.num_workers, len(items))
     env = dict(cfg.cluster.env) | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
     began = time.time()
@@ -160,13 +160,13 @@ def generate_shard(settings: dict, items: list, index: int, count: int, progress
     model = load_model(settings["source"], settings["dtype"], settings["trust_remote_code"], settings["layers"])
     model.to(device).eval()
     mine = items[index::count]
+    choices = {c.strip() for c in settings["choices"] or ()}  # compared without surrounding spaces
     texts, tokens = complete(model, tok, [ids for _, _, ids in mine], settings, device, progress)
     result = {"rows": [], "generated_tokens": tokens, "empty": 0, "unparsed": 0}
     for (line, row, _), samples in zip(mine, texts):
         for text in samples:
             made = _columns(text, settings["rationale"]) if text else None
-            if made is not None and settings.get("choices") and made.get("answer", made["response"]).strip() \
-                    not in {c.strip() for c in settings["choices"]}:
+            if made is not None and choices and made.get("answer", made["response"]).strip() not in choices:
                 made = None
             if made is None:
                 result["unparsed" if text else "empty"] += 1

@@ -68,9 +68,9 @@ def _minutes(seconds: float) -> str:
     return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
-def collect(stages, spec: dict) -> tuple[list[dict], dict]:
-    """One entry per scored model (label, rows, params, seconds), and the stages' results by name."""
-    models, results = [], {}
+def collect(stages, spec: dict) -> list[dict]:
+    """One entry per scored model: label, rows (which example it got right), params, seconds."""
+    models = []
     shown_before: list[dict] = []
     for stage in stages:
         if stage.generate is not None:
@@ -80,7 +80,6 @@ def collect(stages, spec: dict) -> tuple[list[dict], dict]:
         if text is None:
             continue
         res = json.loads(text)
-        results[stage.name] = res
         timing = json.loads(store.read_text("stage.json") or "{}")
         label = spec["labels"].get(stage.name, stage.name)
         per = res.get("rows", {})
@@ -94,12 +93,12 @@ def collect(stages, spec: dict) -> tuple[list[dict], dict]:
             models.append({"stage": stage.name, "label": label, "rows": _plain_keys(per["after"]),
                            "params": params, "seconds": timing.get("seconds"), "resumed": timing.get("resumed"),
                            "when": "after"})
-    return models, results
+    return models
 
 
 def pipeline_report(path: str | Path, stages, spec: dict) -> str:
     """The report as printed; also written (markdown and JSON) next to the last stage's run directory."""
-    models, _ = collect(stages, spec)
+    models = collect(stages, spec)
     if not models:
         return "report: no stage recorded per-example held-out results (they need eval.choices)"
     ref = next((m for m in models if m["stage"] == spec["reference"] and m["when"] == "after"), None)

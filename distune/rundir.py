@@ -83,9 +83,10 @@ def differences(saved: dict, cfg: RunConfig) -> list[str]:
             and not (k.endswith("dtype") and new[k] == "auto")]
 
 
-def write_config(cfg: RunConfig) -> None:
-    """Record the resolved config in the run directory (atomically: the old record or the new one, never half)."""
-    cfg.store().write_text("config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
+def write_config(cfg: RunConfig, extra: dict | None = None) -> None:
+    """Record the resolved config in the run directory (atomically: the old record or the new one, never half);
+    `extra`: top-level keys recorded beside it (a pipeline generate stage's options)."""
+    cfg.store().write_text("config.yaml", yaml.safe_dump(dump_config(cfg) | (extra or {}), sort_keys=False))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -175,8 +175,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     tracker.finish()
     results["step"] = state.step
     if any(per_row.values()):  # eval.choices: which held-out sample (by source line) each model got right
-        results["rows"] = {when: {str(line): hit for line, hit in sorted(got.items(), key=lambda kv: str(kv[0]))}
-                           for when, got in per_row.items() if got}
+        results["rows"] = {when: {str(line): hit for line, hit in got.items()} for when, got in per_row.items() if got}
     if rank == 0:
         cfg.store().write_text("results.json", json.dumps(results, indent=2))
     emit({"kind": "done", "step": state.step, "metrics": {"step": state.step},
