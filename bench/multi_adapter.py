@@ -16,7 +16,6 @@ Writes JSON and a markdown table (and prints it).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -25,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from cli_runs import run_cli  # bench/: the same folder as this script
+from harness import ROOT, SENTIMENT_RECIPE, arm_config, read_recipe, run_cli, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
+RECIPE = SENTIMENT_RECIPE  # the base model, data and LoRA recipe
 PROMPTS = [
     "Is the sentiment of this tweet negative, neutral or positive?\n\nTweet: {text}",
     "Tweet: {text}\n\nLabel its sentiment (negative, neutral or positive).",
@@ -42,34 +41,22 @@ def folder_bytes(folder: Path, pattern: str = "*") -> int:
 
 
 def configs(args) -> tuple[Path, list[Path]]:
-    base = yaml.safe_load((ROOT / "configs" / "quickstart-teacher.yaml").read_text())
-    base["run"]["output_dir"] = str(args.work)
+    base = read_recipe(RECIPE)
     base["data"].update(limit=args.rows, eval_size=args.eval_rows, max_length=160)
     base["train"].update(max_steps=args.steps, global_batch_size=args.batch, micro_batch_size=args.batch // 2,
                          warmup_steps=1, log_every=args.steps)
     base["eval"]["micro_batch_size"] = args.eval_rows
     base["wandb"]["mode"] = "disabled"
-    lora = base["method"]
     names = [f"task{i}" for i in range(args.adapters)]
-    args.work.mkdir(parents=True, exist_ok=True)
-    separate = []
-    for name, prompt in zip(names, PROMPTS):
-        cfg = copy.deepcopy(base)
-        cfg["run"]["name"] = f"separate-{name}"
-        cfg["data"]["prompt"] = prompt
-        path = args.work / f"separate-{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        separate.append(path)
-    joint = copy.deepcopy(base)
-    joint["run"]["name"] = "joint"
-    joint["data"]["tasks"] = [{"name": n, "prompt": p} for n, p in zip(names, PROMPTS)]
-    joint["method"] = {"name": "adapters", "adapters": [{"name": n, "task": n, "method": lora} for n in names]}
-    path = args.work / "joint.yaml"
-    path.write_text(yaml.safe_dump(joint, sort_keys=False))
-    return path, separate
+    separate = [arm_config(base, f"separate-{name}", args.work, data={"prompt": prompt})
+                for name, prompt in zip(names, PROMPTS)]
+    tasks = [{"name": n, "prompt": p} for n, p in zip(names, PROMPTS)]
+    joint = arm_config(base, "joint", args.work, data={"tasks": tasks}, method={
+        "name": "adapters", "adapters": [{"name": n, "task": n, "method": base["method"]} for n in names]})
+    return joint, separate
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapters", type=int, default=3, choices=range(1, len(PROMPTS) + 1))
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per adapter (default: 5)")
@@ -80,7 +67,7 @@ def main() -> None:
                                                              "run both orders and compare)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-multi-adapter")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "multi_adapter.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     joint_cfg, separate_cfgs = configs(args)
     load = [os.getloadavg()[0]]
     wall = {} if args.joint_last else {"joint": run_cli(["run", str(joint_cfg)], args.work / "joint.log")}
@@ -111,10 +98,7 @@ def main() -> None:
         "base_model": str(base_dir), "load_avg_start_end": [round(x, 1) for x in load],
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    table = report(result)
-    args.out.with_suffix(".md").write_text(table)
+    write_results(args.out, result, table := report(result))
     print(table)
 
 

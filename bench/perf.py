@@ -45,12 +45,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import importlib.util
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,9 +58,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-from distill_cost import StepClock, build_cache  # noqa: E402  (the per-step clock and the cache build)
+from harness import (build_cache, child_env, device_name, pyplot, random_llama, run_child, run_rounds, save_figure,
+                     timed_run, write_results)
 
 GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 WORDS = "w{}"  # the word-level vocabulary: one word, one token
@@ -68,7 +67,8 @@ WORDS = "w{}"  # the word-level vocabulary: one word, one token
 
 # ----------------------------------------------------------------------------------------------- artifacts
 
-def build_tokenizer(out: Path, vocab: int):
+def build_tokenizer(vocab: int):
+    """A word-level tokenizer over the words w0, w1, ...: one word, one token."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -76,10 +76,8 @@ def build_tokenizer(out: Path, vocab: int):
     words = {w: i for i, w in enumerate(specials + [WORDS.format(i) for i in range(vocab - len(specials))])}
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>")
-    fast.save_pretrained(out)
-    return fast
 
 
 def llama_config(shape: str, vocab: int, max_pos: int = 2048, **extra):
@@ -95,14 +93,9 @@ def llama_config(shape: str, vocab: int, max_pos: int = 2048, **extra):
 
 def build_model(out: Path, shape: str, vocab: int, max_pos: int) -> Path:
     """A random Llama of `shape` (llama_config), its word-level tokenizer inside."""
-    from transformers import LlamaForCausalLM
-
-    tok = build_tokenizer(out, vocab)
-    cfg = llama_config(shape, vocab, max_pos, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
+    c = llama_config(shape, vocab)
+    return random_llama(out, build_tokenizer(vocab), c.hidden_size, c.num_hidden_layers, c.intermediate_size,
+                        c.num_attention_heads, c.num_key_value_heads, max_pos)
 
 
 def write_rows(path: Path, n: int, seq: int, vocab: int) -> Path:
@@ -257,7 +250,8 @@ def hf_trainer(cfg, steps: int) -> list[float]:
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype])
     times: list[float] = []
     trainer = Trainer(model=model, args=_training_args(cfg, cfg.run_dir), train_dataset=samples,
-                      data_collator=lambda rows: collate(rows, tok.pad_token_id), callbacks=[_Timer.make(times)])
+                      data_collator=lambda rows: dict(collate(rows, tok.pad_token_id)),  # the Trainer wants a dict
+                      callbacks=[_Timer.make(times)])
     trainer.train()
     return times
 
@@ -291,14 +285,11 @@ def remote_teachers(cfg) -> dict:
     """What `distune run` starts for `signal: remote`: the teacher's Ray actor group (here an embedded cluster)."""
     import ray
 
-    from distune.cluster.teachers import RemoteTeacher
-    from distune.cluster.trainer import _start_remote_teachers
-    from distune.frozen import teacher_specs
+    from distune.cluster.teachers import start_remote_signals
+    from distune.methods import frozen_models
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    specs = {n: s for n, s in teacher_specs(cfg).items() if s.signal == "remote"}
-    served = _start_remote_teachers(cfg, str(cfg.model.path), specs, torch.cuda.is_available())
-    return {name: RemoteTeacher(**kw) for name, kw in served.items()}
+    return start_remote_signals(cfg, str(cfg.model.path), torch.cuda.is_available(), frozen_models(cfg))
 
 
 def child(kind: str, cfg_json: str, out_json: str) -> int:
@@ -308,17 +299,12 @@ def child(kind: str, cfg_json: str, out_json: str) -> int:
     _world_of_one()
     cfg = load_config(json.loads(Path(cfg_json).read_text()))
     # Libraries first: their import (~100 MB of RSS) is not what `distune plan` predicts.
-    import deepspeed  # noqa: F401
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-
-    import distune.worker  # noqa: F401
+    for module in ("deepspeed", "peft", "transformers", "distune.worker"):
+        importlib.import_module(module)
     rss = RssPeak()
     steps = cfg.train.max_steps
     if kind in ("distune", "distune-remote"):
-        from distune.worker import run
-
-        run(cfg, clock := StepClock(cfg.run_dir), remote=remote_teachers(cfg) if kind == "distune-remote" else None)
+        clock = timed_run(cfg, remote=remote_teachers(cfg) if kind == "distune-remote" else None)
         times = [t for t, _ in clock.times]
     else:
         times = {"hand-ds": hand_ds, "hf-trainer": hf_trainer, "trl-gkd": trl_gkd}[kind](cfg, steps)
@@ -430,44 +416,11 @@ def arms_for(args, models: dict, data: dict, tmp: Path, quiet: bool = False) -> 
                 arms[f"lora {sh} s{sq}"] = ("distune", config(sh, sq, method=lora))
     skip = set()
     for name, module in (("hf-trainer", "accelerate"), ("trl-gkd", "trl")):
-        import importlib.util
-
         if importlib.util.find_spec(module) is None:
             if not quiet:
                 print(f"{name}: not measured ({module} is not installed: pip install -e .[bench])")
             skip.add(name)
     return {k: v for k, v in arms.items() if k not in skip and (not args.arms or k in args.arms)}
-
-
-def run_child(kind: str, cfg: dict, name: str, tmp: Path, env: dict, what: str) -> dict:
-    """One arm in its own process (`--child`): its step times and peak memory, or exit with its log's tail."""
-    cfg_file, out_file, log = tmp / f"{name}.json", tmp / f"{name}.out.json", tmp / f"{name}.log"
-    cfg_file.write_text(json.dumps({**cfg, "run": {**cfg["run"], "name": name}}))
-    with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, __file__, "--child", kind, str(cfg_file), str(out_file)],
-                            cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        print(log.read_text()[-3000:], file=sys.stderr)
-        raise SystemExit(f"{what} failed (rc {rc}); logs and configs kept in {tmp}")
-    return json.loads(out_file.read_text())
-
-
-def run_rounds(arms: dict, args, tmp: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TRL_EXPERIMENTAL_SILENCE": "1"}
-    env.pop("RANK", None)
-    names = list(arms)
-    got = {"step_s": {a: [] for a in names}, "peak_bytes": {a: [] for a in names}}
-    for r in range(args.rounds):
-        for arm in names[r % len(names):] + names[:r % len(names)]:  # rotated: no arm always follows the same one
-            slug = arm.replace(" ", "_")
-            one = run_child(*arms[arm], f"{slug}-r{r}", tmp, env, f"arm {arm!r} round {r + 1}")
-            got["step_s"][arm] += one["step_s"][args.warmup:]
-            got["peak_bytes"][arm].append(one["peak_bytes"])
-            got["torch_threads"] = one["torch_threads"]
-            shutil.rmtree(tmp / "runs" / f"{slug}-r{r}", ignore_errors=True)
-        print(f"round {r + 1}/{args.rounds}: " + "  ".join(
-            f"{a} {statistics.median(got['step_s'][a]):.2f}s" for a in names), flush=True)
-    return got
 
 
 def predicted(cfg_dict: dict) -> tuple[dict, dict, dict | None]:
@@ -487,10 +440,10 @@ def predicted(cfg_dict: dict) -> tuple[dict, dict, dict | None]:
     total = row["total"][signal] if gpu else row["combined"][signal]
     teacher = None
     if "teacher" in counts:
-        from distune.plan import _meta_model
+        from distune.models import load_model_config, resolve_model_source
 
-        t = _meta_model(cfg.method_config().teacher.path, False)
-        teacher = {**counts["teacher"], "hidden": t.config.hidden_size, "layers": t.config.num_hidden_layers}
+        t = load_model_config(resolve_model_source(cfg.method_config().teacher.path))
+        teacher = {**counts["teacher"], "hidden": t.hidden_size, "layers": t.num_hidden_layers}
     return {**row, "total": total}, counts, teacher
 
 
@@ -511,7 +464,7 @@ def largest_fitting(args, tmp: Path, memory: int, seq: int) -> list[dict]:
         for shape in ladder:
             folder = tmp / "shapes" / shape
             if not (folder / "config.json").is_file():
-                build_tokenizer(folder, args.vocab)
+                build_tokenizer(args.vocab).save_pretrained(folder)
                 llama_config(shape, args.vocab, max(seq, 2048)).save_pretrained(folder)
             cfg = load_config({"run": {"name": "fit", "output_dir": str(tmp / "runs")},
                                "model": {"path": str(folder), "dtype": args.dtype,
@@ -538,8 +491,7 @@ def memory_check(args, tmp: Path) -> list[dict]:
     costs: every ZeRO stage and offload arm plus LoRA on the first --memory-shapes shape, LoRA alone on the others
     (a LoRA run's memory is its frozen weights: only a bigger model drowns the fixed costs). One rank, micro-batch 1,
     --memory-seq tokens, warmup + one step (the peak comes at the second step, once Adam's state exists)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": "65536"}
-    env.pop("RANK", None)
+    env = child_env(args.threads, MALLOC_MMAP_THRESHOLD_="65536")
     out = []
     for i, shape in enumerate(args.memory_shapes):
         folder = build_model(tmp / f"mem-{shape}", shape, args.vocab, args.memory_seq + 64)
@@ -549,7 +501,8 @@ def memory_check(args, tmp: Path) -> list[dict]:
         arms = arms_for(one, {shape: folder, "teacher": folder}, {args.memory_seq: rows}, tmp, quiet=True)
         for arm, (kind, cfg) in arms.items():
             slug = f"mem-{shape}-{arm}"
-            measured = run_child(kind, cfg, slug, tmp, env, f"memory arm {arm!r} at {shape}")["peak_bytes"]
+            measured = run_child(Path(__file__), kind, cfg, slug, tmp, env,
+                                 f"memory arm {arm!r} at {shape}")["peak_bytes"]
             plan, counts, _ = predicted(cfg)
             out.append({"arm": arm, "shape": shape, "seq": args.memory_seq,
                         "params": counts["trainable"] + counts["frozen"], "trainable": counts["trainable"],
@@ -581,27 +534,11 @@ def memory_report(args, rows: list[dict], started) -> None:
               f"1 rank, micro-batch 1, seq {args.memory_seq}, warmup + 1 step")
     text = "\n".join([header, "", *memory_lines(rows)]) + "\n"
     print("\n" + text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"memory": rows, "args": vars(args), "device": device_name(),
-                               "date": started.isoformat(timespec="seconds"), "torch": torch.__version__}, indent=2))
-    out.with_suffix(".md").write_text(text)
+    write_results(Path(args.out), {"memory": rows, "args": vars(args), "device": device_name(),
+                                   "date": started.isoformat(timespec="seconds"), "torch": torch.__version__}, text)
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores"
-
-
-def main() -> int:
-    if sys.argv[1:2] == ["--child"]:  # --child KIND CFG_JSON OUT_JSON
-        return child(*sys.argv[2:5])
-    if sys.argv[1:2] == ["--rescore"]:  # --rescore RESULTS_JSON: MFU again from the saved step times
-        rescore(Path(sys.argv[2]))
-        return 0
+def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per round and arm")
@@ -626,12 +563,25 @@ def main() -> int:
     ap.add_argument("--memory-only", action="store_true", help="only the memory check (default --out "
                     "bench/results/perf_memory.json)")
     ap.add_argument("--out", default=None, help="default bench/results/perf.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.out = args.out or f"bench/results/perf{'_memory' if args.memory_only else ''}.json"
     args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
     if args.gpu_1b:
         args.shapes, args.seqs, args.batch, args.vocab = ["2048x16"], [2048], "4x4", 32000
         args.teacher_shape = args.teacher_shape or "3072x20"
+    h, n = map(int, args.shapes[0].split("x"))
+    args.teacher_shape = args.teacher_shape or f"{2 * h}x{n}"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:  # --child KIND CFG_JSON OUT_JSON
+        return child(*argv[1:4])
+    if argv[:1] == ["--rescore"]:  # --rescore RESULTS_JSON: MFU again from the saved step times
+        rescore(Path(argv[1]))
+        return 0
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     load_start, started = os.getloadavg(), datetime.datetime.now().astimezone()
     tmp = Path(tempfile.mkdtemp(prefix="distune-perf-"))
@@ -639,8 +589,6 @@ def main() -> int:
         memory_report(args, memory_check(args, tmp), started)
         shutil.rmtree(tmp, ignore_errors=True)
         return 0
-    h, n = map(int, args.shapes[0].split("x"))
-    args.teacher_shape = args.teacher_shape or f"{2 * h}x{n}"
     max_pos = max(args.seqs) + 64
     print("building models and data ...", flush=True)
     models = {s: build_model(tmp / f"model-{s}", s, args.vocab, max_pos) for s in args.shapes}
@@ -653,8 +601,9 @@ def main() -> int:
     print(f"peak for MFU: {peak / 1e12:.3f} TFLOP/s ({peak_src})", flush=True)
     if "kd-cached" in arms:
         print("building the teacher's top-64 cache (not timed) ...", flush=True)
-        build_cache(arms["kd-cached"][1])
-    got = run_rounds(arms, args, tmp)
+        build_cache(arms["kd-cached"][1], tmp, args.threads)
+    got = run_rounds(Path(__file__), arms, args.rounds, args.warmup, tmp,
+                     child_env(args.threads, TRL_EXPERIMENTAL_SILENCE="1"))
 
     table = []
     for arm, (kind, cfg) in arms.items():
@@ -763,38 +712,27 @@ def report(args, table, fits, got, peak, peak_src, memory, load_start, started, 
     text = header + "\n" + "\n".join(lines) + "\n"
     print("\n" + text)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": table, "fits": fits, "memory": list(mem_rows), "step_s": got["step_s"],
-                               "peak_bytes": got["peak_bytes"],
-                               "args": vars(args), "device": device, "peak_flops": peak, "peak_source": peak_src,
-                               "date": started.isoformat(timespec="seconds"), "load_avg_start": load_start,
-                               "load_avg_end": load_end, "python": sys.version.split()[0],
-                               "torch": torch.__version__}, indent=2))
-    out.with_suffix(".md").write_text(text)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 2, figsize=(13, 0.35 * len(table) + 1.5))
-        names = [r["arm"] for r in table]
-        colors = ["tab:blue" if r["kind"].startswith("distune") else "tab:gray" for r in table]
-        ax[0].barh(names, [r["tokens_per_s"] for r in table], color=colors)
-        ax[0].set_xlabel("tokens/s (grey: baselines)")
-        ax[0].invert_yaxis()
-        ax[1].barh(names, [r["peak_bytes"] / 2**20 for r in table], label="measured")
-        ax[1].scatter([r["plan_bytes"] / 2**20 for r in table], names, color="k", marker="|", s=200,
-                      label="distune plan")
-        ax[1].set_xlabel("peak memory per rank, MiB")
-        ax[1].invert_yaxis()
-        ax[1].legend()
-        fig.suptitle(header.split(";")[0], fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=110)
-        print(f"saved {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
-    except ImportError:
-        print(f"saved {out} and {out.with_suffix('.md')} (no plot: pip install -e .[bench])")
+    write_results(out, {"rows": table, "fits": fits, "memory": list(mem_rows), "step_s": got["step_s"],
+                        "peak_bytes": got["peak_bytes"], "args": vars(args), "device": device, "peak_flops": peak,
+                        "peak_source": peak_src, "date": started.isoformat(timespec="seconds"),
+                        "load_avg_start": load_start, "load_avg_end": load_end, "python": sys.version.split()[0],
+                        "torch": torch.__version__}, text)
+    print(f"saved {out} and {out.with_suffix('.md')}")
+    if (plt := pyplot()) is None:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(13, 0.35 * len(table) + 1.5))
+    names = [r["arm"] for r in table]
+    colors = ["tab:blue" if r["kind"].startswith("distune") else "tab:gray" for r in table]
+    ax[0].barh(names, [r["tokens_per_s"] for r in table], color=colors)
+    ax[0].set_xlabel("tokens/s (grey: baselines)")
+    ax[0].invert_yaxis()
+    ax[1].barh(names, [r["peak_bytes"] / 2**20 for r in table], label="measured")
+    ax[1].scatter([r["plan_bytes"] / 2**20 for r in table], names, color="k", marker="|", s=200, label="distune plan")
+    ax[1].set_xlabel("peak memory per rank, MiB")
+    ax[1].invert_yaxis()
+    ax[1].legend()
+    fig.suptitle(header.split(";")[0], fontsize=9)
+    save_figure(fig, out.with_suffix(".png"), dpi=110)
 
 
 if __name__ == "__main__":

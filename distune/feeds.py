@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from distune.config import ConfigError
+from distune.errors import ConfigError
 from distune.data import Sample, ShardedBatches, Splits, pack, pack_groups
 
 

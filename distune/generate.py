@@ -15,10 +15,11 @@ function runs in Ray tasks started through distune.cluster.tasks, imported insid
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
+
+from distune.paths import anchor, write_atomic
 
 RATIONALE_INSTRUCTION = ("Think step by step and explain your reasoning. Then give the final answer on its own "
                          "last line, as: Answer: <answer>")
@@ -55,13 +56,13 @@ def add_arguments(p) -> None:
 
 
 def command(cfg, summary: dict, args) -> int:
-    from distune.config import ConfigError
+    from distune.errors import ConfigError
     from distune.data import Renderer
     from distune.data import DataError
     from distune.data.dataset import sampled_rows
     from distune.data.sources import BadRows
     from distune.models import load_tokenizer, resolve_model_source
-    from distune.validate import target_uses_gpu
+    from distune.hardware import uses_gpu, worker_env
 
     for flag, value, ok in [("--max-new-tokens", args.max_new_tokens, args.max_new_tokens > 0),
                             ("--temperature", args.temperature, args.temperature >= 0),
@@ -73,7 +74,7 @@ def command(cfg, summary: dict, args) -> int:
             raise ConfigError(f"{flag}: {value} is out of range")
     if args.num_samples > 1 and args.temperature == 0:
         raise ConfigError("--num-samples > 1 needs --temperature > 0 (greedy decoding repeats one response)")
-    out = Path(args.out).expanduser().absolute()
+    out = Path(anchor(args.out))
     if out.suffix != ".jsonl":
         raise ConfigError(f"--out: {args.out} must end in .jsonl")
     if out.exists() and not args.force:
@@ -81,9 +82,12 @@ def command(cfg, summary: dict, args) -> int:
     if cfg.data.format not in ("prompt_response", "alpaca"):
         raise ConfigError("generate needs a single-turn data.format (prompt_response or alpaca): a prompt to answer")
 
-    # The model as the config builds it: the distill teacher, or model.path (with its layer subset).
-    teacher = cfg.method_config().teacher if cfg.method.name == "distill" else cfg.model
-    use_gpu = target_uses_gpu(cfg)
+    # The model as the config builds it: the method's teacher (a distillation config), or model.path (with its
+    # layer subset).
+    from distune.methods import frozen_models
+
+    teacher = frozen_models(cfg).get("teacher") or cfg.model
+    use_gpu = uses_gpu(cfg.cluster.use_gpu)
     if teacher.dtype == "fp16" and not use_gpu:
         raise ConfigError(f"{teacher.path}: dtype fp16 is not supported on CPU; use bf16 or fp32")
     source = resolve_model_source(teacher.path)
@@ -118,7 +122,7 @@ def command(cfg, summary: dict, args) -> int:
                 "rationale": args.rationale, "cpus": cfg.cluster.cpus_per_worker,
                 "choices": getattr(args, "choices", None)}
     count = min(args.shards or cfg.cluster.num_workers, len(items))
-    env = dict(cfg.cluster.env) | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
+    env = worker_env(cfg)
     began = time.time()
     shards = run_shards(generate_shard, (settings, items), count, use_gpu, cfg.cluster.cpus_per_worker,
                         args.address, desc="generate", show_progress=not args.no_progress, env=env,
@@ -128,14 +132,14 @@ def command(cfg, summary: dict, args) -> int:
     counts = {key: sum(s[key] for s in shards) for key in ("generated_tokens", "empty", "unparsed")}
     seconds = round(time.time() - began, 2)
 
-    _write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in written))
+    write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in written))
     meta = {"teacher": teacher.path, "data": data_source.name, "prompt": cfg.data.prompt, "shards": count,
             "settings": {k: settings[k] for k in ("max_new_tokens", "temperature", "top_p", "num_samples",
                                                    "batch_size", "seed", "rationale", "choices")}
             | ({"rationale_instruction": args.rationale_instruction} if args.rationale else {}),
             "prompts": len(items), "rows": len(written), "generated_tokens": counts["generated_tokens"],
             "empty_responses": counts["empty"], "unparsed_answers": counts["unparsed"], "seconds": seconds}
-    _write_atomic(out.with_name(out.name + ".meta.json"), json.dumps(meta, indent=2) + "\n")
+    write_atomic(out.with_name(out.name + ".meta.json"), json.dumps(meta, indent=2) + "\n")
     print(f"wrote {len(written)} rows to {out} ({counts['generated_tokens']} tokens generated in {seconds}s)")
     if counts["empty"] or counts["unparsed"]:
         why = " or ".join(w for w, on in [("without an 'Answer:' line", args.rationale),
@@ -182,6 +186,8 @@ def complete(model, tok, prompts: list[list[int]], settings: dict, device,
     settings: max_new_tokens, temperature (0 = greedy), top_p, num_samples, batch_size."""
     import torch
 
+    from distune.tasks.choices import left_padded
+
     eos = model.generation_config.eos_token_id
     stops = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])
     sampling = ({"do_sample": True, "temperature": settings["temperature"], "top_p": settings["top_p"],
@@ -194,10 +200,9 @@ def complete(model, tok, prompts: list[list[int]], settings: dict, device,
     tokens = 0
     for start in range(0, len(order), size):
         batch = order[start:start + size]
-        width = max(len(prompts[i]) for i in batch)
         # Left padding: every prompt ends where generation starts; the mask hides the pads.
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in batch])
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
+        input_ids, mask = left_padded([prompts[i] for i in batch], tok.pad_token_id)
+        width = input_ids.shape[1]
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=settings["max_new_tokens"], num_return_sequences=n,
@@ -225,11 +230,3 @@ def _columns(text: str, rationale: bool) -> dict | None:
             "response": f"{reasoning}\nAnswer: {answer}" if reasoning else f"Answer: {answer}"}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: the rename cannot cross devices
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never a partial one
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -12,6 +12,8 @@ module imports this one).
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,20 @@ def uses_gpu(setting: bool | str) -> bool:
 
         return torch.cuda.is_available()
     return bool(setting)
+
+
+def worker_env(cfg) -> dict[str, str]:
+    """The environment of a run's worker processes (Ray Train workers, Ray tasks): cluster.env, plus
+    DS_ACCELERATOR=cpu for CPU workers. DeepSpeed picks its accelerator when it is imported: without this, a CPU
+    worker on a machine with CUDA libraries would pick cuda."""
+    return dict(cfg.cluster.env) | ({} if uses_gpu(cfg.cluster.use_gpu) else {"DS_ACCELERATOR": "cpu"})
+
+
+def select_accelerator(cfg) -> bool:
+    """The same choice for this process (a worker started without Ray), before deepspeed is imported. Returns
+    whether it uses a GPU."""
+    os.environ.update({k: v for k, v in worker_env(cfg).items() if k == "DS_ACCELERATOR"})
+    return uses_gpu(cfg.cluster.use_gpu)
 
 
 def gpu_count() -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from distune.config import ConfigError
+from distune.errors import ConfigError
 from distune.paths import cache_root, looks_local, resolve_path
 from distune.weights import WeightReader, hub_snapshot
 
@@ -118,12 +118,10 @@ def load_model(source: str, dtype: str = "fp32", trust_remote_code: bool = False
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if device_map is not None:
         attn["device_map"] = device_map
-    task = task or ("sequence_classification" if labels is not None else "causal_lm")
-    if task != "causal_lm":
-        options = {} if labels is None else {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                                             "label2id": {name: i for i, name in enumerate(labels)}}
-        model = _load_head(head_class(task), source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                           **options, **attn)
+    head = _task(task, labels)
+    if head.head is not None:
+        model = _load_head(head.head_class(), source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                           **head.head_options(labels), **attn)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id  # decoders read the last non-pad token's state
     elif is_adapter_folder(source):
@@ -145,15 +143,18 @@ def load_model(source: str, dtype: str = "fp32", trust_remote_code: bool = False
 
 
 # model.task -> the transformers auto class of its head.
-HEADS = {"sequence_classification": "AutoModelForSequenceClassification",
-         "token_classification": "AutoModelForTokenClassification",
-         "question_answering": "AutoModelForQuestionAnswering"}
-
-
 def head_class(task: str):
-    import transformers
+    """The transformers Auto class a task's model loads with."""
+    from distune.tasks import get_task
 
-    return getattr(transformers, HEADS[task])
+    return get_task(task).head_class()
+
+
+def _task(task: str | None, labels: list[str] | None):
+    """The task a model is built for: `task`, else a classifier when `labels` are given, else a causal LM."""
+    from distune.tasks import get_task
+
+    return get_task(task or ("sequence_classification" if labels is not None else "causal_lm"))
 
 
 def _load_head(auto, source: str, **kwargs) -> torch.nn.Module:
@@ -250,7 +251,7 @@ def keep_layers(model: torch.nn.Module, layers: int | list[int]) -> None:
 def meta_model(config: PretrainedConfig, trust_remote_code: bool = False, task: str = "causal_lm",
                layers: int | list[int] | None = None) -> torch.nn.Module:
     """The architecture on the meta device: shapes only, no weights read (a 70B model costs nothing)."""
-    auto = head_class(task) if task in HEADS else AutoModelForCausalLM
+    auto = head_class(task)
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=trust_remote_code)
     if layers is not None:
@@ -303,12 +304,12 @@ def blueprint(source: str, dtype: str = "fp32", trust_remote_code: bool = False,
     empty, its weights read slice by slice by whoever owns them. A LoRA adapter folder is merged on read."""
     import json
 
-    task = task or ("sequence_classification" if labels is not None else "causal_lm")
+    head = _task(task, labels)
     adapter = None
     base = source
     if is_adapter_folder(source):
-        if task != "causal_lm":
-            raise ConfigError(f"{key}: a {task} model cannot load from an adapter folder")
+        if head.head is not None:
+            raise ConfigError(f"{key}: a {head.name} model cannot load from an adapter folder")
         adapter = Path(source)
         base = resolve_model_source(json.loads((adapter / "adapter_config.json").read_text())[
             "base_model_name_or_path"], key=key)
@@ -320,17 +321,16 @@ def blueprint(source: str, dtype: str = "fp32", trust_remote_code: bool = False,
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = [config.layer_types[i] for i in picked]
         config.num_hidden_layers = len(picked)
-    if labels is not None:
-        config.num_labels = len(labels)
-        config.id2label, config.label2id = dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
+    for name, value in head.head_options(labels).items():
+        setattr(config, name, value)
     reader = WeightReader(folder, key, picked, adapter)
-    auto = head_class(task) if task != "causal_lm" else AutoModelForCausalLM
+    auto = head.head_class()
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
 
     def build() -> torch.nn.Module:
         model = auto.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **attn)
         model.tie_weights()  # weight init, which ties, was switched off
-        if task != "causal_lm" and model.config.pad_token_id is None:
+        if head.head is not None and model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id
         model.config.use_cache = False
         return model

@@ -1,4 +1,5 @@
-"""Where user-given paths point: plain paths, and `pkg:<package>/<file>` inside an installed package.
+"""Where user-given paths point (plain paths, and `pkg:<package>/<file>` inside an installed package), the one
+rule that anchors them, and the one way a file is written atomically.
 
 `pkg:` exists so shipped configs can name data and models that come as PyPI packages (offline demo data)
 without hard-coding a site-packages path. The package is located, never imported.
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 PKG_PREFIX = "pkg:"
 
@@ -35,12 +39,34 @@ def looks_local(value: str) -> bool:
             or Path(value).expanduser().exists())
 
 
-def anchor(value: str) -> str:
-    """A local path made absolute where the config is loaded (Ray workers run in another working
-    directory); `pkg:` paths and hub ids are left as they are."""
-    if value.startswith(PKG_PREFIX) or not looks_local(value):
+def anchor(value: str | None, hub_ids: bool = False) -> str | None:
+    """The one rule for a path a config names: a local path is made absolute (`~` expanded) where the config is
+    loaded, because Ray workers run in another working directory; `pkg:` and `hf:` paths and URIs (`s3://...`) are
+    left as they are, and so, with `hub_ids` (a model's path), is anything that does not look local (`org/name`)."""
+    if value is None or value.startswith((PKG_PREFIX, "hf:")) or "://" in value:
+        return value
+    if hub_ids and not looks_local(value):
         return value
     return str(Path(value).expanduser().absolute())
+
+
+def write_atomic(path: Path, data: str | bytes | Callable[[BinaryIO], None]) -> Path:
+    """Write `path` so that a reader sees the old file or the whole new one, never a part: a temporary file in the
+    same folder (a rename cannot cross devices), renamed into place, removed if the write fails. `data`: text
+    (UTF-8), bytes, or a function that writes into the open binary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
 
 
 def named_paths(specs: list[str], flag: str) -> dict[str, str]:

@@ -16,6 +16,8 @@ import math
 import random
 from pathlib import Path
 
+from distune.paths import write_atomic
+
 BOOTSTRAP = 5000  # resamples of the examples (seeded: the same report every time)
 
 
@@ -170,7 +172,7 @@ def pipeline_report(path: str | Path, stages, spec: dict) -> str:
         folder = Path(last.run.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         stem = Path(path).stem
-        (folder / f"{stem}-report.md").write_text(text + "\n")
-        (folder / f"{stem}-report.json").write_text(json.dumps(out_json, indent=2) + "\n")
+        write_atomic(folder / f"{stem}-report.md", text + "\n")
+        write_atomic(folder / f"{stem}-report.json", json.dumps(out_json, indent=2) + "\n")
         text += f"\n(saved: {folder / (stem + '-report.md')}, .json)"
     return text

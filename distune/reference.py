@@ -26,7 +26,7 @@ COMMAND = "python -m distune.reference > docs/config-reference.md"
 INTRO = f"""# Config reference
 
 Every key of a run config: its type, its default and what it does. Generated from the schema
-(`distune/config.py` and the method plugins' `Config` classes), so do not edit this page by hand; regenerate it
+(`distune/config/` and the method plugins' `Config` classes), so do not edit this page by hand; regenerate it
 with `{COMMAND}` (`python -m distune.reference --check` fails when it is out of date).
 
 Unknown keys are errors (the message names the closest valid key). Any key can be overridden on the command

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from distune.plan import BYTES, estimate, human
+from distune.memory import BYTES, estimate, human
 
 # GPU memory as nvidia-smi reports it (MiB): what a process can see before the CUDA context.
 GPU_MIB = {"h100": 81559, "h200": 143771, "a100-80": 81920, "a100-40": 40960, "l40s": 46068}
@@ -63,9 +63,12 @@ def communication(cfg, counts: dict, n: int, gpus_per_node: int | None = None) -
 
 
 def _teacher_gathers(cfg, counts: dict, stage: int, ring: float) -> dict:
-    """An online teacher partitioned across the ranks gathers its weights for every forward (once a micro-batch)."""
+    """A teacher on the training ranks, partitioned across them, gathers its weights for every forward (once a micro-batch)."""
+    from distune.memory import teacher_spec
+    from distune.signals import get_signal
+
     t = counts.get("teacher")
-    if not t or getattr(cfg.method_config(), "signal", None) != "online":
+    if not t or not get_signal(teacher_spec(cfg).signal).runs_here:
         return {}
     if not (t["placement"] == "partitioned" or (t["placement"] == "auto" and stage == 3)):
         return {}

@@ -13,11 +13,12 @@ no atomic rename; a reader that finds no marker treats the folder as absent. Imp
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from distune.paths import write_atomic
 
 DONE = "DONE"  # written last into a folder published to an object store
 
@@ -30,7 +31,7 @@ def filesystem(location: str, key: str = "run.output_dir"):
     """(pyarrow filesystem, path inside it) for a URI; ConfigError naming `key` when pyarrow cannot open it."""
     import pyarrow.fs
 
-    from distune.config import ConfigError
+    from distune.errors import ConfigError
 
     try:
         return pyarrow.fs.FileSystem.from_uri(location)
@@ -96,12 +97,7 @@ class RunStore:
         """Atomically: the old content or the new, never half (a local temp file renamed into place; one object
         PUT)."""
         if not self.remote:
-            p = Path(self.root, rel)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, p)
+            write_atomic(Path(self.root, rel), text)
             return
         with self.fs.open_output_stream(self._path(rel)) as f:
             f.write(text.encode())

@@ -103,3 +103,51 @@ def make_tracker(cfg, rank: int, config: dict):
     if rank != 0 or cfg.wandb.mode == "disabled":
         return NullTracker()
     return WandbTracker(cfg.wandb, cfg.run_dir, cfg.run.name, config, cfg.store())
+
+
+def read_offline_run(run_dir: Path) -> dict:
+    """What the offline W&B run(s) under `run_dir` logged, read back from their `wandb/*run-*/run-*.wandb` files
+    with wandb's own protobufs: {'history': [{key: value, '_step': n}, ...], 'config': {...}, 'run_ids': [...],
+    'groups': [...], 'job_types': [...], 'finished': every file holds its exit record} (wandb's service may still
+    be writing the last blocks for a moment after `run.finish()` returns).
+
+    A run file is a LevelDB-style log: a 7-byte header (":W&B"), then 32 KiB blocks of chunks, each with a 7-byte
+    header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last); one protobuf `Record` may span several."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    files = sorted(run_dir.glob("wandb/*run-*/run-*.wandb"))
+    out = {"history": [], "config": {}, "run_ids": [], "groups": [], "job_types": [], "finished": bool(files)}
+    for f in files:
+        data, pos, pending, exited = f.read_bytes(), 7, b"", False
+        if data[:3] != b":W&":
+            raise ValueError(f"{f}: not a W&B run file")
+        while pos + 7 <= len(data):
+            if (32768 - pos % 32768) < 7:  # a block's trailer padding
+                pos += 32768 - pos % 32768
+                continue
+            _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind == 0 and length == 0:
+                continue
+            pending = chunk if kind in (1, 2) else pending + chunk
+            if kind not in (1, 4):
+                continue
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(pending)
+            which = rec.WhichOneof("record_type")
+            if which == "history":
+                out["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                       for item in rec.history.item})
+            elif which == "config":
+                out["config"].update({item.key: json.loads(item.value_json) for item in rec.config.update})
+            elif which == "run":
+                out["run_ids"].append(rec.run.run_id)
+                out["groups"].append(rec.run.run_group)
+                out["job_types"].append(rec.run.job_type)
+                out["config"].update({item.key: json.loads(item.value_json) for item in rec.run.config.update})
+            exited = exited or which == "exit"
+        out["finished"] = out["finished"] and exited
+    return out

@@ -19,17 +19,13 @@ import torch
 from distune.config import ConfigError, RunConfig, resolve_for_hardware
 from distune.data import load_splits
 from distune.feeds import build_feeds
-from distune.frozen import preflight
 from distune.hardware import Facts, cpu_has_native_bf16, uses_gpu
-from distune.methods import build_method
+from distune.methods import RunSettings, build_method
+from distune.signals import get_signal
+from distune.signals.teachers import preflight
+from distune.tasks import get_task, known_tasks
 from distune.models import layer_indices, load_model_config, meta_model, load_tokenizer, resolve_model_source
 from distune.storage import is_uri
-
-
-def target_uses_gpu(cfg: RunConfig) -> bool:
-    """Whether workers will use GPUs. Resolved when the config loads (`auto` -> this machine, or the cluster for a
-    run with --address); an unresolved `auto` here means this machine (a command that runs here)."""
-    return uses_gpu(cfg.cluster.use_gpu)
 
 
 def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = True) -> dict:
@@ -37,42 +33,21 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
 
     `cluster.use_gpu` / `dtype` still `auto` (a submit, where the cluster's head resolves them): the checks that
     depend on the workers' hardware wait for the head, which validates again before any worker starts."""
-    uses_gpu = None if cfg.cluster.use_gpu == "auto" and not local_cluster else target_uses_gpu(cfg)
-    if uses_gpu is None:  # the model's shapes and the data are checked the same whatever dtype the head picks
+    # Resolved when the config loads (`auto` -> this machine, or the cluster for a run with --address); None: a
+    # submit, whose cluster's head resolves it.
+    gpu = None if cfg.cluster.use_gpu == "auto" and not local_cluster else uses_gpu(cfg.cluster.use_gpu)
+    if gpu is None:  # the model's shapes and the data are checked the same whatever dtype the head picks
         cfg = cfg.model_copy(deep=True)
         resolve_for_hardware(cfg, Facts(known=False), gpu=True)
-    if cfg.model.dtype == "fp16" and uses_gpu is False:
-        raise ConfigError("model.dtype: fp16 is not supported on CPU workers; use bf16 or fp32")
-    if uses_gpu and local_cluster:
-        if not torch.cuda.is_available():
-            raise ConfigError("cluster.use_gpu: true, but this machine has no CUDA device")
-        if torch.cuda.device_count() < cfg.cluster.num_workers:
-            raise ConfigError(f"cluster.num_workers={cfg.cluster.num_workers} needs as many GPUs; "
-                              f"this machine has {torch.cuda.device_count()}")
-        if cfg.model.dtype == "bf16" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("model.dtype: bf16 is not supported by this GPU; use fp16 or fp32")
-    if local_cluster and cfg.cluster.placement == "STRICT_SPREAD" and cfg.cluster.num_workers > 1:
-        # Ray would wait forever for nodes that a one-node embedded cluster never gets.
-        raise ConfigError(f"cluster.placement: STRICT_SPREAD puts each of the {cfg.cluster.num_workers} workers on "
-                          f"its own node, and the local embedded cluster is one node; join a cluster with "
-                          f"--address, or use PACK or SPREAD")
+    _check_hardware(cfg, gpu, local_cluster)
     if local_cluster:  # elsewhere (submit, --address), the folders and credentials are the cluster's nodes'
         _check_output_dir(cfg)
         _check_wandb_login(cfg)
-    if cfg.model.quantization and uses_gpu is not None:
-        _check_quantization(cfg, uses_gpu, local_cluster)
+    method = build_method(cfg.method.name, cfg.method.model_extra or {}, RunSettings.of(cfg))
+    if cfg.model.quantization and gpu is not None:
+        _check_quantization(cfg, method, gpu, local_cluster)
     if cfg.model.attn_implementation == "flash_attention_2":
-        import importlib.util
-
-        if uses_gpu is False:
-            raise ConfigError("model.attn_implementation: flash_attention_2 runs on CUDA GPUs only and "
-                              "cluster.use_gpu is false; use sdpa")
-        if cfg.model.dtype == "fp32":
-            raise ConfigError("model.attn_implementation: flash_attention_2 computes in bf16/fp16 only and model.dtype "
-                              "is fp32; set model.dtype: bf16 (or auto on a bf16 GPU), or use sdpa")
-        if local_cluster and importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
-                              "(pip install flash-attn); or use sdpa")
+        _check_flash_attention(cfg, gpu, local_cluster)
     grad_accum = cfg.grad_accum_steps()
 
     try:
@@ -90,40 +65,22 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
 
     if cfg.model.layers is not None:
         _check_layers(cfg, model_config)
-    # A class cache is keyed by data line, and every task's file has its own line 1, 2, ... (checked before
-    # preflight, which would first ask for the cache to be built).
-    if cfg.data.tasks and cfg.model.task == "sequence_classification" and getattr(
-            cfg.method_config(), "signal", None) == "cached":
-        raise ConfigError("data.tasks: a classifier's teacher cache is keyed by data line, which tasks share; "
-                          "use method.signal: online, or one data file")
-    method = build_method(cfg.method.name, cfg.method.model_extra or {})
-    if getattr(cfg.method_config(), "kd_positions", "response") == "all":
-        if cfg.model.task != "causal_lm":
-            raise ConfigError(f"method.kd_positions: 'all' distils every token's next-token distribution; a "
-                              f"{cfg.model.task} student has none (it matches the teacher's classes)")
-        if cfg.data.packing:
-            raise ConfigError("method.kd_positions: 'all' would distil across the joins of packed samples; set "
-                              "data.packing false")
-    _check_head(cfg, method)
-    prepared = preflight(method.frozen_models(), tokenizer, model_config, check_cache, cfg.model.task)
-    gkd = getattr(cfg.method_config(), "gkd", None)
-    if gkd is not None and gkd.lmbda > 0 and cfg.data.train_on_inputs:
-        raise ConfigError("method.gkd.lmbda: on-policy samples continue each prompt, and the prompt ends at the "
-                          "first trained token; with data.train_on_inputs: true there is none. Set it false")
-    if cfg.data.packing and (cfg.model.task != "causal_lm" or (gkd is not None and gkd.lmbda > 0)):
-        why = (f"a {cfg.model.task} head reads one sample per row" if cfg.model.task != "causal_lm"
-               else "on-policy samples continue each prompt separately (method.gkd)")
-        raise ConfigError(f"data.packing: {why}; set it false")
-    trains = getattr(method, "student", method)  # distill: the wrapped student decides what the model sees
-    if cfg.data.packing and not trains.supports_packing:
-        raise ConfigError(f"data.packing: method {trains.name!r} prepends virtual tokens and cannot keep packed "
-                          f"samples apart; set it false")
-    if cfg.model.task != "causal_lm" and cfg.eval.choices:
-        raise ConfigError(f"eval.choices: a {cfg.model.task} model is scored by its head (over data.labels for "
-                          f"classifiers); remove eval.choices")
-
+    task = method.task
+    teachers = method.frozen_models()
     try:
-        trains.check_model(meta_model(model_config, cfg.model.trust_remote_code, cfg.model.task, cfg.model.layers))
+        task.check(cfg, method)
+        if teachers and task.distills is None:
+            able = " and ".join(n for n in known_tasks() if get_task(n).distills)
+            raise ValueError(f"method.name: {cfg.method.name!r} needs a teacher signal, which distune has for {able} "
+                             f"only, not model.task {task.name}; train it with full or a PEFT method")
+        for spec in teachers.values():
+            get_signal(spec.signal).check_run(spec, task, cfg)
+        method.check(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    prepared = preflight(teachers, tokenizer, model_config, check_cache, cfg.model.task)
+    try:
+        method.check_model(meta_model(model_config, cfg.model.trust_remote_code, cfg.model.task, cfg.model.layers))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     streams = method.streams()
@@ -151,19 +108,53 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
     if streams is None and cfg.train.warmup_steps > total:
         raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} is more than the run's {total} optimizer "
                           f"steps: the learning rate would never reach train.lr; lower it or raise train.max_steps")
-    teachers = {f"{name}_vocab": p.vocab_size for name, p in prepared.items() if p.vocab_size is not None}
+    vocabs = {f"{name}_vocab": p.vocab_size for name, p in prepared.items() if p.vocab_size is not None}
     if splits.labels:
-        teachers["labels"] = splits.labels
-    warnings = splits.warnings + _emulated_bf16(cfg, uses_gpu) + _partitioned_loads(cfg, source, splits, prepared)
-    return {"model_source": source, "model_type": model_config.model_type, **teachers, "grad_accum": grad_accum,
+        vocabs["labels"] = splits.labels
+    warnings = (splits.warnings + _emulated_bf16(cfg, teachers, gpu)
+                + _partitioned_loads(cfg, source, splits, prepared))
+    return {"model_source": source, "model_type": model_config.model_type, **vocabs, "grad_accum": grad_accum,
             "total_steps": total, "steps_per_epoch": steps_per_epoch, **splits.stats, "warnings": warnings}
+
+
+def _check_hardware(cfg: RunConfig, gpu: bool | None, local_cluster: bool) -> None:
+    """The dtype suits the workers' hardware; a local run has the GPUs it asks for and can place its workers."""
+    if cfg.model.dtype == "fp16" and gpu is False:
+        raise ConfigError("model.dtype: fp16 is not supported on CPU workers; use bf16 or fp32")
+    if gpu and local_cluster:
+        if not torch.cuda.is_available():
+            raise ConfigError("cluster.use_gpu: true, but this machine has no CUDA device")
+        if torch.cuda.device_count() < cfg.cluster.num_workers:
+            raise ConfigError(f"cluster.num_workers={cfg.cluster.num_workers} needs as many GPUs; "
+                              f"this machine has {torch.cuda.device_count()}")
+        if cfg.model.dtype == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("model.dtype: bf16 is not supported by this GPU; use fp16 or fp32")
+    if local_cluster and cfg.cluster.placement == "STRICT_SPREAD" and cfg.cluster.num_workers > 1:
+        # Ray would wait forever for nodes that a one-node embedded cluster never gets.
+        raise ConfigError(f"cluster.placement: STRICT_SPREAD puts each of the {cfg.cluster.num_workers} workers on "
+                          f"its own node, and the local embedded cluster is one node; join a cluster with "
+                          f"--address, or use PACK or SPREAD")
+
+
+def _check_flash_attention(cfg: RunConfig, gpu: bool | None, local_cluster: bool) -> None:
+    import importlib.util
+
+    if gpu is False:
+        raise ConfigError("model.attn_implementation: flash_attention_2 runs on CUDA GPUs only and "
+                          "cluster.use_gpu is false; use sdpa")
+    if cfg.model.dtype == "fp32":
+        raise ConfigError("model.attn_implementation: flash_attention_2 computes in bf16/fp16 only and model.dtype "
+                          "is fp32; set model.dtype: bf16 (or auto on a bf16 GPU), or use sdpa")
+    if local_cluster and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                          "(pip install flash-attn); or use sdpa")
 
 
 def _partitioned_loads(cfg: RunConfig, source: str, splits, prepared: dict) -> list[str]:
     """model.load / method.teacher.placement: a checkpoint that cannot be read slice by slice is an error when
     partitioned was asked for by name, a warning (loaded whole, then partitioned by DeepSpeed) under auto."""
-    from distune.frozen import teacher_blueprint
     from distune.models import partitioned_blueprint
+    from distune.signals.loading import teacher_blueprint
 
     out = []
     m = cfg.model
@@ -175,20 +166,20 @@ def _partitioned_loads(cfg: RunConfig, source: str, splits, prepared: dict) -> l
         if why:
             out.append(f"model.load: auto loads this model whole on every rank, then partitions it ({why})")
     for name, prep in prepared.items():
-        if prep.spec.signal == "online" and prep.spec.partitioned(cfg.deepspeed.stage) and Path(prep.source).is_dir():
+        if (get_signal(prep.spec.signal).runs_here and prep.spec.partitioned(cfg.deepspeed.stage)
+                and Path(prep.source).is_dir()):
             _, why = teacher_blueprint(prep)
             if why:
                 out.append(f"method.{name}.placement: partitioned, but loaded whole on every rank first ({why})")
     return out
 
 
-def _emulated_bf16(cfg: RunConfig, uses_gpu: bool) -> list[str]:
+def _emulated_bf16(cfg: RunConfig, teachers: dict, uses_gpu: bool) -> list[str]:
     """bf16 chosen for CPU workers on a CPU that only emulates it (distune.hardware): legal, but ~30x slower."""
     if uses_gpu is not False or cpu_has_native_bf16():  # None: the cluster decides (submit)
         return []
     keys = [k for k, d in (("model.dtype", cfg.model.dtype),
-                           ("method.teacher.dtype", getattr(getattr(cfg.method_config(), "teacher", None), "dtype",
-                                                            None))) if d == "bf16"]
+                           *((f"method.{name}.dtype", spec.dtype) for name, spec in teachers.items())) if d == "bf16"]
     return [f"{k}: bf16 on a CPU without native bf16 (AVX512-BF16/AMX): torch emulates it, about 30x slower than "
             f"fp32 here; use auto or fp32" for k in keys]
 
@@ -232,7 +223,7 @@ def _check_wandb_login(cfg: RunConfig) -> None:
                       f"offline")
 
 
-def _check_quantization(cfg: RunConfig, uses_gpu: bool, local_cluster: bool) -> None:
+def _check_quantization(cfg: RunConfig, method, uses_gpu: bool, local_cluster: bool) -> None:
     import importlib.util
 
     what = f"model.quantization: {cfg.model.quantization} (QLoRA)"
@@ -242,9 +233,7 @@ def _check_quantization(cfg: RunConfig, uses_gpu: bool, local_cluster: bool) -> 
                           f"Set model.quantization: null to train the unquantised base")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"{what} needs bitsandbytes: pip install 'distune[qlora]'")
-    trains = getattr(cfg.method_config(), "student", {"name": cfg.method.name})
-    name = trains["name"] if isinstance(trains, dict) else cfg.method.name
-    if name == "full":
+    if not method.quantizable:
         raise ConfigError(f"{what}: quantised weights cannot be trained in full; use a PEFT method (lora, ia3, ...)")
     if cfg.deepspeed.stage == 3:
         raise ConfigError(f"{what}: ZeRO-3 would partition the packed 4/8-bit weights; use deepspeed.stage 0-2")
@@ -257,17 +246,3 @@ def _check_layers(cfg: RunConfig, model_config) -> None:
         meta_model(model_config, cfg.model.trust_remote_code, cfg.model.task, cfg.model.layers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def _check_head(cfg: RunConfig, method) -> None:
-    """Token classification and extractive QA read fixed columns (after data.columns) and have no teacher
-    signal: a distillation teacher's class probabilities exist for sequence classification only."""
-    if cfg.model.task not in ("token_classification", "question_answering"):
-        return
-    if cfg.data.format != "prompt_response":
-        raise ConfigError(f"data.format: a {cfg.model.task} head reads its own columns, not {cfg.data.format} "
-                          f"rows; remove data.format and rename columns with data.columns")
-    if method.frozen_models():
-        raise ConfigError(f"method.name: {cfg.method.name!r} needs a teacher signal, which distune has for "
-                          f"causal_lm and sequence_classification only, not model.task {cfg.model.task}; train it "
-                          f"with full or a PEFT method")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from distune.config import ConfigError
+from distune.errors import ConfigError
 
 _BLOCK = re.compile(r"(^|\.)layers\.(\d+)\.")
 

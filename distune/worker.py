@@ -22,30 +22,24 @@ from pathlib import Path
 import torch
 import transformers
 
-from distune import frozen as frozen_models
 from distune.config import RunConfig, dump_config, load_config
 from distune.data import Renderer, load_splits
 from distune.feeds import build_feeds
+from distune.hardware import select_accelerator
 from distune.loop import Cadence, TrainState, train
-from distune.methods import build_method
+from distune.methods import RunSettings, build_method
+from distune.signals import BuildContext
+from distune.signals import teachers as teacher_signals
 from distune.models import load_model, load_tokenizer, partitioned_blueprint, source_on_this_node
 from distune.reporting import CheckpointWriteError, LocalReporter, Reporter
 from distune.tracking import make_tracker
-
-
-def select_accelerator(cfg: RunConfig) -> bool:
-    """Decide CPU vs GPU before deepspeed is imported (it picks its accelerator at import)."""
-    use_gpu = torch.cuda.is_available() if cfg.cluster.use_gpu == "auto" else bool(cfg.cluster.use_gpu)
-    if not use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    return use_gpu
 
 
 def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, remote: dict | None = None) -> dict:
     select_accelerator(cfg)
     from distune.engine import checkpoint, export
     from distune.engine.ds_config import build_ds_config
-    from distune.engine.runtime import build_training_engine, device, init_distributed, start_round
+    from distune.engine.runtime import device, init_distributed, start_round
 
     rank, world = init_distributed(tf32=cfg.model.tf32)
     dev = device()
@@ -57,13 +51,11 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
-    method = build_method(cfg.method.name, cfg.method.model_extra or {})
-    method.seed = cfg.run.seed
-    method.loss_chunk = cfg.train.loss_chunk
+    method = build_method(cfg.method.name, cfg.method.model_extra or {}, RunSettings.of(cfg))
     grad_accum = cfg.grad_accum_steps()
     ds_config = build_ds_config(cfg, grad_accum)
     student, adapting = _load_student(cfg, source, splits.labels, tokenizer.pad_token_id, ds_config)
-    prepared = frozen_models.preflight(method.frozen_models(), tokenizer, student.config, task=cfg.model.task)
+    prepared = teacher_signals.preflight(method.frozen_models(), tokenizer, student.config, task=cfg.model.task)
     method.see_frozen_configs({name: p.config for name, p in prepared.items()})
     with adapting:
         model = method.adapt(student)
@@ -77,45 +69,17 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     # Wrap. Packed rows are fixed from lengths alone (the step count is known before any teacher signal is
     # attached); the samples are merged after frozen models attach their per-sample extras.
     feeds, total = build_feeds(cfg, splits, method.streams(), grad_accum, rank, world, tokenizer.pad_token_id)
-    state = TrainState()
-    with contextlib.ExitStack() as stack:
-        ckpt_dir = stack.enter_context(reporter.restore())
-        universal = None
-        if ckpt_dir is not None:  # written by another worker count? then re-partition it (decided before the build)
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distune-reshard-")))
-            universal = checkpoint.reshard_source(ckpt_dir, work)
-        train_ds = ds_config | {"checkpoint": {"load_universal": True}} if universal else ds_config
-        engine = build_training_engine(model, train_ds, cfg.train, total, method.optimizer_groups(model),
-                                       compile_model=cfg.model.compile,
-                                       checkpointing=cfg.model.gradient_checkpointing)
-        if ckpt_dir is not None:
-            client = checkpoint.load(engine, ckpt_dir, universal)
-            state = TrainState.from_client_state(client, old_world=client["world_size"], world=world)
-            if universal is not None and rank == 0:
-                reporter.progress({"kind": "info", "text": f"resumed step {state.step} written by "
-                                                           f"{client['world_size']} workers on {world}: ZeRO states "
-                                                           f"re-partitioned, {grad_accum} accumulation steps"})
-    frozen = frozen_models.build(prepared, ds_config, splits.train, remote)
+    engine, state, client = _wrap(cfg, model, method, ds_config, total, grad_accum, rank, world, reporter)
+    frozen = teacher_signals.build(prepared, _build_context(ds_config, method.task, splits.train, remote))
     for feed in feeds:
         feed.repack()  # again, now with the teacher's per-sample extras
     run_steps = max(f.steps for f in feeds)
     tracker = make_tracker(cfg, rank, dump_config(cfg))
-    if ckpt_dir is not None:
+    if client is not None:
         tracker.replay(client.get("wandb_rows", []))
     emit = reporter.progress if rank == 0 else (lambda event: None)
     if rank == 0:
-        st = splits.stats
-        trained = (f"{100 * st['trained_token_fraction']:.1f}% of tokens trained" if cfg.model.task == "causal_lm"
-                   else f"{st['answers_cut']} answers cut" if "answers_cut" in st
-                   else f"{len(splits.labels)} {'tags' if 'tags' in st else 'classes'}")
-        emit({"kind": "info", "text": f"data: {st['train_rows']} train / {st['eval_rows']} eval samples, "
-                                      f"{st['mean_tokens']:.1f} tokens mean (max {st['max_tokens']}), "
-                                      f"{trained}, {st['truncated']} truncated"
-                                      + (f", packed into {len(feeds[0].batches.samples)} rows" if cfg.data.packing
-                                         and len(feeds) == 1 else "")})
-        for w in splits.warnings:
-            emit({"kind": "info", "text": f"warning: {w}"})
-
+        _announce_data(emit, cfg, splits, method.task, feeds)
     choice_ids = None
     if cfg.eval.choices:
         renderer = Renderer(tokenizer, cfg.data, cfg.data.path)
@@ -145,16 +109,19 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
         tracker.checkpointed()
 
     results: dict = {"params": _param_counts(engine.module)}
-    teacher = getattr(frozen.get("teacher"), "model", None)  # an online teacher runs here: score it too
+
+    def scored(record: str, when: str, step: int, model=None, prefix: str = "") -> None:
+        """Evaluate, keep as results[record], log (under `prefix`) and show."""
+        results[record] = evaluate(model, record)
+        tracker.log({f"{prefix}{k.removeprefix('eval/') if prefix else k}": v for k, v in results[record].items()}, step)
+        emit({"kind": "eval", "step": step, "metrics": results[record], "text": _eval_line(when, step,
+                                                                                           results[record])})
+
+    teacher = getattr(frozen.get("teacher"), "model", None)  # a teacher that runs on this rank: score it too
     if cfg.eval.before_training and state.step == 0 and teacher is not None:
-        results["teacher"] = evaluate(teacher, "teacher")
-        tracker.log({f"teacher/{k.removeprefix('eval/')}": v for k, v in results["teacher"].items()}, 0)
-        emit({"kind": "eval", "step": 0, "metrics": results["teacher"], "text": _eval_line("of the teacher", 0,
-                                                                                          results["teacher"])})
+        scored("teacher", "of the teacher", 0, teacher, prefix="teacher/")
     if cfg.eval.before_training and state.step == 0:
-        results["before"] = evaluate(record="before")
-        tracker.log(results["before"], 0)
-        emit({"kind": "eval", "step": 0, "metrics": results["before"], "text": _eval_line("before training", 0, results["before"])})
+        scored("before", "before training", 0)
 
     stop = min(run_steps, cfg.train.stop_after_steps or run_steps)
     emit({"kind": "start", "step": state.step, "total_steps": stop})
@@ -163,10 +130,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
                   lambda: start_round(engine), reporter.stop_requested)
 
     if state.step >= run_steps:
-        results["after"] = evaluate(record="after")
-        tracker.log(results["after"], state.step)
-        emit({"kind": "eval", "step": state.step, "metrics": results["after"],
-              "text": _eval_line("after training", state.step, results["after"])})
+        scored("after", "after training", state.step)
         keys = method.export_keys(engine.module)
         export.release_gathered(engine)
         state_dict = export.gather_state_dict(engine.module, keys)
@@ -181,6 +145,60 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     emit({"kind": "done", "step": state.step, "metrics": {"step": state.step},
           "text": f"done at step {state.step}/{run_steps}" + (f"; export: {results['export']}" if "export" in results else "")})
     return results
+
+
+def _wrap(cfg: RunConfig, model, method, ds_config: dict, total: int, grad_accum: int, rank: int, world: int,
+          reporter: Reporter):
+    """(the training engine, the state to start from, the checkpoint's client state or None): resumed from the run's
+    newest complete checkpoint when it has one, re-partitioned when another worker count wrote it."""
+    from distune.engine import checkpoint
+    from distune.engine.runtime import build_training_engine
+
+    state, client = TrainState(), None
+    with contextlib.ExitStack() as stack:
+        ckpt_dir = stack.enter_context(reporter.restore())
+        universal = None
+        if ckpt_dir is not None:  # written by another worker count? then re-partition it (decided before the build)
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="distune-reshard-")))
+            universal = checkpoint.reshard_source(ckpt_dir, work)
+        train_ds = ds_config | {"checkpoint": {"load_universal": True}} if universal else ds_config
+        engine = build_training_engine(model, train_ds, cfg.train, total, method.optimizer_groups(model),
+                                       compile_model=cfg.model.compile,
+                                       checkpointing=cfg.model.gradient_checkpointing)
+        if ckpt_dir is not None:
+            client = checkpoint.load(engine, ckpt_dir, universal)
+            state = TrainState.from_client_state(client, old_world=client["world_size"], world=world)
+            if universal is not None and rank == 0:
+                reporter.progress({"kind": "info", "text": f"resumed step {state.step} written by "
+                                                           f"{client['world_size']} workers on {world}: ZeRO states "
+                                                           f"re-partitioned, {grad_accum} accumulation steps"})
+    return engine, state, client
+
+
+def _announce_data(emit, cfg: RunConfig, splits, task, feeds: list) -> None:
+    """The run's `data:` line (its task's statistics among them) and the data's warnings."""
+    st = splits.stats
+    trained = task.stats_line(st, splits.labels)
+    emit({"kind": "info", "text": f"data: {st['train_rows']} train / {st['eval_rows']} eval samples, "
+                                  f"{st['mean_tokens']:.1f} tokens mean (max {st['max_tokens']}), "
+                                  + (f"{trained}, " if trained else "") + f"{st['truncated']} truncated"
+                                  + (f", packed into {len(feeds[0].batches.samples)} rows" if cfg.data.packing
+                                     and len(feeds) == 1 else "")})
+    for w in splits.warnings:
+        emit({"kind": "info", "text": f"warning: {w}"})
+
+
+def _build_context(ds_config: dict, task, train_samples: list, served: dict | None) -> BuildContext:
+    """What teacher signals may use on this rank: the engine's frozen-model builders (imported here, after
+    DS_ACCELERATOR is set) and the signals the cluster layer started (`served`)."""
+    from distune.engine.runtime import build_frozen_engine, frozen_ds_config
+    from distune.engine.sharded_load import load_partitioned
+
+    return BuildContext(
+        stage=ds_config["zero_optimization"]["stage"], task=task, train_samples=train_samples,
+        frozen_engine=lambda model, dtype, partitioned: build_frozen_engine(model, ds_config, dtype, partitioned),
+        load_partitioned=lambda plan, dtype: load_partitioned(plan, frozen_ds_config(ds_config, dtype), dtype),
+        served=served or {})
 
 
 def _load_student(cfg: RunConfig, source: str, labels, pad_token_id: int | None, ds_config: dict):

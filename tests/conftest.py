@@ -68,7 +68,7 @@ def ray_cluster():
     """One embedded Ray cluster for every test that needs one (started once: ~7 s)."""
     import ray
 
-    from distune.cluster.trainer import start_ray
+    from distune.cluster.session import start_ray
 
     start_ray(None, num_cpus=4)
     yield

@@ -37,11 +37,17 @@ SOURCE = textwrap.dedent('''
 
 
 def install(site: Path) -> Path:
+    return install_distribution(site, "throwaway_norm_method", SOURCE, "distune.methods", "norm_tuning", "NormTuning")
+
+
+def install_distribution(site: Path, module: str, source: str, group: str, name: str, attr: str) -> Path:
+    """`module` (its `source`) in `site`, with the .dist-info that declares `name = module:attr` in entry-point
+    `group`: what `pip install` of a one-module package leaves behind."""
     site.mkdir(parents=True, exist_ok=True)
-    (site / "throwaway_norm_method.py").write_text(SOURCE)
-    info = site / "throwaway_norm_method-0.1.dist-info"
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{module}-0.1.dist-info"
     info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: throwaway-norm-method\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[distune.methods]\nnorm_tuning = throwaway_norm_method:NormTuning\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n{name} = {module}:{attr}\n")
     (info / "RECORD").write_text("")
     return site

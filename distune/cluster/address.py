@@ -12,7 +12,7 @@ import os
 import socket
 from urllib.parse import urlsplit
 
-from distune.config import ConfigError
+from distune.errors import ConfigError
 
 TIMEOUT_S = 5.0
 

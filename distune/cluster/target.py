@@ -11,14 +11,14 @@ from __future__ import annotations
 from distune.config import ConfigError, RunConfig, resolve_for_hardware
 from distune.hardware import Facts, facts
 
-import ray
+from distune.cluster.session import ray
 
 PROBE_TIMEOUT_S = 120.0
 
 
 @ray.remote(num_cpus=0, max_retries=0)
 def _facts(hide_gpus: bool) -> Facts:
-    if hide_gpus:  # a CPU worker sees no GPU (cluster.tasks.gpu_env); its CPU is what counts
+    if hide_gpus:  # a CPU worker sees no GPU (cluster.session.gpu_env); its CPU is what counts
         import os
 
         os.environ["CUDA_VISIBLE_DEVICES"] = ""

@@ -14,9 +14,7 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from distune.cluster.trainer import start_ray
-
-import ray  # noqa: E402  (after trainer set Ray's environment)
+from distune.cluster.session import gpu_env, ray, start_ray
 
 
 @ray.remote(num_cpus=0)  # no CPU slot: the shards hold every one the local cluster has
@@ -31,13 +29,6 @@ class _Tally:
 
     def value(self) -> int:
         return self.done
-
-
-def gpu_env(env: dict, num_gpus: float) -> dict:
-    """`env` for a task or actor given `num_gpus`: with none, no GPU is visible to it. Ray leaves
-    CUDA_VISIBLE_DEVICES unset for a 0-GPU process, so torch would see every GPU of the node and put a model on
-    cuda:0, next to a training rank's."""
-    return {**env, "CUDA_VISIBLE_DEVICES": ""} if not num_gpus else dict(env)
 
 
 def _shard(fn: Callable, tally, *args):

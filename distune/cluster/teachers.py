@@ -1,37 +1,27 @@
-"""The remote teacher: a Ray actor group with its own resources (e.g. other GPUs) serving top-k log-probs.
+"""The remote teacher's actor group: Ray actors with their own resources (e.g. other GPUs) serving top-k log-probs
+to the student ranks, and the transport the `remote` signal (distune.signals.remote) sends its requests through.
 
-Each actor holds a full teacher replica: on its GPU, spread over its GPUs (`gpus_per_actor` > 1: a layer range
-on each, for a teacher bigger than one device), or on CPU; an actor without GPUs sees none. Student rank r asks
-actor r % actors, so the load spreads and one rank's requests stay in order. Only the KD positions' top-k travel back ([N, k] ids + fp32 log-probs),
-not [B, L, V] logits.
-
-With `remote.prefetch` the training loop announces each micro-batch before its turn (distune.loop), so the
-actor computes the next batches' top-k while the student runs forward and backward on this one; a request the
-loop did not announce (GKD's on-policy samples) is sent when it comes, as without prefetch.
+Each actor holds a full teacher replica: on its GPU, spread over its GPUs (`gpus_per_actor` > 1: a layer range on
+each, for a teacher bigger than one device), or on CPU; an actor without GPUs sees none. Student rank r asks
+actor r % actors, so the load spreads and one rank's requests stay in order.
 """
 
 from __future__ import annotations
 
-import time
-from collections import deque
-
-import ray
 import torch
 
-from distune.cluster.tasks import gpu_env
-from distune.data.loader import model_inputs
-from distune.distill.teacher import OnlineTeacher, TeacherOutput, kd_positions
+from distune.cluster.session import gpu_env, ray
+from distune.signals import OnlineSignal, RemoteSignal, TeacherSpec
+from distune.signals.loading import place_teacher
 
 
 @ray.remote
 class TeacherActor:
     def __init__(self, prep, use_gpu: bool):
-        from distune.frozen import place_teacher
-
         # Ray set CUDA_VISIBLE_DEVICES to this actor's GPUs (none for a 0-GPU actor): those are all it sees.
         on = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model, self.device = place_teacher(prep, on)
-        self.teacher = OnlineTeacher(model, prep.vocab_size, prep.spec.top_k, prep.spec.temperature)
+        self.teacher = OnlineSignal(model, prep.vocab_size, prep.spec.top_k, prep.spec.temperature)
 
     def ready(self) -> bool:
         return True
@@ -60,44 +50,46 @@ def start_teachers(prep, use_gpu: bool) -> list:
     return actors
 
 
-class RemoteTeacher:
-    """The teacher signal on a student rank: forwards batches to its actor and hands back their top-k.
+class ActorTransport:
+    """Requests to an actor group: student rank r asks actor r % actors (its requests stay in order)."""
 
-    `positions` is the KD term's choice (TeacherSpec.positions): an announced batch is asked for exactly the
-    positions the method will ask for, so a prefetched answer is the answer."""
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def ask(self, inputs: dict, positions: torch.Tensor):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return self.actors[rank % len(self.actors)].topk.remote(inputs, positions)
+
+    def get(self, ref) -> tuple[torch.Tensor, torch.Tensor]:
+        return ray.get(ref)
+
+
+class RemoteTeacher(RemoteSignal):
+    """The `remote` signal of a student rank, over the actors of `start_teachers`."""
 
     def __init__(self, actors: list, vocab_size: int, positions: str = "response", prefetch: bool = True):
-        self.actors, self.vocab_size, self.positions = actors, vocab_size, positions
-        self.enabled = prefetch
-        self.pending: deque = deque()  # (input_ids, positions, ObjectRef), oldest first
+        super().__init__(ActorTransport(actors), vocab_size, positions, prefetch)
 
-    def _ask(self, batch: dict[str, torch.Tensor], positions: torch.Tensor):
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        actor = self.actors[rank % len(self.actors)]
-        inputs = {k: v.cpu() if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
-        return actor.topk.remote(inputs, positions.cpu())
 
-    def prefetch(self, batch: dict[str, torch.Tensor]) -> None:
-        """Called by the loop with a CPU micro-batch before its turn."""
-        if self.enabled:
-            positions = kd_positions(batch, self.positions)
-            self.pending.append((batch["input_ids"], positions, self._ask(batch, positions)))
-            while len(self.pending) > 8:  # never asked for (e.g. a run stopping early): bounded
-                self.pending.popleft()
+def start_remote_signals(cfg, model_source: str, use_gpu: bool, specs: dict[str, TeacherSpec]) -> dict:
+    """name -> RemoteTeacher for every teacher in `specs` whose signal runs in an actor group of its own: the groups
+    started (they live until killed: `stop`)."""
+    from distune.models import load_model_config, load_tokenizer
+    from distune.signals import get_signal
+    from distune.signals.teachers import preflight
 
-    def __call__(self, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> TeacherOutput:
-        ids, where = batch["input_ids"].cpu(), positions.cpu()
-        ref = None
-        for i, (p_ids, p_where, p_ref) in enumerate(self.pending):
-            if torch.equal(p_ids, ids) and torch.equal(p_where, where):  # False on other shapes too
-                # Announced batches come in order: the ones before this were replaced (GKD's on-policy samples).
-                for _ in range(i + 1):
-                    self.pending.popleft()
-                ref = p_ref
-                break
-        prefetched = ref is not None
-        t = time.perf_counter()
-        top_ids, logp = ray.get(ref if prefetched else self._ask(batch, positions))
-        device = batch["input_ids"].device
-        return TeacherOutput(topk_ids=top_ids.to(device), topk_logp=logp.to(device),
-                             wait_s=time.perf_counter() - t, prefetched=prefetched)
+    served = {name: spec for name, spec in specs.items() if get_signal(spec.signal).served}
+    if not served:
+        return {}
+    tokenizer = load_tokenizer(model_source, cfg.model.trust_remote_code)
+    prepared = preflight(served, tokenizer, load_model_config(model_source, cfg.model.trust_remote_code))
+    return {name: RemoteTeacher(start_teachers(prep, use_gpu), prep.vocab_size, prep.spec.positions,
+                                prep.spec.remote["prefetch"])
+            for name, prep in prepared.items()}
+
+
+def stop(signals: dict) -> None:
+    """End the actor groups of `start_remote_signals`."""
+    for signal in signals.values():
+        for actor in signal.transport.actors:
+            ray.kill(actor)

@@ -1,8 +1,8 @@
 """Run a config on Ray: TorchTrainer(ScalingConfig, RunConfig(FailureConfig, CheckpointConfig)).
 
-Placement, process groups, restarts and checkpoint storage are Ray's job; each worker runs
-`distune.worker.run`. The driver starts an embedded local cluster on loopback, or joins `address`,
-and draws the progress bar from events rank 0 pushes to a `ProgressSink` actor.
+Placement, process groups, restarts and checkpoint storage are Ray's job; each worker runs the per-rank program
+it is given (`distune.worker.run`, passed in by distune.training). The driver starts an embedded local cluster on
+loopback, or joins `address`, and draws the progress bar from events rank 0 pushes to a `ProgressSink` actor.
 """
 
 from __future__ import annotations
@@ -15,78 +15,52 @@ import threading
 import time
 from pathlib import Path
 
-from distune.cluster.address import check_gcs_address
-from distune.config import ConfigError
-from distune.frozen import preflight, teacher_specs
+from distune.cluster.session import ray, start_ray
+from distune.hardware import uses_gpu, worker_env
 from distune.progress import ProgressPrinter
-from distune.validate import target_uses_gpu
+from distune.signals.teachers import actor_groups
 
-# Before ray is imported: keep an embedded cluster on loopback, and make ray.train.report cheap
-# (each report waits for a health-check tick; the default 2 s tick costs ~2 s per checkpoint).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-
-import ray  # noqa: E402
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
-from distune.cluster.auth import token_auth_if_available  # noqa: E402
 from distune.cluster.reporter import ProgressSink, RayReporter  # noqa: E402
 
 
 def _train_fn(loop_config: dict) -> None:
     """Runs in every Ray worker."""
     from distune.config import load_config
-    from distune.worker import run
 
     cfg = load_config(loop_config["config"])
-    from distune.cluster.teachers import RemoteTeacher
-
-    remote = {name: RemoteTeacher(**served) for name, served in loop_config["remote"].items()}
     # Where each rank landed (every attempt: a restart may land elsewhere), printed by the driver.
     ctx = ray.get_runtime_context()
     loop_config["sink"].push.remote({"kind": "info", "text": (
         f"rank {ray.train.get_context().get_world_rank()}: node {ctx.get_node_id()[:12]} "
         f"({ray.util.get_node_ip_address()}, pid {os.getpid()})")})
-    run(cfg, RayReporter(loop_config["sink"]), model_source=loop_config["model_source"], remote=remote)
+    loop_config["worker"](cfg, RayReporter(loop_config["sink"]), model_source=loop_config["model_source"],
+                          remote=loop_config["served"])
 
 
-def start_ray(address: str | None, num_cpus: int | None = None, verbose: bool = False) -> None:
-    """Join `address`, or start an embedded cluster. Worker logs reach the terminal only when verbose
-    (they stay in Ray's session logs either way; worker errors are re-raised on the driver)."""
-    if ray.is_initialized():
-        return
-    if address:
-        check_gcs_address(address)  # ray.init would retry for ~15 minutes where nothing listens
-        token_auth_if_available()
-        try:
-            ray.init(address=address, log_to_driver=verbose)
-        except ConnectionError as e:
-            raise ConfigError(f"--address {address}: {str(e).strip().splitlines()[0]}") from None
-    else:
-        # "local": always a fresh embedded cluster, never a stale one from ray_current_cluster.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=verbose)
-
-
-def cpus_wanted(cfg) -> int:
-    """CPUs a run's workers and remote teacher actors take (an embedded cluster gets at least this many)."""
-    remote = [s for s in teacher_specs(cfg).values() if s.signal == "remote"]
-    actor_cpus = sum(s.remote["actors"] * s.remote["cpus_per_actor"] for s in remote)
+def cpus_wanted(cfg, teachers: dict) -> int:
+    """CPUs a run's workers and its teachers' actor groups take (an embedded cluster gets at least this many).
+    `teachers`: the frozen models the run's method asks for (distune.signals.TeacherSpec)."""
+    actor_cpus = sum(g["actors"] * g["cpus_per_actor"] for g in actor_groups(teachers).values())
     return int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + actor_cpus + 0.999)
 
 
-def fit(cfg, model_source: str, address: str | None = None, show_progress: bool = True, verbose: bool = False):
-    """Train `cfg` on Ray; returns Ray's Result. Resumes from the run's latest checkpoint if it has one."""
-    use_gpu = target_uses_gpu(cfg)
-    remote_specs = {n: s for n, s in teacher_specs(cfg).items() if s.signal == "remote"}
-    start_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, cpus_wanted(cfg)), verbose=verbose)
-    remote = _start_remote_teachers(cfg, model_source, remote_specs, use_gpu)
+def train_on_ray(cfg, model_source: str, worker, teachers: dict, address: str | None = None,
+                 show_progress: bool = True, verbose: bool = False):
+    """Train `cfg` on Ray, each rank running `worker(cfg, reporter, model_source=..., remote=...)`; returns Ray's
+    Result. Resumes from the run's latest checkpoint if it has one. `teachers`: the frozen models the run's method
+    asks for; those whose signal runs in an actor group of its own are started first."""
+    from distune.cluster.teachers import start_remote_signals, stop
+
+    use_gpu = uses_gpu(cfg.cluster.use_gpu)
+    start_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, cpus_wanted(cfg, teachers)),
+              verbose=verbose)
+    remote = start_remote_signals(cfg, model_source, use_gpu, teachers)
     _drop_torn_ray_record(cfg.store())
-    env = dict(cfg.cluster.env)
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
+    env = worker_env(cfg)
     # Events become a bar, or plain lines without show_progress. The sink lives on the driver's node: elsewhere,
     # losing that node would take the driver's progress (and its stop flag) down with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -94,7 +68,7 @@ def fit(cfg, model_source: str, address: str | None = None, show_progress: bool 
     trainer = TorchTrainer(
         _train_fn,
         train_loop_config={"config": cfg.model_dump(mode="json"), "model_source": model_source, "sink": sink,
-                           "remote": remote},
+                           "served": remote, "worker": worker},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
                                      placement_strategy=cfg.cluster.placement),
@@ -113,9 +87,7 @@ def fit(cfg, model_source: str, address: str | None = None, show_progress: bool 
             raise
         raise RunFailed(why) from None
     finally:
-        for served in remote.values():
-            for actor in served["actors"]:
-                ray.kill(actor)
+        stop(remote)
 
 
 class RunFailed(RuntimeError):
@@ -198,20 +170,6 @@ def _last_checkpoint_bytes(store) -> int:
 
     name = latest_complete(store) if store is not None else None
     return store.size(name) if name else 0
-
-
-def _start_remote_teachers(cfg, model_source: str, specs: dict, use_gpu: bool) -> dict:
-    """name -> RemoteTeacher's arguments (actor handles, aligned vocab size, ...) per teacher served remotely."""
-    if not specs:
-        return {}
-    from distune.cluster.teachers import start_teachers
-    from distune.models import load_model_config, load_tokenizer
-
-    tokenizer = load_tokenizer(model_source, cfg.model.trust_remote_code)
-    prepared = preflight(specs, tokenizer, load_model_config(model_source, cfg.model.trust_remote_code))
-    return {name: {"actors": start_teachers(prep, use_gpu), "vocab_size": prep.vocab_size,
-                   "positions": prep.spec.positions, "prefetch": prep.spec.remote["prefetch"]}
-            for name, prep in prepared.items()}
 
 
 def _fit_with_progress(trainer, sink, bar: bool):

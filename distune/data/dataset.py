@@ -13,20 +13,17 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from distune.data.heads import QUESTION_ANSWERING, TOKEN_CLASSIFICATION, render_answer, render_tags, tag_set
-from distune.data.render import IGNORE, Renderer, Sample
+from distune.data.render import Renderer
 from distune.data.sources import HUB_PREFIX, BadRows, DataError, Source, describe, read_hub, read_rows
 from distune.paths import resolve_path
-
-# Tasks whose head predicts names from a label set (data.labels, or every name the data uses, sorted).
-LABELLED = ("sequence_classification", TOKEN_CLASSIFICATION)
-_LABEL_STAT = {"sequence_classification": "classes", TOKEN_CLASSIFICATION: "tags"}
+from distune.tasks import Task, get_task
+from distune.tasks.base import totals
 
 
 @dataclass
 class Splits:
-    train: list[Sample]
-    eval: list[Sample]
+    train: list  # the task's samples (distune.tasks)
+    eval: list
     truncated: int = 0
     stats: dict = field(default_factory=dict)
     labels: list[str] | None = None  # sequence / token classification: class or tag names, index = id
@@ -101,13 +98,15 @@ def _one_source(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
         n_eval = None  # the eval rows are told by their (negated) numbers from here on
 
     renderer = Renderer(tokenizer, data_cfg, source, seed)
-    if task in LABELLED:
-        labels = labels or data_cfg.labels or class_names(renderer, _hub_rows(data_cfg, rows), data_cfg, task)
-        splits = _class_splits(renderer, rows, data_cfg, n_eval, labels, bad, task)
-    elif task == QUESTION_ANSWERING:
-        splits = _answer_splits(renderer, rows, data_cfg, n_eval, bad)
-    else:
-        splits = _lm_splits(renderer, rows, data_cfg, n_eval, bad)
+    t = get_task(task)
+    if t.labelled:  # data.labels, or every name the data uses, sorted
+        labels = labels or data_cfg.labels or class_names(renderer, _hub_rows(data_cfg, rows), data_cfg, t)
+    dropped: list[int] = []
+    samples, n_eval = _render_all(rows, n_eval, bad, lambda line, row, canonical: t.render(
+        renderer, line, row, canonical, labels), dropped)
+    eval_s, train_s = samples[:n_eval], samples[n_eval:]
+    stats, warnings = t.summarise(train_s, eval_s, data_cfg, labels, dropped, renderer)
+    splits = Splits(train_s, eval_s, stats["truncated"], stats, labels if t.labelled else None, warnings)
     if choices:
         for s in splits.eval:
             if s.response is None or s.response.strip() not in [c.strip() for c in choices]:
@@ -124,8 +123,9 @@ def _mixture(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: l
     (weight x size) ** (1 / mixture_temperature); eval is every task's eval split, unsampled."""
     sections = data_cfg.task_sections()
     labels = data_cfg.labels
-    if task in LABELLED and labels is None:
-        labels = _mixture_classes(sections, tokenizer, seed, task)
+    t = get_task(task)
+    if t.labelled and labels is None:
+        labels = _mixture_classes(sections, tokenizer, seed, t)
     parts = []
     for name, _, cfg in sections:
         try:
@@ -156,20 +156,13 @@ def _mixture(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: l
                             f"data.mixture_temperature")
     rng.shuffle(train)
     truncated = sum(p.truncated for p in parts)
-    stats = _totals(train, eval_s, truncated)
-    if task in LABELLED:
-        stats[_LABEL_STAT[task]] = len(labels)
-    elif task == QUESTION_ANSWERING:
-        stats["answers_cut"] = sum(p.stats["answers_cut"] for p in parts)
-    else:
-        stats["trained_token_fraction"] = (sum(sum(t != IGNORE for t in s.labels) for s in train)
-                                           / max(1, sum(len(s.input_ids) for s in train)))
+    stats = totals(train, eval_s, truncated) | t.mixture_stats(parts, train, labels)
     stats |= {"skipped_rows": sum(p.stats["skipped_rows"] for p in parts), "tasks": per_task}
-    return Splits(train, eval_s, truncated, stats, labels if task in LABELLED else None, warnings,
+    return Splits(train, eval_s, truncated, stats, labels if t.labelled else None, warnings,
                   {name: part for (name, _, _), part in zip(sections, parts)})
 
 
-def _mixture_classes(sections: list, tokenizer: PreTrainedTokenizerBase, seed: int, task: str) -> list[str]:
+def _mixture_classes(sections: list, tokenizer: PreTrainedTokenizerBase, seed: int, task: Task) -> list[str]:
     """The label map of a classification mixture: every task's classes (or tags) together, sorted."""
     names: set[str] = set()
     for name, _, cfg in sections:
@@ -179,7 +172,7 @@ def _mixture_classes(sections: list, tokenizer: PreTrainedTokenizerBase, seed: i
         except DataError as e:
             raise DataError(f"[task {name}] {e}") from None
     if len(names) < 2:
-        raise DataError(f"data.tasks: {task.replace('_', ' ')} needs at least 2 {_LABEL_STAT[task]}, the tasks "
+        raise DataError(f"data.tasks: {task.name.replace('_', ' ')} needs at least 2 {task.labelled}, the tasks "
                         f"have {sorted(names)}")
     return sorted(names)
 
@@ -189,14 +182,8 @@ def _hub_rows(data_cfg, rows: list) -> list | None:
     return rows if data_cfg.path.startswith(HUB_PREFIX) else None
 
 
-def _totals(train_s: list[Sample], eval_s: list[Sample], truncated: int) -> dict:
-    lengths = [len(s.input_ids) for s in train_s]
-    return {"train_rows": len(train_s), "eval_rows": len(eval_s), "truncated": truncated,
-            "mean_tokens": sum(lengths) / max(1, len(lengths)), "max_tokens": max(lengths, default=0)}
-
-
 def _render_all(rows: list, n_eval: int | None, bad: BadRows | None, render,
-                dropped: list | None = None) -> tuple[list[Sample], int]:
+                dropped: list) -> tuple[list, int]:
     """Render rows in order -> (samples, eval count). The first n_eval good ones are eval rows (canonical
     instruction); with n_eval None (data.eval_path) the eval rows are those numbered negatively, so a skipped
     eval row never turns a training row into an eval one. A DataError skips the row under data.bad_rows: skip,
@@ -222,43 +209,17 @@ def _render_all(rows: list, n_eval: int | None, bad: BadRows | None, render,
     return samples, n_eval
 
 
-def _lm_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, bad: BadRows | None) -> Splits:
-    def render(line, row, canonical):
-        s = renderer.render(line, row, canonical)
-        if s.labels.count(IGNORE) == len(s.labels):
-            why = " after truncation to data.max_length" if len(s.input_ids) >= data_cfg.max_length else ""
-            raise DataError(f"{renderer.source.at(line)}: no trained tokens{why} (empty loss mask); "
-                            f"raise data.max_length or shorten the prompt")
-        return s
-
-    samples, n_eval = _render_all(rows, n_eval, bad, render)
-    truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in samples)
-    eval_s, train_s = samples[:n_eval], samples[n_eval:]
-    everything = sum(IGNORE not in s.labels for s in train_s)
-    stats = _totals(train_s, eval_s, truncated) | {"trained_token_fraction": sum(
-        sum(t != IGNORE for t in s.labels) for s in train_s) / sum(len(s.input_ids) for s in train_s)}
-    warnings = []
-    if everything:
-        why = ("data.train_on_inputs: true" if data_cfg.train_on_inputs
-               else "their prompts render to nothing")
-        warnings.append(f"{everything} of {len(train_s)} training samples train on every token ({why}): the "
-                        "model learns to write prompts too")
-    if truncated:
-        warnings.append(f"{truncated} samples are cut at data.max_length={data_cfg.max_length}")
-    return Splits(train_s, eval_s, truncated, stats, warnings=warnings)
-
-
-def class_names(renderer: Renderer, rows: list | None, data_cfg, task: str = "sequence_classification") -> list[str]:
+def class_names(renderer: Renderer, rows: list | None, data_cfg, task: Task) -> list[str]:
     """The label map from the data: every distinct class (or tag) in the whole file (not only the sampled
     rows), sorted."""
     names = sorted(_class_set(renderer, rows, data_cfg, task))
     if len(names) < 2:
-        raise DataError(f"{renderer.source.name}: {task.replace('_', ' ')} needs at least 2 {_LABEL_STAT[task]}, "
+        raise DataError(f"{renderer.source.name}: {task.name.replace('_', ' ')} needs at least 2 {task.labelled}, "
                         f"the data has {names}")
     return names
 
 
-def _class_set(renderer: Renderer, rows: list | None, data_cfg, task: str) -> set[str]:
+def _class_set(renderer: Renderer, rows: list | None, data_cfg, task: Task) -> set[str]:
     if rows is None:
         path = resolve_path(data_cfg.path)
         rows = read_rows(path, data_cfg.encoding, data_cfg.encoding_errors, data_cfg.split,
@@ -266,39 +227,8 @@ def _class_set(renderer: Renderer, rows: list | None, data_cfg, task: str) -> se
     names = set()
     for line, row in rows:
         try:
-            names |= (tag_set(renderer, line, row) if task == TOKEN_CLASSIFICATION
-                      else {renderer.class_name(line, row)})
+            names |= task.label_names(renderer, line, row)
         except DataError:
             if data_cfg.bad_rows != "skip":
                 raise
     return names
-
-
-def _class_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, labels: list[str],
-                  bad: BadRows | None, task: str) -> Splits:
-    if task == TOKEN_CLASSIFICATION:
-        samples, n_eval = _render_all(rows, n_eval, bad,
-                                      lambda line, row, canonical: render_tags(renderer, line, row, labels))
-    else:
-        samples, n_eval = _render_all(rows, n_eval, bad, lambda line, row, canonical: renderer.render_class(
-            line, row, labels, canonical))
-    truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in samples)
-    eval_s, train_s = samples[:n_eval], samples[n_eval:]
-    stats = _totals(train_s, eval_s, truncated) | {_LABEL_STAT[task]: len(labels)}
-    warnings = [f"{truncated} samples are cut at data.max_length={data_cfg.max_length}; their cut words are "
-                "neither trained nor scored"] if truncated and task == TOKEN_CLASSIFICATION else []
-    return Splits(train_s, eval_s, truncated, stats, labels, warnings)
-
-
-def _answer_splits(renderer: Renderer, rows: list, data_cfg, n_eval: int, bad: BadRows | None) -> Splits:
-    """Extractive QA: a row whose answer lies beyond data.max_length is dropped and counted (no stride:
-    one sample per row, so a row's answer is trained and scored from one window)."""
-    cut = []
-    samples, n_eval = _render_all(rows, n_eval, bad, lambda line, row, canonical: render_answer(renderer, line, row),
-                          dropped=cut)
-    truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in samples)
-    eval_s, train_s = samples[:n_eval], samples[n_eval:]
-    stats = _totals(train_s, eval_s, truncated) | {"answers_cut": len(cut)}
-    warnings = [f"{len(cut)} rows dropped: data.max_length={data_cfg.max_length} cuts their answer out of the "
-                f"context (first: {renderer.source.at(cut[0])})"] if cut else []
-    return Splits(train_s, eval_s, truncated, stats, None, warnings)

@@ -11,51 +11,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from distune.data.render import IGNORE, Sample
+from distune.tasks.base import IGNORE
+from distune.tasks.causal_lm import Sample
 from distune.data.sources import DataError
-
-
-def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    if samples[0].label is not None:
-        return _collate_classes(samples, pad_id)
-    if samples[0].tags is not None or samples[0].span is not None:
-        return _collate_heads(samples, pad_id)
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s.input_ids)
-        ids[i, :n] = torch.tensor(s.input_ids)
-        labels[i, :n] = torch.tensor(s.labels)
-        mask[i, :n] = 1
-    # Labels shift by one inside the loss, so a trained token needs one at position >= 1.
-    if not (labels[:, 1:] != IGNORE).any():
-        lines = ", ".join(str(s.line) for s in samples)
-        raise DataError(f"a batch has no trained tokens (source lines {lines}); check the loss mask settings")
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if samples[0].positions is not None:
-        # Packed rows: positions restart per packed sample (the padding too), and no attention mask goes to the
-        # model, so transformers builds a block-diagonal causal mask from the positions (no cross-sample attention).
-        pos = torch.arange(width).repeat(len(samples), 1)
-        for i, s in enumerate(samples):
-            pos[i, :len(s.positions)] = torch.tensor(s.positions)
-            pos[i, len(s.positions):] -= len(s.positions)
-        batch["position_ids"] = pos
-    if samples[0].extras:
-        batch.update(_scatter_extras(samples, labels))
-    return batch
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What a model's forward gets: ids + attention mask, or ids + position ids for packed rows."""
-    if "position_ids" in batch:
-        # use_cache=False: with a KV cache object present transformers does not look for packed positions.
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if "token_type_ids" in batch:  # question/context pairs for encoders with segment embeddings
-        inputs["token_type_ids"] = batch["token_type_ids"]
-    return inputs
+from distune.tasks import collate
 
 
 def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -89,72 +48,6 @@ def pack(samples: list[Sample], groups: list[list[int]]) -> list[Sample]:
         if parts[0].extras:
             extras = {k: np.concatenate([np.asarray(s.extras[k]) for s in parts]) for k in parts[0].extras}
         out.append(Sample(ids, labels, parts[0].line, extras=extras, positions=positions))
-    return out
-
-
-def _padded(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input ids and their attention mask (the inputs of every head's batch)."""
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for i, s in enumerate(samples):
-        ids[i, :len(s.input_ids)] = torch.tensor(s.input_ids)
-        mask[i, :len(s.input_ids)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _collate_classes(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Sequence classification: padded inputs, one class index per sample, per-sample extras stacked."""
-    batch = _padded(samples, pad_id) | {"class_labels": torch.tensor([s.label for s in samples])}
-    for key in samples[0].extras or {}:
-        batch[key] = torch.stack([torch.as_tensor(s.extras[key]).float() for s in samples])
-    return batch
-
-
-def _collate_heads(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Token classification: `tag_labels` [B, W] (-100 on padding); extractive QA: `start_positions` and
-    `end_positions` [B], plus `token_type_ids` where the tokenizer gave segment ids."""
-    batch = _padded(samples, pad_id)
-    width = batch["input_ids"].shape[1]
-    if samples[0].tags is not None:
-        tags = torch.full((len(samples), width), IGNORE, dtype=torch.long)
-        for i, s in enumerate(samples):
-            tags[i, :len(s.tags)] = torch.tensor(s.tags)
-        batch["tag_labels"] = tags
-    else:
-        batch["start_positions"] = torch.tensor([s.span.start for s in samples])
-        batch["end_positions"] = torch.tensor([s.span.end for s in samples])
-    if samples[0].token_type_ids is not None:
-        types = torch.zeros((len(samples), width), dtype=torch.long)
-        for i, s in enumerate(samples):
-            types[i, :len(s.token_type_ids)] = torch.tensor(s.token_type_ids)
-        batch["token_type_ids"] = types
-    return batch
-
-
-def _scatter_extras(samples: list[Sample], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """[B, W, ...] tensors: row p of a sample holds its extra for the position predicting token p+1.
-
-    A sample carries one row per trained position, or one per position of the sample (a teacher cache
-    built with `kd_positions: all`, n-1 rows for n tokens). The count tells which; when both counts are
-    equal every position is trained, so the two sets are the same."""
-    out = {}
-    predicts = torch.zeros_like(labels, dtype=torch.bool)
-    predicts[:, :-1] = labels[:, 1:] != IGNORE
-    for key, first in samples[0].extras.items():
-        first = torch.as_tensor(first)
-        dtype = torch.long if not first.is_floating_point() else torch.float32
-        full = torch.zeros((len(samples), labels.shape[1], *first.shape[1:]), dtype=dtype)
-        for i, s in enumerate(samples):
-            rows = torch.as_tensor(s.extras[key]).to(dtype)
-            where = predicts[i].nonzero().squeeze(1)
-            if len(rows) == len(s.input_ids) - 1:
-                where = torch.arange(len(rows))
-            elif len(where) != len(rows):
-                raise DataError(f"source line {s.line}: {key} has {len(rows)} rows for {len(where)} trained "
-                                f"positions (or {len(s.input_ids) - 1} with kd_positions: all)")
-            full[i, where] = rows
-        out[key] = full
     return out
 
 

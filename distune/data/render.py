@@ -8,58 +8,13 @@ ray nor deepspeed.
 
 from __future__ import annotations
 
-import string
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
 from distune.data.design import Design
 from distune.data.sources import DataError, Source
-
-if TYPE_CHECKING:
-    from distune.data.heads import AnswerSpan
-
-IGNORE = -100
-
-
-@dataclass
-class Sample:
-    input_ids: list[int]
-    labels: list[int]
-    line: int  # source line, for error messages
-    prompt_ids: list[int] | None = None  # prompt_response only: for choice scoring
-    response: str | None = None
-    # Per-trained-position rows attached after rendering (e.g. a cached teacher's top-k): key -> [n_trained, ...]
-    # in the order of the trained positions; `collate` scatters them onto those positions.
-    extras: dict | None = None
-    label: int | None = None  # sequence classification: the class index (then `labels` is empty)
-    positions: list[int] | None = None  # packed rows: position ids restarting at 0 for every packed sample
-    task: str | None = None  # data.tasks mixtures: the task the sample came from
-    tags: list[int] | None = None  # token classification: a tag id per token, -100 where none is trained
-    span: AnswerSpan | None = None  # extractive QA: the gold answer's token span and the context's offsets
-    token_type_ids: list[int] | None = None  # segment ids of a pair, for encoders that have them (BERT)
-
-
-def mark_trained(tokenizer: PreTrainedTokenizerBase, sample: Sample, left: str = "«", right: str = "»") -> str:
-    """The sample's text with every run of trained tokens between `left` and `right` (what the loss sees)."""
-    out, run, trained = [], [], None
-    for tid, label in zip(sample.input_ids, sample.labels):
-        if (label != IGNORE) != trained and run:
-            text = tokenizer.decode(run)
-            out.append(f"{left}{text}{right}" if trained else text)
-            run = []
-        trained = label != IGNORE
-        run.append(tid)
-    if run:
-        text = tokenizer.decode(run)
-        out.append(f"{left}{text}{right}" if trained else text)
-    return "".join(out)
-
-
-def template_fields(template: str) -> set[str]:
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
-
+from distune.tasks.base import IGNORE
+from distune.tasks.causal_lm import Sample
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -125,7 +80,7 @@ class Renderer:
     def input_text(self, line: int, row: dict, normalised: bool = False) -> str:
         """data.prompt filled from the row, without the instruction."""
         row = row if normalised else self.normalise(line, row)
-        return self._fill(self.cfg.prompt, row, line, "data.prompt")
+        return self.fill(self.cfg.prompt, row, line, "data.prompt")
 
     def conversation(self, turns: list[tuple[str, str]], query: str) -> list[int]:
         """Prompt ids for in-context learning: demonstration (user, assistant) turns, then the query, ending
@@ -141,7 +96,7 @@ class Renderer:
     def target_text(self, line: int, row: dict) -> str:
         """The response as the design writes it (aspects, label format, rationale first)."""
         d = self.cfg.design
-        response = None if d.aspects else self._fill(self.cfg.response, row, line, "data.response")
+        response = None if d.aspects else self.fill(self.cfg.response, row, line, "data.response")
         rationale = self.rationale_text(line, row) if d.reasoning == "cot" else None
         text = self.design.target(response, row, rationale, self.source.at(line))
         if not self.chat and response is not None and rationale is None:
@@ -152,7 +107,7 @@ class Renderer:
 
     def rationale_text(self, line: int, row: dict) -> str:
         """data.design.rationale filled from a (normalised) row; DataError when the row lacks its columns."""
-        return self._fill(self.cfg.design.rationale, row, line, "data.design.rationale")
+        return self.fill(self.cfg.design.rationale, row, line, "data.design.rationale")
 
     def pair(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
         """Token ids of the prompt (everything before the response) and of the response (+ end token)."""
@@ -170,19 +125,6 @@ class Renderer:
         if self.tok.eos_token_id is not None:
             completion = completion + [self.tok.eos_token_id]
         return prompt_ids, completion
-
-    def render_class(self, line: int, row: dict, labels: list[str], canonical: bool = False) -> Sample:
-        """Sequence classification: the prompt text as the model's input, the response as a class index."""
-        row = self.normalise(line, row)
-        text = self.prompt_text(line, row, canonical, normalised=True)
-        name = self._fill(self.cfg.response, row, line, "data.response").strip()
-        if name not in labels:
-            raise DataError(f"{self.source.at(line)}: class {name!r} is not one of data.labels {labels}")
-        ids = self.tok(text, truncation=True, max_length=self.cfg.max_length)["input_ids"]
-        return Sample(ids, [], line, response=name, label=labels.index(name))
-
-    def class_name(self, line: int, row: dict) -> str:
-        return self._fill(self.cfg.response, self.normalise(line, row), line, "data.response").strip()
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -225,7 +167,7 @@ class Renderer:
         n = self.cfg.max_length
         return Sample(ids[:n], labels[:n], line)
 
-    def _fill(self, template: str, row: dict, line: int, key: str) -> str:
+    def fill(self, template: str, row: dict, line: int, key: str) -> str:
         try:
             return template.format_map({k: "" if v is None else v for k, v in row.items()})
         except KeyError as e:

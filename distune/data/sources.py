@@ -14,14 +14,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distune.errors import DataError
+
 csv.field_size_limit(1 << 24)
 _MISSING = object()  # csv restval: a row with fewer cells than the header
 
 HUB_PREFIX = "hf:"
-
-
-class DataError(ValueError):
-    """A data problem, naming the file and line."""
 
 
 @dataclass

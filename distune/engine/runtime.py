@@ -141,14 +141,6 @@ def start_round(engine) -> None:
         engine.optimizer.zero_grad()
 
 
-def grad_norm(engine) -> torch.Tensor | None:
-    """Global gradient norm of the last step (before clipping), as a tensor, or None if unknown."""
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return norm if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
-
-
 def frozen_ds_config(train_ds_config: dict, dtype: str) -> dict:
     """The DeepSpeed config of a frozen ZeRO-3-partitioned model (a teacher), whatever stage the student trains at:
     no optimizer, the student's parameter offload if it has one."""

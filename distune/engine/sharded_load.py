@@ -20,7 +20,7 @@ import deepspeed
 import torch
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-from distune.config import ConfigError
+from distune.errors import ConfigError
 from distune.engine.host_memory import return_large_frees
 from distune.models import Blueprint, init_missing
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from distune.data.design import ERRORS
 from distune.eval.metrics import primary
+from distune.paths import write_atomic
 
 
 def table(results: dict[str, dict]) -> str:
@@ -30,9 +31,7 @@ def table(results: dict[str, dict]) -> str:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def plot(results: dict[str, dict], path: Path, title: str) -> bool:

@@ -21,7 +21,9 @@ from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 from pydantic import Field, field_validator
 from torch import nn
 
-from distune.methods.base import LossOutput, Method, MethodConfig, Stream, build_method, nested_method, register_method
+from distune.methods.base import (Method, MethodConfig, RunSettings, Stream, build_method, nested_method,
+                                  register_method)
+from distune.tasks import LossOutput
 
 
 class AdapterOptions(MethodConfig):
@@ -57,7 +59,7 @@ class AdaptersOptions(MethodConfig):
         # Validated entry by entry so that every message names method.adapters.<i>.<key>.
         from pydantic import ValidationError
 
-        from distune.config import describe_error
+        from distune.errors import describe_error
 
         if not v:
             raise ValueError("method.adapters: give at least one adapter")
@@ -75,7 +77,7 @@ class AdaptersOptions(MethodConfig):
                                  f"method.adapters.{seen[entry.name]}'s name")
             seen[entry.name] = i
             plugin, options = nested_method(entry.method, (*at, "method"), "lora")
-            if not hasattr(plugin, "peft_config"):
+            if plugin.peft_config is Method.peft_config:
                 raise ValueError(f"method.adapters.{i}.method.name: {plugin.name!r} is not an adapter method (it has "
                                  f"no peft_config(model) hook); use lora or another PEFT method")
             out.append({**entry.model_dump(exclude_unset=True), "method": {"name": plugin.name, **options.model_dump()}})
@@ -86,13 +88,12 @@ class AdaptersOptions(MethodConfig):
 class Adapters(Method):
     Config = AdaptersOptions
 
-    def __init__(self, config: AdaptersOptions):
-        super().__init__(config)
+    def __init__(self, config: AdaptersOptions, settings: RunSettings | None = None, key: str = "method"):
+        super().__init__(config, settings, key)
         self.entries = [AdapterOptions.model_validate(a) for a in config.adapters]
-        self.methods = {a.name: build_method(a.method["name"], {k: x for k, x in a.method.items() if k != "name"})
-                        for a in self.entries}
-        for i, a in enumerate(self.entries):
-            self.methods[a.name].key = f"method.adapters.{i}.method"
+        self.methods = {a.name: build_method(a.method["name"], {k: x for k, x in a.method.items() if k != "name"},
+                                             self.settings, f"{key}.adapters.{i}.method")
+                        for i, a in enumerate(self.entries)}
         self.supports_packing = all(m.supports_packing for m in self.methods.values())
         self.params: dict[str, list[str]] = {}  # adapter -> its parameter names (set by adapt)
         self.active: str = self.entries[0].name
@@ -109,9 +110,9 @@ class Adapters(Method):
                                  f"method.adapters.0's {first.value}: one run trains one PEFT type (PEFT keeps one "
                                  f"type per model); run the other type as its own job")
         if configs[0].is_prompt_learning:
-            # Their export must run the prompt encoder from gathered weights (PromptLearningMethod.export), which
+            # Their export must run the prompt encoder from gathered weights (prompt_learning.export_prompts), which
             # this method's per-adapter save does not do: refused rather than a wrong export under ZeRO-3.
-            raise ValueError(f"method.adapters.0.method: {first.value} adapters train one per job for now; use "
+            raise ValueError(f"method.adapters.0.method: {first.value} adapters train one per job; use "
                              f"method.name: {self.entries[0].method['name']} per task, or lora / ia3 adapters here")
         prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(first, "")
         for i, a in enumerate(self.entries):
@@ -169,9 +170,7 @@ class Adapters(Method):
         return groups
 
     def loss(self, model, batch, frozen) -> LossOutput:
-        method = self.methods[self.active]
-        method.loss_chunk = self.loss_chunk
-        return method.loss(model, batch, frozen)
+        return self.methods[self.active].loss(model, batch, frozen)
 
     def export_keys(self, model: nn.Module) -> set[str]:
         return {p for ps in self.params.values() for p in ps}

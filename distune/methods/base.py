@@ -7,9 +7,7 @@ Third-party methods register through the entry-point group `distune.methods`.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -17,8 +15,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from distune.data.loader import model_inputs
-from distune.logits import Selected, head_at
+from distune.registry import Registry
+from distune.tasks import LossOutput, get_task
 
 ENTRY_POINT_GROUP = "distune.methods"
 
@@ -40,27 +38,63 @@ class Stream:
 
 
 @dataclass
-class LossOutput:
-    loss: torch.Tensor  # scalar, differentiable
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached; stay tensors until logged
+class RunSettings:
+    """What a method takes from the run besides its own keys, fixed at construction."""
+
+    seed: int = 0  # run.seed (for methods that draw random numbers)
+    loss_chunk: int | None = None  # train.loss_chunk (distune.logits)
+    task: str = "causal_lm"  # model.task: the task whose batches the default objective scores
+
+    @classmethod
+    def of(cls, cfg) -> RunSettings:
+        return cls(cfg.run.seed, cfg.train.loss_chunk, cfg.model.task)
 
 
-class Method(ABC):
+class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     name: ClassVar[str] = ""
     # False where the method cannot keep packed samples apart (prompt learning prepends virtual tokens, and
     # PEFT drops the position ids that packing relies on): validation refuses data.packing then.
     supports_packing: ClassVar[bool] = True
+    # False where the method trains the base weights themselves, which a quantised (QLoRA) base cannot.
+    quantizable: ClassVar[bool] = True
 
-    def __init__(self, config: MethodConfig):
+    def __init__(self, config: MethodConfig, settings: RunSettings | None = None, key: str = "method"):
         self.config = config
-        self.seed = 0  # the run's seed; the runner sets it (for methods that draw random numbers)
-        self.loss_chunk: int | None = None  # train.loss_chunk; the runner sets it (distune.logits)
-        self.key = "method"  # its config path, for error messages; a method that nests another sets that one's
+        self.settings = settings or RunSettings()
+        self.task = get_task(self.settings.task)
+        self.key = key  # its config path, for error messages (a nested method's is e.g. method.student)
 
-    @abstractmethod
+    def check(self, cfg) -> None:
+        """Raise ValueError naming the key for a run configuration this method cannot train (called by validation
+        before any worker starts). By default: data.packing needs `supports_packing`."""
+        if cfg.data.packing and not self.supports_packing:
+            raise ValueError(f"data.packing: method {self.name!r} prepends virtual tokens and cannot keep packed "
+                             f"samples apart; set it false")
+
+    @classmethod
+    def resolve_dtypes(cls, options: dict, resolved) -> dict:
+        """`options` (its YAML keys) with every dtype of its own that says `auto` set to `resolved()` (the dtype the
+        workers' hardware computes natively), once when the config loads. None of its own by default."""
+        return options
+
+    def peft_config(self, model: nn.Module):
+        """A PEFT method's adapter: the PEFT config it adds to `model` (also what adds it as one adapter of several).
+        A method that has one gets `adapt`, `check_model`, `export_keys` and `export` for it by default
+        (distune.methods.peft_adapter). None: not a PEFT method."""
+        return None
+
+    def is_peft(self) -> bool:
+        return type(self).peft_config is not Method.peft_config
+
     def adapt(self, model: nn.Module) -> nn.Module:
-        """Add adapters/heads and set requires_grad: the one source of truth for what trains."""
+        """Add adapters/heads and set requires_grad: the one source of truth for what trains. By default a PEFT
+        method's adapter on the frozen base."""
+        from distune.methods import peft_adapter
+
+        if not self.is_peft():
+            raise NotImplementedError(f"method {self.name!r} defines neither adapt nor peft_config")
+        return peft_adapter.wrap(model, self.peft_config(model))
 
     def frozen_models(self) -> dict[str, object]:
         """Extra frozen models the runner must build and shard (e.g. {"teacher": TeacherSpec}). None by default."""
@@ -70,27 +104,10 @@ class Method(ABC):
         """Called before `adapt` with the frozen models' HF configs (e.g. a teacher's width). No-op by default."""
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], frozen: dict[str, nn.Module]) -> LossOutput:
-        """Token-level cross-entropy on the positions whose label is not -100 (the default objective); for a
-        task head's batch, the head's loss: class CE (`class_labels`), per-token tag CE (`tag_labels`), or the
-        mean of the answer start and end CEs (`start_positions`, `end_positions`)."""
-        if "labels" in batch:  # causal LM: the head runs on the trained positions only (distune.logits)
-            labels = batch["labels"][:, 1:]
-            trained = labels != -100
-            with head_at(model, trained, self.loss_chunk) as sel:
-                out = model(**model_inputs(batch))
-            loss, n_tokens = selected_ce(sel, out.logits, labels[trained])
-            return LossOutput(loss, {"ce": loss.detach(), "trained_tokens": n_tokens})
-        out = model(**model_inputs(batch))
-        if "class_labels" in batch:
-            loss = nn.functional.cross_entropy(out.logits.float(), batch["class_labels"])
-            return LossOutput(loss, {"ce": loss.detach()})
-        if "tag_labels" in batch:
-            loss, n_tokens = tag_loss(out.logits, batch["tag_labels"])
-            return LossOutput(loss, {"ce": loss.detach(), "trained_tokens": n_tokens})
-        if "start_positions" in batch:
-            loss = span_loss(out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"])
-            return LossOutput(loss, {"ce": loss.detach()})
-        raise ValueError(f"batch has no labels the default objective knows: {sorted(batch)}")
+        """The default objective: the loss of the batch's task (distune.tasks), e.g. token-level cross-entropy on
+        the trained positions of a causal LM, or a head's own loss."""
+        task = getattr(batch, "task", self.task)  # a collated Batch names its task; a plain dict is the run's
+        return task.loss(model, batch, self.settings.loss_chunk)
 
     def optimizer_groups(self, model: nn.Module) -> list[dict] | None:
         """Parameter groups for the optimizer (None: every trainable parameter in one group at train.lr).
@@ -110,95 +127,43 @@ class Method(ABC):
 
     def check_model(self, model: nn.Module) -> None:
         """Called by validation with the model built on the meta device (shapes, no weights): raise ValueError
-        naming the key for a config that cannot work with it. No-op by default."""
+        naming the key for a config that cannot work with it. By default a PEFT method's target modules must
+        exist (PEFT's own matching rule)."""
+        if self.is_peft():
+            from distune.methods.peft_adapter import check_targets
 
-    def export_keys(self, model: nn.Module) -> set[str] | None:
-        """Names of the parameters the export needs (None: all of them). Under ZeRO-3 only these are gathered."""
+            check_targets(self.peft_config(model), model, f"{self.key}.target_modules")
+
+    def meta_counts(self, model: nn.Module) -> tuple[int, int] | None:
+        """(trainable, frozen) parameter counts of this method on `model` without adapting it, for `distune plan`
+        where `adapt` cannot run on the meta device. None (the default): no formula."""
         return None
 
-    @abstractmethod
+    def export_keys(self, model: nn.Module) -> set[str] | None:
+        """Names of the parameters the export needs (None: all of them). Under ZeRO-3 only these are gathered. By
+        default a PEFT method's trained parameters."""
+        if self.is_peft():
+            from distune.methods.peft_adapter import trained_keys
+
+            return trained_keys(model)
+        return None
+
     def export(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        """Write a Hugging Face native artifact from a full (gathered, CPU) state dict. Rank 0 only."""
+        """Write a Hugging Face native artifact from a full (gathered, CPU) state dict. Rank 0 only. By default a
+        PEFT method's adapter folder."""
+        from distune.methods.peft_adapter import save_adapter
 
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token CE over trained positions; returns (loss, number of trained tokens)."""
-    shift_labels = labels[:, 1:]
-    trained = shift_labels != -100
-    # Select trained positions before the fp32 upcast and softmax: with loss on responses only they are
-    # often a few percent of all positions, and [positions x vocab] is the largest tensor of the step.
-    picked = logits[:, :-1][trained].float()
-    n_tokens = trained.sum()
-    loss = nn.functional.cross_entropy(picked, shift_labels[trained], reduction="sum")
-    # A batch with no trained tokens is refused by the data layer; clamp keeps a stray one finite anyway.
-    return loss / n_tokens.clamp(min=1), n_tokens.detach()
-
-
-def selected_ce(sel: Selected, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean CE of the logits at `sel`'s positions (`logits`: the model's output) against `targets` ([N] token ids),
-    in fp32; chunked when `sel` is. Returns (loss, number of trained tokens)."""
-    n = torch.tensor(targets.numel(), device=targets.device)
-    if sel.chunked:
-        total = sel.reduce(lambda logits, rows: nn.functional.cross_entropy(logits.float(), targets[rows],
-                                                                            reduction="sum"))
-    else:
-        total = nn.functional.cross_entropy(sel.pick(logits).float(), targets, reduction="sum")
-    return total / n.clamp(min=1), n
-
-
-def tag_loss(logits: torch.Tensor, tags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean CE over the tagged tokens (first sub-token of each word; no shift: a token's own tag)."""
-    tagged = tags != -100
-    loss = nn.functional.cross_entropy(logits[tagged].float(), tags[tagged], reduction="sum")
-    return loss / tagged.sum().clamp(min=1), tagged.sum().detach()
-
-
-def span_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, starts: torch.Tensor,
-              ends: torch.Tensor) -> torch.Tensor:
-    """Extractive QA: the mean of the start-position and end-position cross-entropies (BERT's SQuAD loss)."""
-    ce = nn.functional.cross_entropy
-    return (ce(start_logits.float(), starts) + ce(end_logits.float(), ends)) / 2
+        if not self.is_peft():
+            raise NotImplementedError(f"method {self.name!r} defines neither export nor peft_config")
+        save_adapter(model, state_dict, out_dir)
 
 
 # ------------------------------------------------------------------------------------------ registry
 
-_REGISTRY: dict[str, type[Method]] = {}
-
-
-def register_method(name: str):
-    """Class decorator: `@register_method("lora")`."""
-
-    def deco(cls: type[Method]) -> type[Method]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__module__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _entry_points() -> dict[str, object]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def get_method(name: str) -> type[Method]:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    ep = _entry_points().get(name)
-    if ep is None:
-        raise KeyError(name)
-    obj = ep.load()  # a Method subclass, or a module that registers one on import
-    if isinstance(obj, type) and issubclass(obj, Method):
-        _REGISTRY.setdefault(name, obj)
-        obj.name = obj.name or name
-    if name not in _REGISTRY:
-        raise KeyError(f"entry point {ep.value} did not provide a Method named {name!r}")
-    return _REGISTRY[name]
-
-
-def known_methods() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_entry_points()))
+METHODS = Registry("method", ENTRY_POINT_GROUP, Method)
+register_method = METHODS.register  # class decorator: `@register_method("lora")`
+get_method = METHODS.get
+known_methods = METHODS.known
 
 
 def nested_method(spec: dict, at: tuple[str, ...], default: str) -> tuple[type[Method], MethodConfig]:
@@ -206,7 +171,7 @@ def nested_method(spec: dict, at: tuple[str, ...], default: str) -> tuple[type[M
     typed options; a ValueError names the key path, e.g. `method.student.r` or `method.adapters.1.method.r`."""
     from pydantic import ValidationError
 
-    from distune.config import describe_error
+    from distune.errors import describe_error
 
     name = spec.get("name", default)
     try:
@@ -220,6 +185,11 @@ def nested_method(spec: dict, at: tuple[str, ...], default: str) -> tuple[type[M
     return plugin, options
 
 
-def build_method(name: str, options: dict) -> Method:
+def build_method(name: str, options: dict, settings: RunSettings | None = None, key: str = "method") -> Method:
     cls = get_method(name)
-    return cls(cls.Config(**options))
+    return cls(cls.Config(**options), settings, key)
+
+
+def frozen_models(cfg) -> dict[str, object]:
+    """The frozen models (teachers: distune.signals.TeacherSpec) the method of run config `cfg` asks for."""
+    return build_method(cfg.method.name, cfg.method.model_extra or {}, RunSettings.of(cfg)).frozen_models()

@@ -3,7 +3,7 @@
 loss = (1 - kd_weight) * CE(labels) + kd_weight * D(student || teacher) [+ hidden.weight * hidden-state distance]
 
 The wrapped student method decides what trains and what is exported; this class only adds the teacher
-terms. The teacher arrives in `frozen["teacher"]` as a signal (distune.distill.teacher): the method does
+terms. The teacher arrives in `frozen["teacher"]` as a signal (distune.signals): the method does
 not know whether it runs on the same ranks, comes from a cache, or from a remote actor group.
 On-policy (GKD): with probability `gkd.lmbda` the student samples the continuation of the prompt, and the
 loss is computed on the student's own tokens (CE then has no labels: only the KD term is used).
@@ -20,12 +20,13 @@ import torch.distributed as dist
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from distune.data.loader import model_inputs
 from distune.distill.divergences import DIVERGENCES, distill_loss, params_of
-from distune.distill.teacher import TeacherSpec, kd_positions
-from distune.paths import anchor
 from distune.logits import head_at
-from distune.methods.base import LossOutput, Method, MethodConfig, build_method, nested_method, register_method
+from distune.methods.base import Method, MethodConfig, RunSettings, build_method, nested_method, register_method
+from distune.paths import anchor
+from distune.signals import DEFAULT_SIGNAL, TeacherSpec, get_signal, kd_positions, known_signals
+from distune.tasks import Batch, LossOutput, model_inputs
+from distune.tasks.choices import left_padded
 
 PROJECTION = "distill_projection"  # submodule name of the learned hidden-state projections
 
@@ -49,7 +50,7 @@ class TeacherOptions(MethodConfig):
     @field_validator("path")
     @classmethod
     def _anchor(cls, v: str) -> str:
-        return anchor(v)  # workers run in another directory
+        return anchor(v, hub_ids=True)
 
 
 class HiddenOptions(MethodConfig):
@@ -90,12 +91,12 @@ class DistillOptions(MethodConfig):
     student: dict = Field(default_factory=lambda: {"name": "full"},
                           description="The wrapped student method: {name: lora, r: 16, ...}.")
     teacher: TeacherOptions = Field(..., description="The frozen teacher.")
-    signal: Literal["online", "cached", "remote"] = Field(
-        "online", description="Where the teacher's distributions come from. online: the teacher runs on the "
-        "training ranks (method.teacher.placement); cached: read from cache_dir, written by `distune cache-teacher`; "
-        "remote: a Ray actor group of its own (method.remote).")
-    top_k: int | None = Field(None, gt=0, description="Teacher top-k (None: dense, online only; cached/remote "
-                                                      "default 64).")
+    signal: str = Field(
+        DEFAULT_SIGNAL, description="Where the teacher's distributions come from (a signal registered in "
+        "distune/signals/). online: the teacher runs on the training ranks (method.teacher.placement); cached: read "
+        "from cache_dir, written by `distune cache-teacher`; remote: a Ray actor group of its own (method.remote).")
+    top_k: int | None = Field(None, gt=0, description="Teacher top-k (None: dense, where the signal gives dense "
+                                                      "logits (online); otherwise default 64).")
     cache_dir: str | None = Field(None, description="Where `distune cache-teacher` writes / training reads.")
     divergence: str = Field("forward_kl", description="The KD divergence D(student || teacher): a name registered "
                             "in distune/distill/divergences.py, e.g. reverse_kl, jsd, tvd.")
@@ -116,7 +117,14 @@ class DistillOptions(MethodConfig):
     @field_validator("cache_dir")
     @classmethod
     def _absolute(cls, v: str | None) -> str | None:
-        return None if v is None else str(Path(v).expanduser().absolute())
+        return anchor(v)
+
+    @field_validator("signal")
+    @classmethod
+    def _known_signal(cls, v: str) -> str:
+        if v not in known_signals():
+            raise ValueError(f"unknown teacher signal {v!r}; known: {', '.join(known_signals())}")
+        return v
 
     @field_validator("divergence")
     @classmethod
@@ -137,7 +145,7 @@ class DistillOptions(MethodConfig):
     @model_validator(mode="after")
     def _divergence_params(self) -> DistillOptions:
         # Checked here: a wrong name would otherwise be a TypeError inside the first loss, on every worker.
-        from distune.config import closest_key
+        from distune.errors import closest_key
 
         accepted = params_of(self.divergence)
         for key in self.divergence_params:
@@ -153,19 +161,27 @@ class DistillOptions(MethodConfig):
 
     @model_validator(mode="after")
     def _combinations(self) -> DistillOptions:
-        if self.signal != "online" and self.top_k is None:
+        """The options against what the signal declares it serves (distune.signals.base.Signal)."""
+        signal = get_signal(self.signal)
+
+        def able(what: str) -> str:
+            return " or ".join(n for n in known_signals() if getattr(get_signal(n), what))
+
+        if not signal.dense and self.top_k is None:
             self.top_k = 64
-        if self.signal != "online" and self.teacher.placement != "auto":
-            raise ValueError(f"method.teacher.placement: applies to an online teacher (signal is {self.signal!r}; a "
-                             "remote teacher's actors are placed by method.remote, a cache holds no model)")
-        if self.signal == "cached" and not self.cache_dir:
-            raise ValueError("method.cache_dir: signal 'cached' needs it (written by `distune cache-teacher`)")
-        if self.signal == "cached" and self.gkd.lmbda > 0:
-            raise ValueError("method.gkd.lmbda: > 0 scores the student's own samples, which needs signal online "
-                             "or remote, not cached")
-        if self.signal != "online" and self.hidden.weight > 0:
-            raise ValueError(f"method.hidden.weight: hidden-state distillation needs signal 'online' (hidden "
-                             f"states are not cached or served remotely; signal is {self.signal!r})")
+        if not signal.runs_here and self.teacher.placement != "auto":
+            raise ValueError(f"method.teacher.placement: applies to a teacher on the training ranks (signal "
+                             f"{able('runs_here')}; signal is {self.signal!r}, whose teacher runs elsewhere or not "
+                             f"at all)")
+        if signal.reads_cache and not self.cache_dir:
+            raise ValueError(f"method.cache_dir: signal {self.signal!r} needs it (written by `distune cache-teacher`)")
+        if not signal.on_policy and self.gkd.lmbda > 0:
+            raise ValueError(f"method.gkd.lmbda: > 0 scores the student's own samples, which needs signal "
+                             f"{able('on_policy')}, not {self.signal}")
+        if not signal.hidden_states and self.hidden.weight > 0:
+            named = " or ".join(repr(n) for n in able("hidden_states").split(" or "))
+            raise ValueError(f"method.hidden.weight: hidden-state distillation needs signal {named} (signal "
+                             f"{self.signal!r} gives no hidden states)")
         return self
 
 
@@ -173,12 +189,42 @@ class DistillOptions(MethodConfig):
 class Distill(Method):
     Config = DistillOptions
 
-    def __init__(self, config: DistillOptions):
-        super().__init__(config)
+    def __init__(self, config: DistillOptions, settings: RunSettings | None = None, key: str = "method"):
+        super().__init__(config, settings, key)
         student = dict(config.student)
-        self.student = build_method(student.pop("name"), student)
-        self.student.key = "method.student"
+        self.student = build_method(student.pop("name"), student, self.settings, f"{key}.student")
+        self.supports_packing, self.quantizable = self.student.supports_packing, self.student.quantizable
         self.teacher_width = self.teacher_layers = None  # from see_frozen_configs (hidden distillation)
+
+    @classmethod
+    def resolve_dtypes(cls, options: dict, resolved) -> dict:
+        teacher = options.get("teacher")
+        if isinstance(teacher, dict) and teacher.get("dtype", "auto") == "auto":
+            return {**options, "teacher": {**teacher, "dtype": resolved()}}
+        return options
+
+    def check(self, cfg) -> None:
+        c = self.config
+        if c.kd_positions == "all":
+            if self.task.distills != "tokens":
+                raise ValueError(f"method.kd_positions: 'all' distils every token's next-token distribution; a "
+                                 f"{self.task.name} student has none (it matches the teacher's classes)")
+            if cfg.data.packing:
+                raise ValueError("method.kd_positions: 'all' would distil across the joins of packed samples; set "
+                                 "data.packing false")
+        if c.gkd.lmbda > 0 and cfg.data.train_on_inputs:
+            raise ValueError("method.gkd.lmbda: on-policy samples continue each prompt, and the prompt ends at the "
+                             "first trained token; with data.train_on_inputs: true there is none. Set it false")
+        if c.gkd.lmbda > 0 and cfg.data.packing:
+            raise ValueError("data.packing: on-policy samples continue each prompt separately (method.gkd); set it "
+                             "false")
+        self.student.check(cfg)
+
+    def check_model(self, model: nn.Module) -> None:
+        self.student.check_model(model)  # the wrapped student decides what the model sees
+
+    def meta_counts(self, model: nn.Module) -> tuple[int, int] | None:
+        return self.student.meta_counts(model)
 
     def frozen_models(self) -> dict[str, TeacherSpec]:
         c = self.config
@@ -235,7 +281,7 @@ class Distill(Method):
     def loss(self, model, batch, frozen) -> LossOutput:
         c = self.config
         teacher = frozen["teacher"]
-        if "class_labels" in batch:
+        if getattr(batch, "task", self.task).distills == "classes":
             return self._classifier_loss(model, batch, teacher)
         on_policy = c.gkd.lmbda > 0 and self._coin(batch) < c.gkd.lmbda
         if on_policy:
@@ -246,7 +292,7 @@ class Distill(Method):
         ce_rows = labels != -100
         t = teacher(batch, positions)
         # The student's head runs on the KD positions only, in chunks with train.loss_chunk (distune.logits).
-        with head_at(model, positions, self.loss_chunk) as sel:
+        with head_at(model, positions, self.settings.loss_chunk) as sel:
             out = model(**model_inputs(batch), output_hidden_states=hidden)
         vocab = getattr(teacher, "vocab_size", None)
         top1: dict[int, torch.Tensor] = {}  # the student's argmax, per chunk (the agreement metric)
@@ -317,7 +363,7 @@ class Distill(Method):
         key = batch["input_ids"].sum().to(torch.float64).reshape(1)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(key)
-        return random.Random(int(key.item()) * 7919 + self.seed).random()
+        return random.Random(int(key.item()) * 7919 + self.settings.seed).random()
 
     @torch.no_grad()
     def _student_samples(self, model, batch) -> dict[str, torch.Tensor]:
@@ -328,11 +374,8 @@ class Distill(Method):
                   for row, m in zip(labels, batch["attention_mask"])]
         width = max(starts)
         pad = _pad_id(model)
-        prompts = torch.full((len(starts), width), pad, dtype=ids.dtype, device=ids.device)
-        prompt_mask = torch.zeros_like(prompts)
-        for i, n in enumerate(starts):  # left padding: generation continues from the last column
-            prompts[i, width - n:] = ids[i, :n]
-            prompt_mask[i, width - n:] = 1
+        # Left padding: generation continues from the last column.
+        prompts, prompt_mask = (t.to(ids.device) for t in left_padded([row[:n] for row, n in zip(ids, starts)], pad))
         module = getattr(model, "module", model)
         was_training = module.training
         module.eval()
@@ -357,7 +400,8 @@ class Distill(Method):
         input_ids = torch.cat([prompts, new.masked_fill(done, pad)], 1)
         attention = torch.cat([prompt_mask, new_mask], 1)
         new_labels = torch.cat([torch.full_like(prompts, -100), new.masked_fill(done, -100)], 1)
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": new_labels}
+        return Batch(batch.task, {"input_ids": input_ids, "attention_mask": attention, "labels": new_labels}) \
+            if isinstance(batch, Batch) else {"input_ids": input_ids, "attention_mask": attention, "labels": new_labels}
 
 
 def teacher_metrics(student_top1: torch.Tensor, t, temperature: float) -> dict[str, torch.Tensor]:

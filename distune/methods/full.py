@@ -18,6 +18,7 @@ class FullConfig(MethodConfig):
 @register_method("full")
 class Full(Method):
     Config = FullConfig
+    quantizable = False  # every weight trains, and 4/8-bit weights cannot
 
     def adapt(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():

@@ -7,8 +7,7 @@ from peft import IA3Config
 from pydantic import Field
 from torch import nn
 
-from distune.methods.base import MethodConfig, register_method
-from distune.methods.peft_adapter import PeftMethod
+from distune.methods.base import Method, MethodConfig, register_method
 from distune.methods.peft_task import peft_task_type
 
 
@@ -22,7 +21,7 @@ class Ia3Options(MethodConfig):
 
 
 @register_method("ia3")
-class Ia3(PeftMethod):
+class Ia3(Method):
     Config = Ia3Options
 
     def peft_config(self, model: nn.Module) -> IA3Config:

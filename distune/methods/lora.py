@@ -7,8 +7,7 @@ from peft import LoraConfig
 from pydantic import Field
 from torch import nn
 
-from distune.methods.base import MethodConfig, register_method
-from distune.methods.peft_adapter import PeftMethod
+from distune.methods.base import Method, MethodConfig, register_method
 from distune.methods.peft_task import peft_head_modules, peft_task_type
 
 
@@ -28,7 +27,7 @@ class LoraOptions(MethodConfig):
 
 
 @register_method("lora")
-class Lora(PeftMethod):
+class Lora(Method):
     Config = LoraOptions
 
     def peft_config(self, model: nn.Module) -> LoraConfig:
@@ -38,6 +37,10 @@ class Lora(PeftMethod):
             use_rslora=c.use_rslora, use_dora=c.use_dora, bias=c.bias, task_type=peft_task_type(model),
             exclude_modules=peft_head_modules(model) or None)
 
+    def meta_counts(self, model: nn.Module) -> tuple[int, int]:
+        trainable, everything = lora_formula(model, self)
+        return trainable, everything  # LoRA freezes every base weight
+
     def optimizer_groups(self, model: nn.Module) -> list[dict] | None:
         if self.config.lr_ratio is None:
             return None
@@ -46,3 +49,16 @@ class Lora(PeftMethod):
         b = [p for n, p in trained if "lora_B" in n or "lora_embedding_B" in n]
         rest = [p for n, p in trained if not ("lora_B" in n or "lora_embedding_B" in n)]
         return [{"name": "lora_A", "params": rest}, {"name": "lora_B", "params": b, "lr_scale": self.config.lr_ratio}]
+
+
+def lora_formula(model: nn.Module, method: Lora) -> tuple[int, int]:
+    """(trainable, all the model's) parameters for LoRA without building adapters: r·(in+out) per targeted linear
+    (+out: DoRA)."""
+    c = method.config
+    head = model.get_output_embeddings()
+    trainable = 0
+    for name, m in model.named_modules():
+        hit = c.target_modules == "all-linear" or name.split(".")[-1] in c.target_modules
+        if isinstance(m, nn.Linear) and m is not head and hit:
+            trainable += c.r * (m.in_features + m.out_features) + (m.out_features if c.use_dora else 0)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -20,8 +20,8 @@ from peft import PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuni
 from pydantic import Field, model_validator
 from torch import nn
 
-from distune.methods.base import MethodConfig, register_method
-from distune.methods.peft_adapter import PeftMethod
+from distune.methods import peft_adapter
+from distune.methods.base import Method, MethodConfig, register_method
 from distune.methods.peft_task import peft_task_type
 from distune.models import align_virtual_tokens
 
@@ -30,39 +30,40 @@ class PromptLearningOptions(MethodConfig):
     num_virtual_tokens: int = Field(20, gt=0, description="Virtual tokens prepended (or prefixed in every layer).")
 
 
-class PromptLearningMethod(PeftMethod):
-    supports_packing = False  # virtual tokens and PEFT's dropped position ids would join packed samples
+# The three methods' hooks (each method is its own class directly under Method, sharing these functions).
 
-    def adapt(self, model: nn.Module) -> nn.Module:
-        return align_virtual_tokens(super().adapt(model))
+def adapt_prompts(self, model: nn.Module) -> nn.Module:
+    return align_virtual_tokens(peft_adapter.wrap(model, self.peft_config(model)))
 
-    def check_model(self, model: nn.Module) -> None:
-        # PEFT hands prompt / P-tuning's virtual tokens to the model as embeddings, and a decoder's sequence
-        # classifier (its head is `score`; encoders' is `classifier`, read at position 0) then cannot find the
-        # last non-pad token: it reads the last column, a pad for every shorter row of a right-padded batch.
-        prepends = self.name in ("prompt_tuning", "p_tuning")
-        if prepends and type(model).__name__.endswith("ForSequenceClassification") and hasattr(model, "score"):
-            raise ValueError(f"method.name: {self.name} on a decoder's sequence classifier would read padding as "
-                             f"the last token; use prefix_tuning, lora or ia3 for this head")
 
-    def export(self, model, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
-        name = model.active_adapter
-        live = model.prompt_encoder[name]
-        prefix = f"prompt_encoder.{name}."
-        weights = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
-        config = copy.copy(model.peft_config[name])
-        if config.peft_type.value == "PROMPT_TUNING":
-            config.prompt_tuning_init = "RANDOM"  # not from the (possibly partitioned) word embeddings
-            fresh = type(live)(config, None)
-        else:
-            fresh = type(live)(config)
-        fresh.load_state_dict(weights)
-        # PEFT computes the saved embeddings by running model.prompt_encoder[name]: give it the full CPU copy.
-        model.prompt_encoder[name] = fresh
-        try:
-            model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
-        finally:
-            model.prompt_encoder[name] = live
+def check_prompts(self, model: nn.Module) -> None:
+    # PEFT hands prompt / P-tuning's virtual tokens to the model as embeddings, and a decoder's sequence
+    # classifier (its head is `score`; encoders' is `classifier`, read at position 0) then cannot find the
+    # last non-pad token: it reads the last column, a pad for every shorter row of a right-padded batch.
+    prepends = self.name in ("prompt_tuning", "p_tuning")
+    if prepends and type(model).__name__.endswith("ForSequenceClassification") and hasattr(model, "score"):
+        raise ValueError(f"method.name: {self.name} on a decoder's sequence classifier would read padding as "
+                         f"the last token; use prefix_tuning, lora or ia3 for this head")
+
+
+def export_prompts(self, model, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+    name = model.active_adapter
+    live = model.prompt_encoder[name]
+    prefix = f"prompt_encoder.{name}."
+    weights = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    config = copy.copy(model.peft_config[name])
+    if config.peft_type.value == "PROMPT_TUNING":
+        config.prompt_tuning_init = "RANDOM"  # not from the (possibly partitioned) word embeddings
+        fresh = type(live)(config, None)
+    else:
+        fresh = type(live)(config)
+    fresh.load_state_dict(weights)
+    # PEFT computes the saved embeddings by running model.prompt_encoder[name]: give it the full CPU copy.
+    model.prompt_encoder[name] = fresh
+    try:
+        model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    finally:
+        model.prompt_encoder[name] = live
 
 
 class PromptTuningOptions(PromptLearningOptions):
@@ -79,10 +80,12 @@ class PromptTuningOptions(PromptLearningOptions):
 
 
 @register_method("prompt_tuning")
-class PromptTuning(PromptLearningMethod):
+class PromptTuning(Method):
     """Lester et al. 2021: only the virtual-token embeddings train."""
 
     Config = PromptTuningOptions
+    supports_packing = False  # virtual tokens and PEFT's dropped position ids would join packed samples
+    adapt, check_model, export = adapt_prompts, check_prompts, export_prompts
 
     def peft_config(self, model: nn.Module) -> PeftConfig:
         c = self.config
@@ -103,10 +106,12 @@ class PTuningOptions(PromptLearningOptions):
 
 
 @register_method("p_tuning")
-class PTuning(PromptLearningMethod):
+class PTuning(Method):
     """Liu et al. 2021 (GPT Understands, Too): virtual tokens produced by a trained prompt encoder."""
 
     Config = PTuningOptions
+    supports_packing = False  # virtual tokens and PEFT's dropped position ids would join packed samples
+    adapt, check_model, export = adapt_prompts, check_prompts, export_prompts
 
     def peft_config(self, model: nn.Module) -> PeftConfig:
         c = self.config
@@ -125,10 +130,12 @@ class PrefixTuningOptions(PromptLearningOptions):
 
 
 @register_method("prefix_tuning")
-class PrefixTuning(PromptLearningMethod):
+class PrefixTuning(Method):
     """Li & Liang 2021: trained keys and values prefixed in every attention layer."""
 
     Config = PrefixTuningOptions
+    supports_packing = False  # virtual tokens and PEFT's dropped position ids would join packed samples
+    adapt, check_model, export = adapt_prompts, check_prompts, export_prompts
 
     def peft_config(self, model: nn.Module) -> PeftConfig:
         c = self.config

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import tiny
 from distune.adapters.store import merge_adapter
-from distune.cluster.trainer import fit
+from distune.training import fit
 
 # Two tasks: the tiny sentiment data, and other rows of it under another prompt.
 MOOD_PROMPT = "Mood: {text}"

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import tiny
-from distune.cluster.trainer import fit
+from distune.training import fit
 from distune.validate import validate
 
 

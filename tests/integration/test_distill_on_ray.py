@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import wandb_records
 from distune.cli import main as cli_main
-from distune.cluster.trainer import fit
+from distune.training import fit
 
 
 def _distill(make_config, tiny_teacher, stage, workers=2, name="d", **method):
@@ -96,13 +96,14 @@ def test_remote_teacher_prefetch_serves_the_announced_batches(ray_cluster, make_
     from distune.cluster.teachers import RemoteTeacher, start_teachers
     from distune.data.dataset import load_splits
     from distune.data.loader import collate
-    from distune.distill.teacher import kd_positions
-    from distune.frozen import preflight, teacher_specs
+    from distune.signals import kd_positions
+    from distune.methods import frozen_models
+    from distune.signals.teachers import preflight
     from distune.models import load_model_config, load_tokenizer
 
     cfg = _distill(make_config, tiny_teacher, 2, signal="remote", top_k=16)
     tok = load_tokenizer(str(cfg.model.path))
-    prep = preflight(teacher_specs(cfg), tok, load_model_config(str(cfg.model.path)))["teacher"]
+    prep = preflight(frozen_models(cfg), tok, load_model_config(str(cfg.model.path)))["teacher"]
     actors = start_teachers(prep, use_gpu=False)
     # A 0-GPU actor sees no GPU at all (Ray leaves CUDA_VISIBLE_DEVICES unset for it, which shows them all).
     assert ray.get(actors[0].devices.remote()) == {"CUDA_VISIBLE_DEVICES": "", "gpus": 0, "weights": ["cpu"]}

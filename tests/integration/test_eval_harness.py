@@ -9,7 +9,7 @@ import yaml
 import tiny
 import wandb_records
 from distune.cli import main as cli_main
-from distune.cluster.trainer import fit
+from distune.training import fit
 from distune.config import load_config
 from distune.data.design import Design, Parsed
 from distune.eval.metrics import score

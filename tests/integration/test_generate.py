@@ -139,7 +139,7 @@ def test_prompts_only_file_with_empty_response_template(ray_cluster, config_file
 
 
 def test_student_trains_on_generated_data(greedy, tiny_model, tmp_path):
-    from distune.cluster.trainer import fit
+    from distune.training import fit
     from distune.config import load_config
 
     cfg = load_config(tiny.base_config(tiny_model, greedy, tmp_path / "runs", data={"response": "{response}"},

@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 
 import tiny
-from distune.cluster.trainer import fit
+from distune.training import fit
 from distune.config import load_config
 from distune.data import load_splits
 from distune.evaluation import evaluate

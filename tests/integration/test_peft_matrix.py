@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import wandb_records
-from distune.cluster.trainer import fit
+from distune.training import fit
 from distune.data import load_splits
 from distune.evaluation import evaluate
 from distune.models import load_model, load_tokenizer

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import wandb_records
 from conftest import SECRET
-from distune.cluster.trainer import fit
+from distune.training import fit
 
 
 def _cfg(make_config, name, extra=()):

@@ -8,7 +8,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from distune.cluster.trainer import fit
+from distune.training import fit
 
 
 # Stages 0 and 1 are `slow`: 2 and 3 (sharded gradients / sharded weights) are where exports and checkpoints can

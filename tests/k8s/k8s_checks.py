@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distune.cluster.k8s import kustomize, pod_templates
+from distune.k8s import kustomize, pod_templates
 
 K8S_VERSION = "1.32.0"  # the kubectl client on these machines
 K8S = Path(__file__).resolve().parents[2] / "k8s"

@@ -10,7 +10,7 @@ import shlex
 import pytest
 from k8s_checks import effective_security, gib, needs_kubectl, ray_pods, render_folder, schema_errors
 
-from distune.cluster.k8s import pod_templates
+from distune.k8s import pod_templates
 
 pytestmark = needs_kubectl
 FOLDERS = ["base", "overlays/cpu-smoke", "overlays/gpu-multinode"]

@@ -11,7 +11,7 @@ import yaml
 from k8s_checks import needs_kubectl, schema_errors
 
 from distune.cli import main
-from distune.cluster.k8s import K8sError, pod_templates, render
+from distune.k8s import K8sError, pod_templates, render
 from distune.config import dump_config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from distune.cluster.trainer import fit
+from distune.training import fit
 from distune.config import dump_config
 from faults import EVERY, STEPS, max_weight_diff, restarts, same_as_straight, sections
 

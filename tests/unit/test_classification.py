@@ -9,6 +9,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import tiny
 from distune.config import DataSection, load_config
+from distune.tasks.sequence_classification import ClassSample
 from distune.data import DataError, collate, load_splits
 from distune.evaluation import evaluate
 
@@ -26,7 +27,7 @@ def test_labels_come_from_the_whole_file_sorted(enc_tok, tiny_data):
     splits = load_splits(_data_cfg(tiny_data, limit=20), enc_tok, 0, task="sequence_classification")
     assert splits.labels == ["negative", "positive"]
     s = splits.train[0]
-    assert s.labels == [] and splits.labels[s.label] == s.response
+    assert isinstance(s, ClassSample) and splits.labels[s.label] == s.response  # no token labels: its own type
     assert s.input_ids[0] == enc_tok.cls_token_id and s.input_ids[-1] == enc_tok.sep_token_id  # no chat template
 
 

@@ -17,12 +17,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import tiny
 from distune.config import ConfigError, load_config
 from distune.data import DataError, collate, load_splits
-from distune.distill import cache
-from distune.distill.teacher import (CachedTeacher, OnlineTeacher, TeacherOutput, TeacherSpec, kd_positions,
+from distune.signals import cache
+from distune.signals import (CachedSignal, OnlineSignal, TeacherOutput, TeacherSpec, kd_positions,
                                      trained_positions)
 from distune.distill.vocab import VocabMismatch, aligned_vocab_size
-from distune.frozen import preflight
-from distune.methods import build_method
+from distune.signals.teachers import preflight
+from distune.methods import RunSettings, build_method
 from distune.methods.distill import PROJECTION, teacher_metrics
 from distune.models import load_model, load_model_config, load_tokenizer
 from distune.validate import validate
@@ -36,8 +36,9 @@ def _teacher(path, **extra) -> dict:
     return {"name": "distill", "teacher": {"path": str(path), "dtype": "fp32"}, **extra}
 
 
-def _method(teacher_dir, **options):
-    return build_method("distill", {"teacher": {"path": str(teacher_dir), "dtype": "fp32"}, **options})
+def _method(teacher_dir, seed: int = 0, **options):
+    return build_method("distill", {"teacher": {"path": str(teacher_dir), "dtype": "fp32"}, **options},
+                        RunSettings(seed=seed))
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def teacher_cache(tiny_teacher, teacher_model, data_cfg, tok, tmp_path_factory):
     """A two-shard top-8 cache at T=2 of the first training samples, as `distune cache-teacher` writes it."""
     out = tmp_path_factory.mktemp("cache") / "teacher-cache"
     samples = _train_samples(data_cfg, tok)[:CACHED]
-    online = OnlineTeacher(teacher_model, len(tok), TOP_K, TEMPERATURE)
+    online = OnlineSignal(teacher_model, len(tok), TOP_K, TEMPERATURE)
     shards = [cache.write_shard(samples, online, out, i, 2, 8, tok.pad_token_id, torch.device("cpu"))
               for i in range(2)]
     spec = TeacherSpec(path=str(tiny_teacher), dtype="fp32", signal="cached", top_k=TOP_K,
@@ -91,7 +92,7 @@ def test_padded_teacher_rows_are_cut_off_automatically(make_config, padded_teach
     assert model.config.vocab_size == len(tok) + PAD_ROWS  # the padding is really there
     batch = collate(load_splits(cfg.data, tok, 0).train[:2], tok.pad_token_id)
     positions = trained_positions(batch["labels"])
-    out = OnlineTeacher(model, summary["teacher_vocab"], None, 1.0)(batch, positions)
+    out = OnlineSignal(model, summary["teacher_vocab"], None, 1.0)(batch, positions)
     assert out.logits.shape == (int(positions.sum()), len(tok))
 
 
@@ -151,20 +152,20 @@ def test_cached_topk_loss_equals_online_topk_loss(tiny_model, tiny_teacher, teac
     positions = trained_positions(batch["labels"])
     assert batch["teacher_topk_ids"].shape == (*batch["labels"].shape, TOP_K)
 
-    online = OnlineTeacher(teacher_model, len(tok), TOP_K, TEMPERATURE)
+    online = OnlineSignal(teacher_model, len(tok), TOP_K, TEMPERATURE)
     options = {"top_k": TOP_K, "temperature": TEMPERATURE, "kd_weight": 0.5}
     with torch.no_grad():
         # The cache rows landed on exactly the trained positions, in order.
         want = online(batch, positions)
-        got = CachedTeacher()(batch, positions)
+        got = CachedSignal()(batch, positions)
         assert torch.equal(got.topk_ids, want.topk_ids)
         torch.testing.assert_close(got.topk_logp, want.topk_logp, rtol=1e-3, atol=1e-4)  # fp16 storage
 
         on = _method(tiny_teacher, **options).loss(student, batch, {"teacher": online})
         cached = _method(tiny_teacher, signal="cached", cache_dir=str(cache_dir), **options).loss(
-            student, batch, {"teacher": CachedTeacher()})
+            student, batch, {"teacher": CachedSignal()})
         dense = _method(tiny_teacher, temperature=TEMPERATURE, kd_weight=0.5).loss(
-            student, batch, {"teacher": OnlineTeacher(teacher_model, len(tok), None, TEMPERATURE)})
+            student, batch, {"teacher": OnlineSignal(teacher_model, len(tok), None, TEMPERATURE)})
 
     assert cached.loss.item() == pytest.approx(on.loss.item(), rel=2e-3)
     assert cached.metrics["kd"].item() == pytest.approx(on.metrics["kd"].item(), rel=2e-3)
@@ -187,10 +188,10 @@ def test_cached_cuts_a_padded_student_like_online(tiny_model, tiny_teacher, teac
     options = {"top_k": TOP_K, "temperature": TEMPERATURE}
     with torch.no_grad():
         on = _method(tiny_teacher, **options).loss(
-            student, batch, {"teacher": OnlineTeacher(teacher_model, len(tok), TOP_K, TEMPERATURE)})
+            student, batch, {"teacher": OnlineSignal(teacher_model, len(tok), TOP_K, TEMPERATURE)})
         cached = _method(tiny_teacher, signal="cached", cache_dir=str(cache_dir), **options)
-        cut = cached.loss(student, batch, {"teacher": CachedTeacher(len(tok))})
-        uncut = cached.loss(student, batch, {"teacher": CachedTeacher()})
+        cut = cached.loss(student, batch, {"teacher": CachedSignal(len(tok))})
+        uncut = cached.loss(student, batch, {"teacher": CachedSignal()})
     assert cut.metrics["kd"].item() == pytest.approx(on.metrics["kd"].item(), rel=2e-3)
     # Without the vocabulary the padded rows' mass lands in the tail bin: another (wrong) objective.
     assert abs(uncut.metrics["kd"].item() - on.metrics["kd"].item()) > 5e-3 * on.metrics["kd"].item()
@@ -249,7 +250,7 @@ def test_kd_on_every_position_cached_equals_online(tiny_model, tiny_teacher, tea
     """kd_positions: all — the cache holds a row per position of each sample (n-1 for n tokens), the rows
     land on the positions the online teacher scores, and the KD term covers prompt tokens too."""
     samples = _train_samples(data_cfg, tok)[:6]
-    online = OnlineTeacher(teacher_model, len(tok), TOP_K, TEMPERATURE)
+    online = OnlineSignal(teacher_model, len(tok), TOP_K, TEMPERATURE)
     spec = TeacherSpec(path=str(tiny_teacher), dtype="fp32", signal="cached", top_k=TOP_K,
                        temperature=TEMPERATURE, cache_dir=str(tmp_path), positions="all")
     shards = [cache.write_shard(samples, online, tmp_path, 0, 1, 4, tok.pad_token_id, torch.device("cpu"),
@@ -271,11 +272,11 @@ def test_kd_on_every_position_cached_equals_online(tiny_model, tiny_teacher, tea
     options = {"top_k": TOP_K, "temperature": TEMPERATURE, "kd_positions": "all"}
     with torch.no_grad():
         want = online(batch, every)
-        got = CachedTeacher()(batch, every)
+        got = CachedSignal()(batch, every)
         assert torch.equal(got.topk_ids, want.topk_ids)
         on = _method(tiny_teacher, **options).loss(student, batch, {"teacher": online})
         cached = _method(tiny_teacher, signal="cached", cache_dir=str(tmp_path), **options).loss(
-            student, batch, {"teacher": CachedTeacher()})
+            student, batch, {"teacher": CachedSignal()})
         only_responses = _method(tiny_teacher, top_k=TOP_K, temperature=TEMPERATURE).loss(
             student, batch, {"teacher": online})
     assert cached.metrics["kd"].item() == pytest.approx(on.metrics["kd"].item(), rel=2e-3)
@@ -448,7 +449,7 @@ def test_hidden_state_projection_added_trained_and_not_exported(tiny_model, tiny
     assert everything - keys == {f"{PROJECTION}.1.weight", f"{PROJECTION}.2.weight"}
 
     batch = collate(_train_samples(data_cfg, tok)[:2], tok.pad_token_id)
-    teacher = OnlineTeacher(teacher_model, len(tok), None, 1.0, hidden_states=True)
+    teacher = OnlineSignal(teacher_model, len(tok), None, 1.0, hidden_states=True)
     out = method.loss(model, batch, {"teacher": teacher})
     assert out.metrics["hidden_cosine"].item() > 0  # the default loss
     out.loss.backward()
@@ -471,7 +472,7 @@ def test_hidden_term_of_a_same_width_student_matches_hand_computed(tiny_teacher,
     assert all(torch.equal(lin.weight, torch.eye(96)) for lin in getattr(student, PROJECTION).values())
 
     batch = collate(_train_samples(data_cfg, tok)[:2], tok.pad_token_id)
-    teacher = OnlineTeacher(teacher_model, len(tok), None, 1.0, hidden_states=True)
+    teacher = OnlineSignal(teacher_model, len(tok), None, 1.0, hidden_states=True)
     out = method.loss(student, batch, {"teacher": teacher})
     keep = batch["attention_mask"].bool()
     with torch.no_grad():
@@ -607,11 +608,9 @@ def test_gkd_coin_is_a_function_of_the_batch_and_seed(world_of_one, tiny_teacher
     assert 0 <= first < 1
     assert method._coin({k: v.clone() for k, v in batch.items()}) == first
     assert _method(tiny_teacher, gkd={"lmbda": 0.5})._coin(batch) == first  # another process, same draw
-    method.seed = 1
-    assert method._coin(batch) != first
+    assert _method(tiny_teacher, seed=1, gkd={"lmbda": 0.5})._coin(batch) != first
     other = dict(batch, input_ids=batch["input_ids"].clone())
     other["input_ids"][0, 0] += 1
-    method.seed = 0
     assert method._coin(other) != first
 
 

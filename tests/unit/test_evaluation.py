@@ -61,7 +61,7 @@ def test_eval_shards_weight_padding_out():
 
 
 def test_the_prompt_runs_once_and_scores_equal_a_row_per_choice(world_of_one, tiny_model):
-    from distune.evaluation import _choice_rows_scores, choice_scores
+    from distune.tasks.choices import _choice_rows_scores, choice_scores
 
     tok, model, samples, choices, choice_ids = _setup(tiny_model)
     model.eval()
@@ -101,7 +101,7 @@ def test_eval_scores_do_not_depend_on_sample_order(world_of_one, tiny_model):
 
 def test_models_that_take_no_position_ids_score_a_row_per_choice(world_of_one, tiny_model):
     """Left-padded prompts need explicit positions; a forward without position_ids (ALiBi models) gets rows."""
-    from distune.evaluation import _choice_rows_scores, choice_scores
+    from distune.tasks.choices import _choice_rows_scores, choice_scores
 
     tok, model, samples, choices, choice_ids = _setup(tiny_model)
     model.eval()

@@ -7,9 +7,10 @@ from transformers import AutoModelForQuestionAnswering, AutoModelForTokenClassif
 import tiny
 from distune.config import ConfigError, DataSection, load_config
 from distune.data import DataError, collate, load_splits
-from distune.data.heads import render_answer, render_tags
+from distune.tasks.question_answering import render_answer
+from distune.tasks.token_classification import render_tags
 from distune.data.render import Renderer
-from distune.eval import spans
+from distune.tasks import spans
 from distune.evaluation import evaluate
 from distune.methods import build_method
 from distune.models import load_model

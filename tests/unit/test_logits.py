@@ -8,10 +8,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distune.config import DataSection
 from distune.data import collate, load_splits
 from distune.distill.divergences import distill_loss
-from distune.distill.teacher import OnlineTeacher, kd_positions
+from distune.signals import OnlineSignal, kd_positions
 from distune.logits import head_at, output_head
-from distune.methods import build_method
-from distune.methods.base import causal_lm_loss
+from distune.methods import RunSettings, build_method
+from distune.tasks.causal_lm import causal_lm_loss
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,7 @@ def test_ce_and_grads_equal_the_full_logits_path(tiny_model, batch, student, chu
     want.backward()
     assert out.logits.shape[:2] == batch["input_ids"].shape  # the old path: every position's logits
 
-    method = build_method(name, opts)
-    method.loss_chunk = chunk
+    method = build_method(name, opts, RunSettings(loss_chunk=chunk))
     model = method.adapt(fresh(tiny_model))
     rows = HeadRows(model)
     got = method.loss(model, batch, {})
@@ -80,10 +79,9 @@ def test_distill_loss_equals_hand_composition(tiny_model, tiny_teacher, tok, bat
     top_k = None if signal == "dense" else 8
     method = build_method("distill", {"teacher": {"path": str(tiny_teacher), "dtype": "fp32"}, "kd_weight": 0.3,
                                       "temperature": 2.0, "divergence": "jsd", "divergence_params": {"beta": 0.3},
-                                      "top_k": top_k, "kd_positions": kd_where})
-    method.loss_chunk = chunk
+                                      "top_k": top_k, "kd_positions": kd_where}, RunSettings(loss_chunk=chunk))
     teacher_model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
-    teacher = OnlineTeacher(teacher_model, len(tok), top_k, 2.0)
+    teacher = OnlineSignal(teacher_model, len(tok), top_k, 2.0)
     teacher_rows = HeadRows(teacher_model)
     model = method.adapt(fresh(tiny_model))
     got = method.loss(model, batch, {"teacher": teacher})

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 import throwaway_plugin
 from distune.methods import build_method, get_method, known_methods, register_method
-from distune.methods.base import Method, causal_lm_loss
+from distune.methods.base import Method
+from distune.tasks.causal_lm import causal_lm_loss
 
 
 def test_builtin_methods_registered():

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distune.config import DataSection
 from distune.data import IGNORE, ShardedBatches, collate, load_splits, model_inputs, pack, pack_groups
 from distune.data.render import Sample
-from distune.methods.base import causal_lm_loss
+from distune.tasks.causal_lm import causal_lm_loss
 
 
 @pytest.fixture(scope="module")

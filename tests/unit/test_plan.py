@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 import tiny
 from distune.methods import build_method
-from distune.plan import _meta_model, count_params, estimate, lora_formula, verdict
+from distune.methods.lora import lora_formula
+from distune.plan import _meta_model, count_params, estimate, verdict
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The offline teacher cache: top-k token ids + log-probs per trained position, compressed, sharded.
 
 `distune cache-teacher CFG` runs the teacher once over the training split (as Ray tasks, one per shard,
-see distune.cluster.jobs; `write_shard` is the per-shard work and runs anywhere). Training with
+see distune.cache_teacher; `write_shard` is the per-shard work and runs anywhere). Training with
 `signal: cached` then reads the cache instead of running the teacher.
 
 Layout of `cache_dir`:
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import numpy as np
 import torch
 
 from distune.data import DataError, Sample, collate
-from distune.distill.teacher import OnlineTeacher, TeacherSpec, kd_positions
+from distune.signals.base import TeacherSpec, kd_positions
+from distune.paths import write_atomic
 
 FORMAT = 1
 
@@ -51,7 +51,7 @@ def shard_name(index: int, count: int) -> str:
     return f"shard-{index:05d}-of-{count:05d}.npz"
 
 
-def write_shard(samples: list[Sample], teacher: OnlineTeacher, out_dir: Path, index: int, count: int,
+def write_shard(samples: list[Sample], teacher, out_dir: Path, index: int, count: int,
                 micro_batch: int, pad_id: int, device: torch.device, progress=None, which: str = "response") -> dict:
     """Run the teacher over `samples[index::count]` and write one shard atomically. Returns its stats.
     `which`: the KD positions stored (`response`: the trained ones; `all`: every position of the sample)."""
@@ -60,7 +60,7 @@ def write_shard(samples: list[Sample], teacher: OnlineTeacher, out_dir: Path, in
     t0 = time.perf_counter()
     for start in range(0, len(mine), micro_batch):
         chunk = mine[start:start + micro_batch]
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        batch = collate(chunk, pad_id).to(device)
         positions = kd_positions(batch, which)
         out = teacher(batch, positions)
         per_sample = positions.sum(1).tolist()
@@ -90,7 +90,7 @@ def write_class_shard(samples: list[Sample], model, tokenizer, data_cfg, labels:
     A class's score is the summed log-probability of its name's tokens after the prompt (the same
     verbalizer scoring as eval.choices), normalised over the classes."""
     from distune.data import Renderer
-    from distune.evaluation import choice_scores
+    from distune.tasks.choices import choice_scores
 
     mine = by_length(samples[index::count])
     renderer = Renderer(tokenizer, data_cfg, data_cfg.path)
@@ -116,13 +116,7 @@ def line_key(line: int) -> str:
 
 
 def _save(out_dir: Path, index: int, count: int, **arrays) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / shard_name(index, count)
-    tmp = out_dir / f".tmp-{os.getpid()}-{target.name}"
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, target)
-    return target
+    return write_atomic(out_dir / shard_name(index, count), lambda f: np.savez_compressed(f, **arrays))
 
 
 def write_meta(out_dir: Path, spec: TeacherSpec, vocab_size: int | None, shards: list[dict], data_path: str,
@@ -138,9 +132,7 @@ def write_meta(out_dir: Path, spec: TeacherSpec, vocab_size: int | None, shards:
             "bytes_per_token": size / max(1, positions), "shards": [s["shard"] for s in shards]}
     if not labels:
         meta["dense_fp32_bytes_per_token"] = 4 * vocab_size
-    tmp = out_dir / ".meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out_dir / "meta.json")
+    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=2))
     return meta
 
 
@@ -152,27 +144,28 @@ def read_meta(cache_dir: str | Path) -> dict:
     return json.loads(meta_file.read_text())
 
 
-def check_meta(meta: dict, spec: TeacherSpec, vocab_size: int | None, cache_dir, task: str = "causal_lm") -> None:
-    """The cache must come from this teacher at this temperature and top-k (class mode: these classes'
-    probabilities, tempered at training time): else the loss would differ."""
-    if task == "sequence_classification":
+def check_meta(meta: dict, spec: TeacherSpec, vocab_size: int | None, cache_dir, classes: bool = False) -> None:
+    """The cache must come from this teacher at this temperature and top-k (`classes`: a classifier student's
+    class probabilities, tempered at training time): else the loss would differ."""
+    if classes:
         wanted = {"format": FORMAT, "mode": "classes", "teacher": spec.path,
                   "teacher_prompt": [spec.prompt, spec.system]}
     else:
         wanted = {"format": FORMAT, "mode": "topk", "teacher": spec.path, "top_k": spec.top_k,
                   "temperature": spec.temperature, "vocab_size": vocab_size, "kd_positions": spec.positions}
-    meta = {"kd_positions": "response", **meta}  # caches written before kd_positions existed hold responses
+    meta = {"kd_positions": "response", **meta}  # a cache whose meta names no kd_positions holds the responses
     for key, value in wanted.items():
         if meta.get(key) != value:
             raise CacheError(f"method.cache_dir: {cache_dir} was built with {key}={meta.get(key)!r}, this run "
                              f"needs {value!r}; rebuild it with `distune cache-teacher CFG`")
 
 
-def attach(samples: list[Sample], cache_dir: str | Path) -> None:
-    """Give every sample its cached rows (`extras`); a sample absent from the cache is an error naming it."""
+def attach(samples: list[Sample], cache_dir: str | Path, classes: bool = False) -> None:
+    """Give every sample its cached rows (`extras`); a sample absent from the cache is an error naming it.
+    `classes`: the student is a classifier, which reads class probabilities."""
     meta = read_meta(cache_dir)
-    if meta.get("mode") == "classes":
-        return _attach_classes(samples, cache_dir, meta)
+    if meta.get("mode") == "classes" or classes:
+        return _attach_classes(samples, cache_dir, meta, classes)
     index: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in meta["shards"]:
         with np.load(Path(cache_dir) / name) as z:
@@ -187,7 +180,13 @@ def attach(samples: list[Sample], cache_dir: str | Path) -> None:
         s.extras = {"teacher_topk_ids": rows[0].astype(np.int64), "teacher_topk_logp": rows[1].astype(np.float32)}
 
 
-def _attach_classes(samples: list[Sample], cache_dir, meta: dict) -> None:
+def _attach_classes(samples: list, cache_dir, meta: dict, classes: bool) -> None:
+    if meta.get("mode") != "classes":
+        raise DataError(f"method.cache_dir: {cache_dir} holds top-k next-token distributions; a classifier student "
+                        "needs class probabilities: rebuild it with `distune cache-teacher CFG`")
+    if not classes:
+        raise DataError(f"method.cache_dir: {cache_dir} holds class probabilities over {meta['labels']}; "
+                        "the student must be a sequence classifier over the same classes")
     index: dict[str, np.ndarray] = {}
     for name in meta["shards"]:
         with np.load(Path(cache_dir) / name) as z:
@@ -197,7 +196,7 @@ def _attach_classes(samples: list[Sample], cache_dir, meta: dict) -> None:
         if row is None:
             raise DataError(f"data line {s.line}: this sample is not in the teacher cache {cache_dir} (built for "
                             "other data or limit); rebuild it with `distune cache-teacher CFG`")
-        if s.label is None or len(row) != len(meta["labels"]):
+        if len(row) != len(meta["labels"]):
             raise DataError(f"method.cache_dir: {cache_dir} holds class probabilities over {meta['labels']}; "
                             "the student must be a sequence classifier over the same classes")
         s.extras = {"teacher_class_logp": row.astype(np.float32)}

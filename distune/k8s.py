@@ -23,7 +23,7 @@ import yaml
 MOUNT = "/runs"  # every Ray pod mounts the distune-runs volume here (k8s/base/rayjob.yaml)
 CONFIG_MOUNT = "/config"  # the head mounts the ConfigMap here; the entrypoint reads config.yaml from it
 OVERLAYS = ("cpu-smoke", "gpu-multinode")
-K8S_DIR = Path(__file__).resolve().parents[2] / "k8s"  # a source checkout's k8s/ folder
+K8S_DIR = Path(__file__).resolve().parents[1] / "k8s"  # a source checkout's k8s/ folder
 MAX_NAME = 47  # KubeRay: a RayJob name is a DNS-1035 label of at most 47 characters (its cluster adds a suffix)
 DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -205,8 +205,9 @@ def _check_entrypoint(entrypoint: str, use_gpu: bool, overlay: str) -> None:
 
 
 def _pods_needed(cfg, pod_cpus: float, pod_gpus: int) -> int:
-    """Worker pods for cfg's Ray Train workers (cpus_per_worker CPUs + a GPU each) and remote teacher actors."""
-    from distune.frozen import teacher_specs
+    """Worker pods for cfg's Ray Train workers (cpus_per_worker CPUs + a GPU each) and its teachers' actor groups."""
+    from distune.methods import frozen_models
+    from distune.signals.teachers import actor_groups
 
     cpw, n, use_gpu = cfg.cluster.cpus_per_worker, cfg.cluster.num_workers, cfg.cluster.use_gpu
     per_pod = math.floor(pod_cpus / cpw + 1e-9)
@@ -216,7 +217,7 @@ def _pods_needed(cfg, pod_cpus: float, pod_gpus: int) -> int:
         raise K8sError(f"cluster.cpus_per_worker={cpw:g}: one Ray worker does not fit a worker pod of "
                        f"{_capacity(pod_cpus, pod_gpus)}")
     pods = math.ceil(n / per_pod)
-    remote = [s.remote for s in teacher_specs(cfg).values() if s.signal == "remote"]
+    remote = actor_groups(frozen_models(cfg)).values()
     actor_cpus = sum(r["actors"] * r["cpus_per_actor"] for r in remote)
     actor_gpus = sum(r["actors"] * r["gpus_per_actor"] for r in remote) if use_gpu else 0
     # Remote teacher actors take what the training workers leave (counted by totals).

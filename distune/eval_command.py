@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from distune.eval.prompts import MODES
+from distune.paths import anchor
 
 SEARCH_PROMPT = ("Here are examples of an input and the output wanted for it.\n\n{examples}\n\nWrite the one "
                  "instruction that tells someone how to turn any such input into its output. Reply with the "
@@ -55,7 +56,7 @@ def add_arguments(p) -> None:
 
 
 def command(cfg, summary: dict, args) -> int:
-    from distune.config import ConfigError
+    from distune.errors import ConfigError
     from distune.data import Renderer, load_splits
     from distune.data.dataset import split_rows
     from distune.eval.prompts import Example, PromptBuilder, nearest
@@ -74,7 +75,9 @@ def command(cfg, summary: dict, args) -> int:
                      ("--search-instructions", args.search_instructions >= 0)]:
         if not ok:
             raise ConfigError(f"{flag}: out of range")
-    if cfg.model.task != "causal_lm":
+    from distune.tasks import get_task
+
+    if get_task(cfg.model.task).head is not None:
         raise ConfigError(f"model.task: distune eval scores generated answers; a {cfg.model.task} model is scored "
                           f"by its head in `distune run` (its eval/* metrics)")
     if getattr(cfg.data, "tasks", None):
@@ -100,7 +103,7 @@ def command(cfg, summary: dict, args) -> int:
                              [renderer.input_text(e.line, e.row) for e in train_ex], embedder, args.shots)
     builder = PromptBuilder(renderer, train_ex, min(args.shots, len(train_ex)), args.select, cfg.run.seed,
                             neighbours)
-    out = Path(args.out).expanduser().absolute() if args.out else cfg.run_dir / "eval"
+    out = Path(anchor(args.out)) if args.out else cfg.run_dir / "eval"
     if args.rescore:  # the saved predictions carry their gold answers
         return _rescore(out, builder, labels, cfg)
     golds = []
@@ -159,7 +162,7 @@ def _write(out: Path, payload: dict, predictions: list[dict], cfg) -> int:
 
 
 def _rescore(out: Path, builder, labels, cfg) -> int:
-    from distune.config import ConfigError
+    from distune.errors import ConfigError
     from distune.eval.metrics import score
     from distune.eval.prompts import majority
 
@@ -181,8 +184,7 @@ def _rescore(out: Path, builder, labels, cfg) -> int:
 
 
 def _checkpoints(specs: list[str]) -> dict[str, str]:
-    from distune.config import ConfigError
-
+    from distune.errors import ConfigError
     from distune.paths import named_paths
 
     try:
@@ -195,7 +197,7 @@ def _checkpoints(specs: list[str]) -> dict[str, str]:
             raise ConfigError(f"--checkpoint: the name {name!r} is taken")
         if not Path(path).expanduser().exists():
             raise ConfigError(f"--checkpoint {name}: {path} does not exist")
-        out[name] = str(Path(path).expanduser().absolute())
+        out[name] = anchor(path)
     return out
 
 
@@ -216,11 +218,11 @@ class _Runner:
 
     def run(self, arms: dict[str, list]) -> tuple[dict, dict, dict]:
         from distune.cluster.tasks import run_shards
-        from distune.validate import target_uses_gpu
+        from distune.hardware import uses_gpu, worker_env
 
         flat = [(arm, i, *req) for arm, reqs in arms.items() for i, req in enumerate(reqs)]
-        use_gpu = target_uses_gpu(self.cfg)
-        env = dict(self.cfg.cluster.env) | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
+        use_gpu = uses_gpu(self.cfg.cluster.use_gpu)
+        env = worker_env(self.cfg)
         count = max(1, min(self.args.shards or self.cfg.cluster.num_workers, len(flat)))
         spec = {"models": self.models, "settings": self.settings, "dtype": self.cfg.model.dtype,
                 "trust_remote_code": self.cfg.model.trust_remote_code, "seed": self.cfg.run.seed,
