@@ -18,18 +18,39 @@ from distune.tasks import collate
 
 
 def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Indices of samples per packed row: first-fit by decreasing length (deterministic), each row <= capacity."""
+    """Indices of samples per packed row: first-fit by decreasing length (deterministic), each row <= capacity.
+
+    First fit puts each sample in the lowest-numbered row with room for it. A max-tree over the rows' free room
+    finds that row in O(log N) (rows not opened yet have all of it), so packing N samples is O(N log N): 1M lengths
+    take seconds (bench/packing.py), where scanning the rows took minutes at 80k."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    lens = np.asarray(lengths, dtype=np.int64)
+    order = np.lexsort((np.arange(n), -lens)).tolist()  # longest first, ties by index
+    size = 1 << max(0, (n - 1).bit_length())
+    tree = [capacity] * (2 * size)  # tree[k]: the most room in node k's rows; leaves size.. are the rows
     rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
+    lens = lens.tolist()
+    for i in order:
+        need = lens[i]
+        if tree[1] >= need:
+            node = 1
+            while node < size:  # down to the leftmost row with room
+                node = 2 * node if tree[2 * node] >= need else 2 * node + 1
+            r = node - size
+        else:  # longer than a row (a sample is cut at the capacity first): a row of its own
+            r = len(rows)
+            node = r + size
+        if r == len(rows):
             rows.append([i])
-            room.append(capacity - lengths[i])
+        else:
+            rows[r].append(i)
+        tree[node] -= need
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
     return rows
 
 

@@ -32,6 +32,7 @@ import finetune_vs_prompting  # noqa: E402
 import harness  # noqa: E402
 import heads  # noqa: E402
 import multi_adapter  # noqa: E402
+import packing  # noqa: E402
 import perf  # noqa: E402
 import plan_tables  # noqa: E402
 import runtime_memory  # noqa: E402
@@ -117,6 +118,20 @@ def test_benches_reach_neither_into_tests_nor_distune_privates():
             if line.strip().startswith(("from distune", "import distune")):
                 names = line.split(" import ", 1)[-1]
                 assert not any(n.strip().startswith("_") for n in names.split(",")), f"{script.name}: {line}"
+
+
+def test_every_bench_has_a_smoke_test():
+    benches = {p.stem for p in (ROOT / "bench").glob("*.py")} - {"harness"}
+    text = Path(__file__).read_text()
+    assert all(f"import {b}  # noqa" in text for b in benches), benches
+
+
+def test_packing_both_paths_agree_and_the_report_is_written(tmp_path):
+    out = tmp_path / "packing.json"
+    assert packing.main(["--sizes", "300", "--large", "2000", "--capacity", "64", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["same_rows"] is True and rows[-1]["samples"] == 2000 and 0 < rows[-1]["fill"] <= 1
+    assert "| 300 |" in out.with_suffix(".md").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ perf

@@ -30,6 +30,31 @@ def test_pack_groups_respect_capacity_and_use_every_sample():
     assert groups == pack_groups(lengths, 10)
 
 
+def _first_fit_by_scanning(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First fit by decreasing length, spelled out: each sample to the lowest-numbered row with room."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if r is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[r].append(i)
+            room[r] -= lengths[i]
+    return rows
+
+
+def test_pack_groups_is_first_fit_decreasing():
+    """The O(N log N) tree search picks the same rows as scanning them (lengths over the capacity included)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        capacity = rng.randint(4, 64)
+        lengths = [rng.randint(1, capacity + 3) for _ in range(rng.randint(0, 200))]
+        assert pack_groups(lengths, capacity) == _first_fit_by_scanning(lengths, capacity)
+
+
 def test_packed_rows_see_only_their_own_sample(tok, model, tiny_data):
     samples = load_splits(DataSection(path=str(tiny_data), prompt="Sentiment: {text}", response="{label}",
                                       eval_size=2, max_length=64), tok, seed=0).train[:6]
