@@ -95,7 +95,8 @@ class DataSection(Strict):
                       "the same file, e.g. unlabelled inputs for a teacher to label).")
     # None, not 0.1, as the default: a dumped config (what the workers load) must not look as if it set both.
     eval_size: int | float | None = Field(None, description="Held-out rows: a count, or a fraction in (0, 1); "
-                                          "default 0.1. Not used with data.eval_path.")
+                                          "default 10 % of the rows, at most 1,000 (a 10M-row dataset is not "
+                                          "scored a million rows at a time). Not used with data.eval_path.")
     eval_path: str | None = Field(
         None, description="A separate held-out file (same format, columns and templates as data.path): every row is "
         "an eval row, and data.path's rows all train (data.limit cuts those only). Lets every arm of a comparison "

@@ -19,6 +19,8 @@ from distune.paths import resolve_path
 from distune.tasks import Task, get_task
 from distune.tasks.base import totals
 
+DEFAULT_EVAL_FRACTION, DEFAULT_EVAL_ROWS = 0.1, 1000  # data.eval_size unset: 10 % of the rows, at most 1,000
+
 
 @dataclass
 class Splits:
@@ -64,8 +66,9 @@ def split_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Source,
     `source.at` names the right file."""
     source, rows = sampled_rows(data_cfg, seed, bad)
     if data_cfg.eval_path is None:
-        size = 0.1 if data_cfg.eval_size is None else data_cfg.eval_size
-        n_eval = size if isinstance(size, int) else round(len(rows) * size)
+        size = data_cfg.eval_size
+        n_eval = (min(round(len(rows) * DEFAULT_EVAL_FRACTION), DEFAULT_EVAL_ROWS) if size is None
+                  else size if isinstance(size, int) else round(len(rows) * size))
         return source, rows, n_eval
     path = resolve_path(data_cfg.eval_path)
     if not path.exists():
@@ -93,7 +96,8 @@ def _one_source(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
     bad = BadRows() if data_cfg.bad_rows == "skip" else None
     source, rows, n_eval = split_rows(data_cfg, seed, bad)
     if n_eval >= len(rows):
-        raise DataError(f"data.eval_size={0.1 if data_cfg.eval_size is None else data_cfg.eval_size} leaves no training rows out of {len(rows)}")
+        size = data_cfg.eval_size if data_cfg.eval_size is not None else n_eval
+        raise DataError(f"data.eval_size={size} leaves no training rows out of {len(rows)}")
     if data_cfg.eval_path:
         n_eval = None  # the eval rows are told by their (negated) numbers from here on
 

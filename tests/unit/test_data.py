@@ -208,3 +208,14 @@ def test_skip_takes_rows_past_another_runs_sample(tmp_path):
     assert first == everything[:20] and after == everything[20:45]  # the same order, disjoint
     with pytest.raises(DataError, match="data.skip: 50 passes over all 50 rows"):
         sampled_rows(DataSection(path=str(path), skip=50), seed=3)
+
+
+def test_default_eval_split_is_a_tenth_at_most_a_thousand_rows(tmp_path):
+    """data.eval_size unset: 10 % of the rows, but no more than 1,000 (a 12,000-row file holds out 1,000)."""
+    import tiny
+    from distune.data.dataset import split_rows
+
+    for n, held in ((500, 50), (12_000, 1_000)):
+        path = tiny.write_jsonl(tmp_path / f"{n}.jsonl", [{"text": f"row {i}", "label": "positive"} for i in range(n)])
+        assert split_rows(DataSection(path=str(path), prompt="{text}", response="{label}"), 0)[2] == held
+        assert split_rows(DataSection(path=str(path), prompt="{text}", response="{label}", eval_size=0.2), 0)[2] == n // 5
