@@ -1,7 +1,9 @@
-"""A third-party method, installed as a distribution with a `distune.methods` entry point, runs on Ray."""
+"""A third-party method and a third-party task, each installed as a distribution with an entry point (`distune.methods`,
+`distune.tasks`), run on Ray."""
 
 import importlib
 
+import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -22,6 +24,7 @@ def test_third_party_method_trains_through_ray(ray_cluster, make_config, tiny_mo
     assert all(not norms[k].equal(base.get_parameter(k)) for k in norms)
 
 
+@pytest.mark.slow  # 22 s; the task interface is in the default run through tests/unit/test_architecture_examples.py
 def test_third_party_task_trains_through_ray(ray_cluster, tiny_model, tmp_path, monkeypatch):
     """A new task is one module and one registration: a score-regression task from an installed distribution
     renders its own samples, collates, trains (full, ZeRO-2, 2 Ray workers), evaluates and exports its head."""
