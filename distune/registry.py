@@ -42,5 +42,13 @@ class Registry:
                 raise KeyError(f"entry point {ep.value} did not provide a {self.what} named {name!r}")
         return self.entries[name]
 
+    def check(self, name: str) -> str:
+        """`name`, when it names an entry (a config validator's check); ValueError with get's message otherwise."""
+        try:
+            self.get(name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        return name
+
     def known(self) -> list[str]:
         return sorted(set(self.entries) | set(self._entry_points()))

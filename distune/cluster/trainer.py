@@ -20,11 +20,11 @@ from distune.hardware import uses_gpu, worker_env
 from distune.progress import ProgressPrinter
 from distune.signals.teachers import actor_groups
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
-from ray.train.torch import TorchTrainer  # noqa: E402
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from distune.cluster.reporter import ProgressSink, RayReporter  # noqa: E402
+from distune.cluster.reporter import ProgressSink, RayReporter
 
 
 def _train_fn(loop_config: dict) -> None:

@@ -58,11 +58,9 @@ class ModelSection(Strict):
     @field_validator("task")
     @classmethod
     def _known_task(cls, v: str) -> str:
-        from distune.tasks import known_tasks
+        from distune.tasks import TASKS
 
-        if v not in known_tasks():
-            raise ValueError(f"unknown task {v!r}; known: {', '.join(known_tasks())}")
-        return v
+        return TASKS.check(v)
 
     @field_validator("layers")
     @classmethod

@@ -24,7 +24,7 @@ from distune.distill.divergences import DIVERGENCES, distill_loss, params_of
 from distune.logits import head_at
 from distune.methods.base import Method, MethodConfig, RunSettings, build_method, nested_method, register_method
 from distune.paths import anchor
-from distune.signals import DEFAULT_SIGNAL, TeacherSpec, get_signal, kd_positions, known_signals
+from distune.signals import DEFAULT_SIGNAL, SIGNALS, TeacherSpec, get_signal, kd_positions, known_signals
 from distune.tasks import Batch, LossOutput, model_inputs
 from distune.tasks.choices import left_padded
 
@@ -122,9 +122,7 @@ class DistillOptions(MethodConfig):
     @field_validator("signal")
     @classmethod
     def _known_signal(cls, v: str) -> str:
-        if v not in known_signals():
-            raise ValueError(f"unknown teacher signal {v!r}; known: {', '.join(known_signals())}")
-        return v
+        return SIGNALS.check(v)
 
     @field_validator("divergence")
     @classmethod
