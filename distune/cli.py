@@ -108,6 +108,8 @@ TOOL_COMMANDS = {
     "stop": ("distune.cluster.jobs", "stop a submitted job (it checkpoints at the next step boundary)"),
     "list": ("distune.cluster.jobs", "the jobs on a cluster"),
     "k8s": ("distune.k8s", "Kubernetes (KubeRay): `render CFG` prints a RayJob + the config's ConfigMap"),
+    "prepare": ("distune.prepare_command", "tokenize the config's data once into its memory-mapped store (a Ray "
+                                           "Data job; `run` does it when the store is missing)"),
 }
 
 
@@ -278,7 +280,16 @@ def _one(cfg, args, label: str) -> int:
         print(f"validating {label} ...", flush=True)
         # A paper plan (`plan --gpu`) is for a cluster that is not this machine, as a submit's is.
         elsewhere = address or args.command == "submit" or getattr(args, "gpu", None)
-        summary = validate(cfg, local_cluster=not elsewhere,
+        from distune.data.rendering import process_pool, with_progress
+
+        runner = None if elsewhere and not joins else process_pool()  # a submit's head builds its own store
+        if joins:  # on the cluster: the store is tokenized by a Ray Data job over its CPUs
+            from distune.cluster.prepare import ray_data_runner
+
+            runner = ray_data_runner()
+        if runner is not None and not getattr(args, "no_progress", False):
+            runner = with_progress(runner)
+        summary = validate(cfg, local_cluster=not elsewhere, runner=runner,
                            check_cache=args.command not in ("cache-teacher", "plan"))  # plan: before it exists
         if args.command in ("validate", "run", "submit"):
             from distune.rundir import check_resumable

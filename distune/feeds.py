@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 
 from distune.errors import ConfigError
-from distune.data import Sample, ShardedBatches, Splits, pack, pack_groups
+from distune.data import Sample, ShardedBatches, Splits, pack_groups
+from distune.data.loader import Packed, lengths_of
 
 
 @dataclass
@@ -27,10 +28,6 @@ class Feed:
         """Its metrics' prefix: "" or "<name>/"."""
         return f"{self.name}/" if self.name else ""
 
-    def repack(self) -> None:
-        """Merge packed rows again once frozen models attached per-sample extras (e.g. teacher top-k)."""
-        if self.groups is not None:
-            self.batches.samples = pack(self.source, self.groups)
 
 
 def build_feeds(cfg, splits: Splits, streams: list | None, grad_accum: int, rank: int, world: int,
@@ -48,8 +45,11 @@ def build_feeds(cfg, splits: Splits, streams: list | None, grad_accum: int, rank
             parts.append((s.name, splits.tasks[s.task], s.max_steps))
     feeds = []
     for name, part, steps in parts:
-        groups = pack_groups([len(s.input_ids) for s in part.train], cfg.data.max_length) if cfg.data.packing else None
-        batches = ShardedBatches(part.train if groups is None else pack(part.train, groups), cfg.train.micro_batch_size,
+        groups = None
+        if cfg.data.packing:  # the prepare step packed a stored split already
+            groups = getattr(part.train, "packed_groups", lambda: None)() or pack_groups(
+                lengths_of(part.train).tolist(), cfg.data.max_length)
+        batches = ShardedBatches(part.train if groups is None else Packed(part.train, groups), cfg.train.micro_batch_size,
                                  rank, world, cfg.run.seed, pad_id, cfg.data.group_by_length and groups is None)
         feeds.append(Feed(name, batches, steps or 0, part.eval, part.train, groups))
     steps_per_epoch = max(1, max(f.batches.per_epoch for f in feeds) // grad_accum)

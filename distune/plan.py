@@ -185,12 +185,12 @@ def verdict(plan: dict, cfg, summary: dict, counts: dict, uses_gpu: bool) -> dic
 def show_samples(cfg, summary: dict, n: int) -> str:
     """The first n training samples as the model sees them (template, design, chat template), as their task shows
     them: trained tokens «marked» for a causal LM, the class, the tags or the answer span for a head."""
-    from distune.data import load_splits
+    from distune.data.prepare import splits_for
     from distune.models import load_tokenizer
     from distune.tasks import get_task
 
     tokenizer = load_tokenizer(summary["model_source"], cfg.model.trust_remote_code)
-    splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
+    splits = splits_for(cfg, tokenizer)
     task = get_task(cfg.model.task)
     lines = []
     for i, s in enumerate(splits.train[:n]):

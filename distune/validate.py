@@ -18,6 +18,7 @@ import torch
 
 from distune.config import ConfigError, RunConfig, resolve_for_hardware
 from distune.data import load_splits
+from distune.data.prepare import splits_for
 from distune.feeds import build_feeds
 from distune.hardware import Facts, cpu_has_native_bf16, uses_gpu
 from distune.methods import RunSettings, build_method
@@ -28,7 +29,7 @@ from distune.models import layer_indices, load_model_config, meta_model, load_to
 from distune.storage import is_uri
 
 
-def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = True) -> dict:
+def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = True, runner=None) -> dict:
     """Check `cfg`; return a summary (and the resolved model source) for printing.
 
     `cluster.use_gpu` / `dtype` still `auto` (a submit, where the cluster's head resolves them): the checks that
@@ -88,7 +89,10 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         if not cfg.data.tasks:
             raise ConfigError(f"data.tasks: method {cfg.method.name!r} trains one stream per data task "
                               f"({streams[0].key}.task); list the tasks under data.tasks")
-    splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
+    if local_cluster or runner is not None:
+        splits = splits_for(cfg, tokenizer, runner)  # data.store: built here once, read by every rank
+    else:  # a submit: the cluster's head builds the store where its workers can read it
+        splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
     world = cfg.cluster.num_workers
     feeds, _ = build_feeds(cfg, splits, streams, grad_accum, 0, world, tokenizer.pad_token_id or 0)
     for feed, stream in zip(feeds, streams or [None]):

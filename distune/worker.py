@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import os
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -48,7 +48,7 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
 
     # Build: same seed on every rank so adapters start identical; per-rank seed afterwards for dropout.
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
-    splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
+    splits = _splits(cfg, tokenizer)
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     method = build_method(cfg.method.name, cfg.method.model_extra or {}, RunSettings.of(cfg))
@@ -67,12 +67,10 @@ def run(cfg: RunConfig, reporter: Reporter, model_source: str | None = None, rem
     torch.manual_seed(cfg.run.seed + rank)
 
     # Wrap. Packed rows are fixed from lengths alone (the step count is known before any teacher signal is
-    # attached); the samples are merged after frozen models attach their per-sample extras.
+    # attached); a row is merged when read, with the per-sample extras frozen models attach.
     feeds, total = build_feeds(cfg, splits, method.streams(), grad_accum, rank, world, tokenizer.pad_token_id)
     engine, state, client = _wrap(cfg, model, method, ds_config, total, grad_accum, rank, world, reporter)
     frozen = teacher_signals.build(prepared, _build_context(ds_config, method.task, splits.train, remote))
-    for feed in feeds:
-        feed.repack()  # again, now with the teacher's per-sample extras
     run_steps = max(f.steps for f in feeds)
     tracker = make_tracker(cfg, rank, dump_config(cfg))
     if client is not None:
@@ -186,6 +184,27 @@ def _announce_data(emit, cfg: RunConfig, splits, task, feeds: list) -> None:
                                      and len(feeds) == 1 else "")})
     for w in splits.warnings:
         emit({"kind": "info", "text": f"warning: {w}"})
+
+
+def _splits(cfg: RunConfig, tokenizer):
+    """The data's splits. With data.store the driver normally built the store; where it cannot be seen (another
+    node's disk) the first rank of each node builds it while the others wait."""
+    if not cfg.data.store:
+        return load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
+    import torch.distributed as dist
+
+    from distune.data.prepare import prepare, splits_for, store_path
+    from distune.data.rendering import process_pool
+    from distune.data.store import complete
+
+    path = store_path(cfg, tokenizer)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not complete(path):
+        # This node's CPUs are shared with its other ranks: one process per rank of the node would not be faster.
+        prepare(cfg, tokenizer, process_pool(max(1, (os.cpu_count() or 1) // max(1, int(
+            os.environ.get("LOCAL_WORLD_SIZE", 1))))), path)
+    if dist.is_initialized():
+        dist.barrier()
+    return splits_for(cfg, tokenizer, build=False)
 
 
 def _build_context(ds_config: dict, task, train_samples: list, served: dict | None) -> BuildContext:

@@ -7,6 +7,7 @@ test loads them through its real local-folder path.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -190,3 +191,17 @@ def base_config(model_dir: Path, data_file: Path, run_dir: Path, **sections) -> 
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
+
+
+def tree_bytes(root) -> dict:
+    """Every file of a store (meta.json without its timing and key)."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f != "meta.json":
+                p = os.path.join(dirpath, f)
+                out[os.path.relpath(p, root)] = open(p, "rb").read()
+    meta = json.loads(open(os.path.join(root, "meta.json")).read())
+    meta.pop("seconds"), meta.pop("key")
+    out["meta.json"] = meta
+    return out

@@ -59,7 +59,7 @@ def _anchor_path(v: str | None) -> str | None:
 
 # Keys that shape the whole mixture (batches, tokens, the label set), so a task cannot set its own.
 GLOBAL_DATA_KEYS = ("tasks", "mixture_temperature", "packing", "group_by_length", "max_length", "use_chat_template",
-                    "train_on_inputs", "labels")
+                    "train_on_inputs", "labels", "store", "store_dir")
 
 
 class DataSection(Strict):
@@ -67,7 +67,7 @@ class DataSection(Strict):
                              "or hf:<hub id>[:config] (pkg:<package>/<file> is allowed). Required unless every "
                              "data.tasks entry gives its own.")
 
-    @field_validator("path", "eval_path")
+    @field_validator("path", "eval_path", "store_dir")
     @classmethod
     def _anchor(cls, v: str | None) -> str | None:
         return _anchor_path(v)
@@ -110,6 +110,15 @@ class DataSection(Strict):
                           "its own positions and attends only to itself.")
     group_by_length: bool = Field(False, description="Batch training samples of similar length together "
                                   "(less padding; ignored with packing).")
+    store: bool = Field(
+        True, description="Tokenize the data once into a memory-mapped store that every rank reads its share of "
+        "(`distune prepare CFG` builds it; `distune validate` / `run` build it when it is missing). false: every "
+        "rank reads and tokenizes the whole data itself.")
+    store_dir: str | None = Field(
+        None, description="Where tokenized stores live (default: <DISTUNE_CACHE or ~/.cache/distune>/data). A store "
+        "is a folder named by a hash of everything that changes its tokens (data files with their sizes and mtimes, "
+        "the data section, the tokenizer and chat template, the task, run.seed): it is reused while none changes. "
+        "On a cluster without a shared filesystem each node builds its own.")
     encoding: str = Field("utf-8", description="Text encoding of JSONL / CSV / TSV files.")
     encoding_errors: Literal["strict", "replace"] = Field(
         "strict", description="replace: undecodable bytes become U+FFFD instead of an error.")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from distune.data.render import Renderer
+from distune.data.rendering import DROPPED, ERROR, RenderJob, Target, render_rows
 from distune.data.sources import HUB_PREFIX, BadRows, DataError, Source, describe, read_hub, read_rows
 from distune.paths import resolve_path
 from distune.tasks import Task, get_task
@@ -92,7 +93,8 @@ def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
 
 
 def _one_source(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None, task: str,
-                labels: list[str] | None = None) -> Splits:
+                labels: list[str] | None = None, target: Target | None = None, runner=None) -> Splits:
+    target = target or Target()
     bad = BadRows() if data_cfg.bad_rows == "skip" else None
     source, rows, n_eval = split_rows(data_cfg, seed, bad)
     if n_eval >= len(rows):
@@ -106,9 +108,9 @@ def _one_source(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
     if t.labelled:  # data.labels, or every name the data uses, sorted
         labels = labels or data_cfg.labels or class_names(renderer, _hub_rows(data_cfg, rows), data_cfg, t)
     dropped: list[int] = []
-    samples, n_eval = _render_all(rows, n_eval, bad, lambda line, row, canonical: t.render(
-        renderer, line, row, canonical, labels), dropped)
-    eval_s, train_s = samples[:n_eval], samples[n_eval:]
+    job = RenderJob(tokenizer, data_cfg, source, seed, task, labels)
+    eval_s, train_s = _render_all(rows, n_eval, bad, job, dropped, target, runner)
+    del rows
     stats, warnings = t.summarise(train_s, eval_s, data_cfg, labels, dropped, renderer)
     splits = Splits(train_s, eval_s, stats["truncated"], stats, labels if t.labelled else None, warnings)
     if choices:
@@ -118,13 +120,16 @@ def _one_source(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
     if bad is not None and bad.count:
         splits.warnings.insert(0, bad.summary())
     splits.stats["skipped_rows"] = bad.count if bad is not None else 0
+    if job.calls is not None:
+        splits.stats["tokenizer_calls"] = job.calls
     return splits
 
 
 def _mixture(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None,
-             task: str) -> Splits:
+             task: str, target: Target | None = None, runner=None) -> Splits:
     """Each task's splits as if it were the only data, then its training samples drawn in proportion to
     (weight x size) ** (1 / mixture_temperature); eval is every task's eval split, unsampled."""
+    target = target or Target()
     sections = data_cfg.task_sections()
     labels = data_cfg.labels
     t = get_task(task)
@@ -133,11 +138,11 @@ def _mixture(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: l
     parts = []
     for name, _, cfg in sections:
         try:
-            part = _one_source(cfg, tokenizer, seed, choices, task, labels)
+            part = _one_source(cfg, tokenizer, seed, choices, task, labels, target.part(name), runner)
         except DataError as e:
             raise DataError(f"[task {name}] {e}") from None
-        for s in part.train + part.eval:
-            s.task = name
+        for split in (part.train, part.eval):
+            target.name_task(split, name)
         parts.append(part)
 
     sizes = [len(p.train) for p in parts]
@@ -146,19 +151,29 @@ def _mixture(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: l
     mass = [math.exp(x - max(logs)) for x in logs]
     shares = [m / sum(mass) for m in mass]
     rng = random.Random(seed)
-    train, eval_s, per_task, warnings = [], [], {}, []
-    for (name, _, _), part, share in zip(sections, parts, shares):
+    drawn, per_task, warnings = [], {}, []
+    for p, ((name, _, _), part, share) in enumerate(zip(sections, parts, shares)):
         count = round(sum(sizes) * share)
-        pool = part.train
+        n = len(part.train)
         # Without replacement while the task has enough rows; beyond that all of them plus seeded repeats.
-        train += rng.sample(pool, count) if count <= len(pool) else pool + rng.choices(pool, k=count - len(pool))
-        eval_s += part.eval
-        per_task[name] = {"rows": len(pool), "share": round(share, 4), "drawn": count}
+        # Drawn as indices: the same draws as from the samples themselves (random uses only the length).
+        picks = rng.sample(range(n), count) if count <= n else list(range(n)) + rng.choices(range(n), k=count - n)
+        drawn += [(p, i) for i in picks]
+        per_task[name] = {"rows": n, "share": round(share, 4), "drawn": count}
         warnings += [f"[task {name}] {w}" for w in part.warnings]
         if not count:
             warnings.append(f"[task {name}] no training samples drawn (share {share:.4f}); raise its weight or "
                             f"data.mixture_temperature")
-    rng.shuffle(train)
+    rng.shuffle(drawn)
+    sink = target.sink("train")
+    for p, i in drawn:
+        sink.add(parts[p].train[i])
+    train = sink.done()
+    eval_sink = target.sink("eval")
+    for part in parts:
+        for s in part.eval:
+            eval_sink.add(s)
+    eval_s = eval_sink.done()
     truncated = sum(p.truncated for p in parts)
     stats = totals(train, eval_s, truncated) | t.mixture_stats(parts, train, labels)
     stats |= {"skipped_rows": sum(p.stats["skipped_rows"] for p in parts), "tasks": per_task}
@@ -186,31 +201,42 @@ def _hub_rows(data_cfg, rows: list) -> list | None:
     return rows if data_cfg.path.startswith(HUB_PREFIX) else None
 
 
-def _render_all(rows: list, n_eval: int | None, bad: BadRows | None, render,
-                dropped: list) -> tuple[list, int]:
-    """Render rows in order -> (samples, eval count). The first n_eval good ones are eval rows (canonical
-    instruction); with n_eval None (data.eval_path) the eval rows are those numbered negatively, so a skipped
-    eval row never turns a training row into an eval one. A DataError skips the row under data.bad_rows: skip,
-    and stops everything otherwise. A render that returns None drops the row (its line goes to `dropped`)."""
-    samples = []
-    for line, row in rows:
-        try:
-            sample = render(line, row, canonical=line < 0 if n_eval is None else len(samples) < n_eval)
-            if sample is None:
-                dropped.append(line)
-            else:
-                samples.append(sample)
-        except DataError as e:
+def _render_all(rows: list, n_eval: int | None, bad: BadRows | None, job: RenderJob, dropped: list,
+                target: Target, runner=None) -> tuple:
+    """Render rows in order -> (eval samples, training samples). The first n_eval good ones are eval rows
+    (canonical instruction); with n_eval None (data.eval_path) the eval rows are those numbered negatively, so a
+    skipped eval row never turns a training row into an eval one. A DataError skips the row under data.bad_rows:
+    skip, and stops everything otherwise. A render that returns None drops the row (its line goes to `dropped`).
+
+    `runner` renders chunks of rows elsewhere (a process pool, Ray Data) with a guess of each row's eval role (its
+    position); the few rows that a skipped row moved across the eval boundary render again here, so the result is
+    the same as rendering one row after the other."""
+    eval_sink, train_sink = target.sink("eval"), target.sink("train")
+    n_good = n_evals = 0
+    for (line, row), (guess, kind, value) in zip(rows, render_rows(job, rows, n_eval, runner)):
+        canonical = line < 0 if n_eval is None else n_good < n_eval
+        if canonical != guess:
+            kind, value = job.render_one(line, row, canonical)
+        if kind == ERROR:
             if bad is None:
-                raise
-            bad.add(str(e))
+                raise DataError(value)
+            bad.add(value)
+        elif kind == DROPPED:
+            dropped.append(line)
+        else:
+            n_good += 1
+            if canonical:
+                n_evals += 1
+                eval_sink.add(value)
+            else:
+                train_sink.add(value)
     if n_eval is None:
-        n_eval = sum(s.line < 0 for s in samples)
+        n_eval = n_evals
         if not n_eval:
             raise DataError("data.eval_path: no usable eval rows")
-    if len(samples) <= n_eval:
-        raise DataError(f"only {len(samples)} usable rows, data.eval_size={n_eval} leaves none for training")
-    return samples, n_eval
+    if n_good <= n_eval:
+        raise DataError(f"only {n_good} usable rows, data.eval_size={n_eval} leaves none for training")
+    return eval_sink.done(), train_sink.done()
 
 
 def class_names(renderer: Renderer, rows: list | None, data_cfg, task: Task) -> list[str]:

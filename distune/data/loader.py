@@ -6,7 +6,7 @@ exact order an uninterrupted run would have seen. Imports neither ray nor deepsp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -72,8 +72,38 @@ def pack(samples: list[Sample], groups: list[list[int]]) -> list[Sample]:
     return out
 
 
+class Packed(Sequence):
+    """The packed rows of `samples`, each merged when read (`pack`), so extras attached to the samples later (a
+    teacher cache) are in it and a rank merges only the rows it trains on."""
+
+    def __init__(self, samples, groups: list[list[int]]):
+        self.samples, self.groups = samples, groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        return pack(self.samples, [self.groups[j]])[0]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        lengths = lengths_of(self.samples)
+        return np.asarray([int(lengths[g].sum()) for g in self.groups], dtype=np.int64)
+
+
+def lengths_of(samples) -> np.ndarray:
+    """Token counts of `samples`: a stored split's array, else counted."""
+    lengths = getattr(samples, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths)
+    return np.asarray([len(s.input_ids) for s in samples], dtype=np.int64)
+
+
 class ShardedBatches:
-    """Micro-batches of this rank. Every rank sees the same number, so collectives stay in lockstep."""
+    """Micro-batches of this rank. Every rank sees the same number, so collectives stay in lockstep. `samples` is
+    any sequence (a list, a stored split, packed rows): only this rank's samples are read."""
 
     def __init__(self, samples: list[Sample], micro_batch: int, rank: int, world: int, seed: int, pad_id: int,
                  group_by_length: bool = False):
@@ -97,9 +127,10 @@ class ShardedBatches:
         micro-batch (micro x world consecutive indices) holds similar lengths, then shuffle those batches."""
         step = self.micro * self.world
         chunk = step * 50
+        lengths = lengths_of(self.samples).tolist()
         out = []
         for start in range(0, len(perm), chunk):
-            out += sorted(perm[start:start + chunk], key=lambda i: -len(self.samples[i].input_ids))
+            out += sorted(perm[start:start + chunk], key=lambda i: -lengths[i])
         full = len(out) // step
         batches = [out[i * step:(i + 1) * step] for i in range(full)]
         order = torch.randperm(full, generator=g).tolist()

@@ -31,3 +31,22 @@ def test_mixture_of_two_formats_trains_on_ray(ray_cluster, make_config, tiny_dat
     fit(cfg, str(cfg.model.path), show_progress=False)
     res = json.loads((cfg.run_dir / "results.json").read_text())
     assert res["step"] == 4 and "eval/loss" in res["after"]
+
+
+def test_ray_data_prepares_the_same_store_as_a_local_process(ray_cluster, tiny_model, tiny_data, tmp_path,
+                                                              monkeypatch):
+    """The prepare step as a Ray Data job on the local cluster writes the local process's store byte for byte."""
+    from transformers import AutoTokenizer
+
+    from distune.cluster.prepare import ray_data_runner
+    from distune.data import rendering
+    from distune.data.prepare import prepare
+    from distune.config import load_config
+    from distune.data.rendering import process_pool
+
+    monkeypatch.setattr(rendering, "CHUNK_ROWS", 16)  # several chunks over two Ray Data actors
+    dec_tok = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = load_config(tiny.base_config(tiny_model, tiny_data, tmp_path / "runs"))
+    local = prepare(cfg, dec_tok, process_pool(1), tmp_path / "local")
+    on_ray = prepare(cfg, dec_tok, ray_data_runner(2, least=0), tmp_path / "ray")
+    assert tiny.tree_bytes(local) == tiny.tree_bytes(on_ray)
