@@ -1,5 +1,6 @@
 """`distune cache-teacher CFG`: the teacher runs once over the training split as Ray tasks (one per
-shard, each with one training worker's resources), writing top-k log-probs to `method.cache_dir`.
+shard, each with one training worker's resources), writing top-k log-probs to `method.cache_dir`: memory-mappable
+shards by default, compressed .npz ones with `method.cache_compress` (distune.signals.cache).
 
 meta.json is removed first and written last, so a cache interrupted half-way is never read as complete.
 Prints the size figures: bytes per cached token against a dense fp32 row of the vocabulary.
@@ -55,8 +56,9 @@ def command(cfg, summary: dict, args) -> int:
                         gpus=args.gpus_per_shard)
     labels = summary.get("labels") if get_task(cfg.model.task).distills == "classes" else None
     meta = cache.write_meta(out, spec, summary.get("teacher_vocab"), shards, cfg.data.path, labels)
-    for stale in out.glob("shard-*.npz"):
-        if stale.name not in meta["shards"]:
+    keep = cache.shard_files(meta)
+    for stale in out.glob("shard-*"):  # an earlier build's shards: another count or layout
+        if stale.name not in keep:
             stale.unlink()
     if labels:
         print(f"teacher cache: class probabilities over {labels} for {meta['samples']} samples, "
@@ -84,6 +86,8 @@ def cache_shard(cfg_dict: dict, spec, model_source: str, index: int, count: int,
 
     from distune.config import load_config
     from distune.data import load_splits
+    from distune.data.prepare import splits_for
+    from distune.data.rendering import in_process
     from distune.models import load_model, load_model_config, load_tokenizer, resolve_model_source, source_on_this_node
     from distune.signals import OnlineSignal, cache
     from distune.signals.loading import place_teacher
@@ -110,8 +114,11 @@ def cache_shard(cfg_dict: dict, spec, model_source: str, index: int, count: int,
     student_config = load_model_config(model_source, cfg.model.trust_remote_code)
     # The teacher that writes the cache runs here (a cache being built cannot be checked against itself).
     prep = preflight({"teacher": replace(spec, signal=OnlineSignal.name)}, tokenizer, student_config)["teacher"]
-    splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices)
+    # The training split training reads (the store `distune validate` built, or a node's own): cache rows are
+    # addressed by a sample's place in it.
+    splits = splits_for(cfg, tokenizer, in_process)
     model, device = place_teacher(prep, device)  # the task's GPUs (cache-teacher --gpus-per-shard)
     teacher = OnlineSignal(model, prep.vocab_size, spec.top_k, spec.temperature)
     return cache.write_shard(splits.train, teacher, out_dir, index, count, cfg.eval.micro_batch_size,
-                             tokenizer.pad_token_id, device, progress, which=spec.positions)
+                             tokenizer.pad_token_id, device, progress, which=spec.positions,
+                             compress=spec.cache_compress)

@@ -62,6 +62,10 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a config (files, model, data, batch arithmetic) without training")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*", help="key.path=value")
+    v.add_argument("--sample", type=int, default=2000, metavar="ROWS",
+                   help="data of more rows than this is read whole (malformed rows) but only this many are rendered, "
+                        "and counts are estimated, unless its tokenized store exists; 0: render every row, building "
+                        "the store (default 2000)")
     r = sub.add_parser("run", help="validate, then train on a local embedded Ray cluster or --address")
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", help="key.path=value")
@@ -289,7 +293,8 @@ def _one(cfg, args, label: str) -> int:
             runner = ray_data_runner()
         if runner is not None and not getattr(args, "no_progress", False):
             runner = with_progress(runner)
-        summary = validate(cfg, local_cluster=not elsewhere, runner=runner,
+        sample = getattr(args, "sample", None) if args.command == "validate" else None
+        summary = validate(cfg, local_cluster=not elsewhere, runner=runner, sample=sample or None,
                            check_cache=args.command not in ("cache-teacher", "plan"))  # plan: before it exists
         if args.command in ("validate", "run", "submit"):
             from distune.rundir import check_resumable

@@ -18,7 +18,10 @@ import torch
 
 from distune.config import ConfigError, RunConfig, resolve_for_hardware
 from distune.data import load_splits
-from distune.data.prepare import splits_for
+from distune.data.dataset import sampled_splits
+from distune.data.loader import lengths_of
+from distune.data.prepare import splits_for, store_path
+from distune.data.store import complete
 from distune.feeds import build_feeds
 from distune.hardware import Facts, cpu_has_native_bf16, uses_gpu
 from distune.methods import RunSettings, build_method
@@ -29,8 +32,11 @@ from distune.models import layer_indices, load_model_config, meta_model, load_to
 from distune.storage import is_uri
 
 
-def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = True, runner=None) -> dict:
-    """Check `cfg`; return a summary (and the resolved model source) for printing.
+def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = True, runner=None,
+             sample: int | None = None) -> dict:
+    """Check `cfg`; return a summary (and the resolved model source) for printing. The data's tokenized store is
+    built here when missing (`runner` renders it; default: a local process pool); with `sample`, data of more rows
+    than that is only read and a sample of it rendered (counts are then estimates).
 
     `cluster.use_gpu` / `dtype` still `auto` (a submit, where the cluster's head resolves them): the checks that
     depend on the workers' hardware wait for the head, which validates again before any worker starts."""
@@ -89,10 +95,7 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
         if not cfg.data.tasks:
             raise ConfigError(f"data.tasks: method {cfg.method.name!r} trains one stream per data task "
                               f"({streams[0].key}.task); list the tasks under data.tasks")
-    if local_cluster or runner is not None:
-        splits = splits_for(cfg, tokenizer, runner)  # data.store: built here once, read by every rank
-    else:  # a submit: the cluster's head builds the store where its workers can read it
-        splits = load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
+    splits = _splits(cfg, tokenizer, runner, local_cluster, sample)
     world = cfg.cluster.num_workers
     feeds, _ = build_feeds(cfg, splits, streams, grad_accum, 0, world, tokenizer.pad_token_id or 0)
     for feed, stream in zip(feeds, streams or [None]):
@@ -103,7 +106,7 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
                               f"training {'rows' if cfg.data.packing else 'samples'}{what} can fill once")
     if cfg.data.packing and not streams:
         rows = len(feeds[0].batches.samples)
-        splits.stats |= {"packed_rows": rows, "pack_fill": sum(len(s.input_ids) for s in splits.train)
+        splits.stats |= {"packed_rows": rows, "pack_fill": int(lengths_of(splits.train).sum())
                          / (rows * cfg.data.max_length)}
     if (cfg.eval.every or cfg.eval.choices or cfg.eval.before_training) and not splits.eval:
         raise ConfigError("data.eval_size: evaluation is configured but the eval split is empty")
@@ -119,6 +122,19 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
                 + _partitioned_loads(cfg, source, splits, prepared))
     return {"model_source": source, "model_type": model_config.model_type, **vocabs, "grad_accum": grad_accum,
             "total_steps": total, "steps_per_epoch": steps_per_epoch, **splits.stats, "warnings": warnings}
+
+
+def _splits(cfg: RunConfig, tokenizer, runner, local_cluster: bool, sample: int | None):
+    if cfg.data.store and complete(store_path(cfg, tokenizer)):
+        return splits_for(cfg, tokenizer)  # exact, and read in an instant
+    if sample and not cfg.data.tasks:
+        splits = sampled_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task, sample)
+        if splits is not None:
+            return splits
+    if local_cluster or runner is not None:
+        return splits_for(cfg, tokenizer, runner)  # data.store: built here once, read by every rank
+    # A submit: the cluster's head builds the store where its workers can read it.
+    return load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
 
 
 def _check_hardware(cfg: RunConfig, gpu: bool | None, local_cluster: bool) -> None:

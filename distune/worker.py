@@ -198,12 +198,15 @@ def _splits(cfg: RunConfig, tokenizer):
     from distune.data.store import complete
 
     path = store_path(cfg, tokenizer)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not complete(path):
+    alone = not dist.is_initialized() or dist.get_world_size() == 1
+    if (alone or int(os.environ.get("LOCAL_RANK", 0)) == 0) and not complete(path):
         # This node's CPUs are shared with its other ranks: one process per rank of the node would not be faster.
         prepare(cfg, tokenizer, process_pool(max(1, (os.cpu_count() or 1) // max(1, int(
             os.environ.get("LOCAL_WORLD_SIZE", 1))))), path)
-    if dist.is_initialized():
+    if not alone:
         dist.barrier()
+    if not complete(path):  # a launcher that sets no LOCAL_RANK: every rank that misses it builds it
+        prepare(cfg, tokenizer, process_pool(1), path)
     return splits_for(cfg, tokenizer, build=False)
 
 

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from transformers import PreTrainedTokenizerBase
 
 from distune.data.render import Renderer
 from distune.data.rendering import DROPPED, ERROR, RenderJob, Target, render_rows
-from distune.data.sources import HUB_PREFIX, BadRows, DataError, Source, describe, read_hub, read_rows
+from distune.data.sources import (HUB_PREFIX, BadRows, DataError, Source, TableRows, describe, hub_table, read_rows,
+                                  read_table)
 from distune.paths import resolve_path
 from distune.tasks import Task, get_task
 from distune.tasks.base import totals
@@ -42,16 +46,20 @@ def sampled_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Sourc
     if data_cfg.path is None:
         raise DataError("data.path: not set (a data.tasks mixture has no single file to read here)")
     if data_cfg.path.startswith(HUB_PREFIX):
-        source, rows = describe(data_cfg.path, None), list(read_hub(data_cfg.path, data_cfg.split))
+        source, table = describe(data_cfg.path, None), hub_table(data_cfg.path, data_cfg.split)
     else:
         path = resolve_path(data_cfg.path)
         if not path.exists():
             raise DataError(f"data.path: {data_cfg.path} does not exist")
         source = describe(data_cfg.path, path)
-        rows = list(read_rows(path, data_cfg.encoding, data_cfg.encoding_errors, data_cfg.split, on_bad))
+        table = read_table(path, data_cfg.split)
+        if table is None:  # JSONL / CSV: parsed row by row (each numbered by its line)
+            rows = list(read_rows(path, data_cfg.encoding, data_cfg.encoding_errors, data_cfg.split, on_bad))
+    if table is not None:  # parquet, datasets: rows stay Arrow until rendered, in the order shuffled below
+        rows = TableRows(table, range(table.num_rows))
     if not rows:
         raise DataError(f"{source.name}: no rows")
-    random.Random(seed).shuffle(rows)
+    rows = _shuffled(rows, seed)
     if data_cfg.skip:
         if data_cfg.skip >= len(rows):
             raise DataError(f"data.skip: {data_cfg.skip} passes over all {len(rows)} rows of {source.name}")
@@ -59,6 +67,17 @@ def sampled_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Sourc
     if data_cfg.limit:
         rows = rows[: data_cfg.limit]
     return source, rows
+
+
+def _shuffled(rows, seed: int):
+    """The seeded order. An Arrow table's rows get the permutation that shuffling a list of them would give (it
+    depends only on their count), applied to the row numbers alone."""
+    if isinstance(rows, TableRows):
+        perm = list(range(len(rows)))
+        random.Random(seed).shuffle(perm)
+        return TableRows(rows.table, perm, rows.sign)
+    random.Random(seed).shuffle(rows)
+    return rows
 
 
 def split_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Source, list[tuple[int, dict]], int]:
@@ -77,8 +96,9 @@ def split_rows(data_cfg, seed: int, bad: BadRows | None = None) -> tuple[Source,
     held = describe(data_cfg.eval_path, path)
     on_bad = bad.add if bad is not None else None
     # Negated numbers from here on: the message of a bad row must already name the eval file.
-    eval_rows = [(-n, row) for n, row in read_rows(path, data_cfg.encoding, data_cfg.encoding_errors,
-                                                   data_cfg.split, on_bad)]
+    table = read_table(path, data_cfg.split)
+    eval_rows = TableRows(table, range(table.num_rows), sign=-1) if table is not None else [
+        (-n, row) for n, row in read_rows(path, data_cfg.encoding, data_cfg.encoding_errors, data_cfg.split, on_bad)]
     if not eval_rows:
         raise DataError(f"data.eval_path: {held.name} has no rows")
     source = Source(source.name, source.unit, held.name, held.unit)
@@ -92,14 +112,52 @@ def load_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
     return _one_source(data_cfg, tokenizer, seed, choices, task)
 
 
+def sampled_splits(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None,
+                   task: str, rows: int) -> Splits | None:
+    """Validation of a large dataset without tokenizing it: every row is read (malformed ones found, the rows
+    counted), but only `rows` of them rendered, eval and training rows in their proportion, from the start of the
+    seeded order. The splits' lengths are estimates scaled from the sample (`Estimated`); their stats are the
+    sample's with the counts scaled. None when the data has no more rows than that (render it all)."""
+    return _one_source(data_cfg, tokenizer, seed, choices, task, sample=rows)
+
+
+class Estimated(Sequence):
+    """A sampled split standing for `n` samples: its items repeat the sample's, its length is the estimate."""
+
+    def __init__(self, samples: list, n: int):
+        self.samples, self.n = samples, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        return self.samples[i % len(self.samples)]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.resize(np.asarray([len(s.input_ids) for s in self.samples], dtype=np.int64), self.n)
+
+
 def _one_source(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None, task: str,
-                labels: list[str] | None = None, target: Target | None = None, runner=None) -> Splits:
+                labels: list[str] | None = None, target: Target | None = None, runner=None,
+                sample: int | None = None) -> Splits | None:
     target = target or Target()
     bad = BadRows() if data_cfg.bad_rows == "skip" else None
     source, rows, n_eval = split_rows(data_cfg, seed, bad)
     if n_eval >= len(rows):
         size = data_cfg.eval_size if data_cfg.eval_size is not None else n_eval
         raise DataError(f"data.eval_size={size} leaves no training rows out of {len(rows)}")
+    scale = None
+    if sample is not None:
+        if len(rows) <= sample:
+            return None
+        # The first rows of each role in the seeded order: a random sample of each.
+        k_eval = min(n_eval, max(1, round(sample * n_eval / len(rows)))) if n_eval else 0
+        scale = (n_eval, k_eval, len(rows) - n_eval, sample - k_eval)
+        rows = rows[:k_eval] + rows[n_eval:n_eval + sample - k_eval]
+        n_eval = k_eval
     if data_cfg.eval_path:
         n_eval = None  # the eval rows are told by their (negated) numbers from here on
 
@@ -122,7 +180,24 @@ def _one_source(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices
     splits.stats["skipped_rows"] = bad.count if bad is not None else 0
     if job.calls is not None:
         splits.stats["tokenizer_calls"] = job.calls
+    if scale is not None:
+        _estimate(splits, *scale)
     return splits
+
+
+def _estimate(splits: Splits, n_eval: int, k_eval: int, n_train: int, k_train: int) -> None:
+    """Scale a sample's splits and counts to the whole data's (rows the sample dropped are dropped in proportion)."""
+    est_train = max(1, round(len(splits.train) * n_train / k_train)) if splits.train else 0
+    est_eval = round(len(splits.eval) * n_eval / k_eval) if k_eval else 0
+    sampled = len(splits.train) + len(splits.eval)
+    splits.train, splits.eval = Estimated(splits.train, est_train), Estimated(splits.eval, est_eval)
+    factor = (est_train + est_eval) / max(1, sampled)
+    splits.truncated = round(splits.truncated * factor)
+    splits.stats |= {"train_rows": est_train, "eval_rows": est_eval, "truncated": splits.truncated,
+                     "skipped_rows": round(splits.stats["skipped_rows"] * factor), "sampled_rows": sampled}
+    splits.warnings.append(f"checked a sample of {sampled:,} rows (templates, masks, statistics; every row was read "
+                           f"for malformed ones): counts are estimates until `distune prepare` or `run` tokenizes "
+                           f"all of them")
 
 
 def _mixture(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, choices: list[str] | None,

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from distune.tasks.base import IGNORE
+from distune.tasks.base import lengths as lengths_of
 from distune.tasks.causal_lm import Sample
 from distune.data.sources import DataError
 from distune.tasks import collate
@@ -72,6 +73,9 @@ def pack(samples: list[Sample], groups: list[list[int]]) -> list[Sample]:
     return out
 
 
+RELEASE_EVERY = 8  # micro-batches: fault-around maps ~64 KiB per read, so ~40 MiB stay mapped at most
+
+
 class Packed(Sequence):
     """The packed rows of `samples`, each merged when read (`pack`), so extras attached to the samples later (a
     teacher cache) are in it and a rank merges only the rows it trains on."""
@@ -87,18 +91,15 @@ class Packed(Sequence):
             return [self[k] for k in range(*j.indices(len(self)))]
         return pack(self.samples, [self.groups[j]])[0]
 
+    def release(self) -> None:
+        getattr(self.samples, "release", lambda: None)()
+
     @property
     def lengths(self) -> np.ndarray:
         lengths = lengths_of(self.samples)
         return np.asarray([int(lengths[g].sum()) for g in self.groups], dtype=np.int64)
 
 
-def lengths_of(samples) -> np.ndarray:
-    """Token counts of `samples`: a stored split's array, else counted."""
-    lengths = getattr(samples, "lengths", None)
-    if lengths is not None:
-        return np.asarray(lengths)
-    return np.asarray([len(s.input_ids) for s in samples], dtype=np.int64)
 
 
 class ShardedBatches:
@@ -137,12 +138,16 @@ class ShardedBatches:
         return [i for b in order for i in batches[b]] + out[full * step:]
 
     def iterate(self, epoch: int, start: int) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
-        """Yield (epoch, index_in_epoch, batch) forever from position (epoch, start)."""
+        """Yield (epoch, index_in_epoch, batch) forever from position (epoch, start). Samples read from memory maps
+        are let go of every RELEASE_EVERY micro-batches, so a rank keeps only the pages it reads now resident."""
+        release = getattr(self.samples, "release", None)
         while True:
             idx = self.order(epoch)
             for b in range(start, self.per_epoch):
                 chunk = idx[b * self.micro:(b + 1) * self.micro]
                 yield epoch, b, collate([self.samples[i] for i in chunk], self.pad_id)
+                if release is not None and b % RELEASE_EVERY == RELEASE_EVERY - 1:
+                    release()
             epoch, start = epoch + 1, 0
 
 

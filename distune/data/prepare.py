@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import socket
 import time
 import uuid
 from importlib.metadata import PackageNotFoundError, version
@@ -93,8 +95,12 @@ def _file_identity(value: str):
 def tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None
-             else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    if backend is not None:
+        # Without the truncation / padding state, which a call with truncation=True leaves behind.
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        h.update(json.dumps(spec, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     h.update(str(getattr(tokenizer, "chat_template", None)).encode())
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -115,7 +121,8 @@ def prepare(cfg, tokenizer, runner=None, path: Path | None = None, force: bool =
     path = path or store_path(cfg, tokenizer)
     if complete(path) and not force:
         return path
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _clear_abandoned(path)
+    tmp = path.parent / f".{path.name}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     began = time.perf_counter()
     try:
         runner = runner or process_pool()
@@ -131,15 +138,24 @@ def prepare(cfg, tokenizer, runner=None, path: Path | None = None, force: bool =
         meta = {"format": FORMAT, "key": path.name, "fingerprint": fingerprint(cfg, tokenizer),
                 "seconds": round(time.perf_counter() - began, 2), "splits": _tree(splits, tmp)}
         if force and complete(path):
-            import shutil
-
             shutil.rmtree(path)
         return publish(tmp, path, meta)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _clear_abandoned(path: Path) -> None:
+    """Remove the half-written folders of this store that a killed prepare on this machine left behind."""
+    host = socket.gethostname()
+    for tmp in path.parent.glob(f".{path.name}.{host}-*"):
+        try:
+            pid = int(tmp.name[len(f".{path.name}.{host}-"):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
 
 
 def _trains(splits: Splits):

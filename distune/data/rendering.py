@@ -265,7 +265,8 @@ def with_progress(runner: Callable, desc: str = "tokenizing") -> Callable:
     def run(job: RenderJob, chunks: Iterable[list]) -> Iterator:
         from tqdm import tqdm
 
-        with tqdm(desc=desc, unit="row", dynamic_ncols=True, mininterval=1.0) as bar:
+        # delay: no bar at all for data rendered in a moment (and none before a quick one-line error)
+        with tqdm(desc=desc, unit="row", dynamic_ncols=True, mininterval=1.0, delay=2.0) as bar:
             for results, calls in runner(job, chunks):
                 bar.update(len(results))
                 yield results, calls

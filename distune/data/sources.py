@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +91,114 @@ def read_hub(name: str, split: str) -> Iterator[tuple[int, dict]]:
     except Exception as e:  # datasets raises many types (connection, missing split, ...): one message
         raise DataError(f"data.path: cannot load {name!r} split {split!r}: {str(e).splitlines()[0]}") from None
     yield from _numbered(ds)
+
+
+def read_table(path: Path, split: str = "train"):
+    """A parquet file or datasets folder as one Arrow table (memory-mapped where the format allows: a datasets
+    folder's Arrow files, parquet's pages read once into Arrow buffers); None for line-based files."""
+    if path.is_dir():
+        ds = _load_folder(path, split)
+        return _dataset_table(ds)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path, memory_map=True)
+        except Exception as e:  # pyarrow.lib.ArrowInvalid and friends
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    return None
+
+
+def hub_table(name: str, split: str):
+    """`hf:owner/name[:config]` as an Arrow table (see read_hub)."""
+    import datasets
+
+    repo, _, config = name[len(HUB_PREFIX):].partition(":")
+    try:
+        ds = datasets.load_dataset(repo, config or None, split=split)
+    except Exception as e:  # datasets raises many types (connection, missing split, ...): one message
+        raise DataError(f"data.path: cannot load {name!r} split {split!r}: {str(e).splitlines()[0]}") from None
+    return _dataset_table(ds)
+
+
+def _dataset_table(ds):
+    if getattr(ds, "_indices", None) is not None:  # a selection over the files: the rows it names, in its order
+        ds = ds.flatten_indices()
+    return ds.data.table
+
+
+class TableRows(Sequence):
+    """(row number, row) pairs of an Arrow table in a given order, numbered from 1 (negated: `sign=-1`, an eval
+    file's). Rows stay Arrow until read: iterating turns a block of them into dicts at a time, slicing is free."""
+
+    BLOCK = 2048
+
+    def __init__(self, table, order, sign: int = 1):
+        import numpy as np
+
+        self.table, self.order, self.sign = table, np.asarray(order, dtype=np.int64), sign
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            if k.step not in (None, 1):
+                raise ValueError("TableRows: slices with a step are not supported")
+            return TableRows(self.table, self.order[k], self.sign)
+        i = int(self.order[k])
+        return self.sign * (i + 1), self.table.slice(i, 1).to_pylist()[0]
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        for start in range(0, len(self.order), self.BLOCK):
+            idx = self.order[start:start + self.BLOCK]
+            yield from zip((self.sign * (idx + 1)).tolist(), self.table.take(idx).to_pylist())
+
+    def __add__(self, other) -> Rows:
+        return Rows([self, other])
+
+    def __radd__(self, other) -> Rows:
+        return Rows([other, self])
+
+
+class Rows(Sequence):
+    """Sequences one after the other, read in place and sliced part by part: an eval file's rows then the training
+    file's, or stored splits (`train + eval` copies nothing)."""
+
+    def __init__(self, parts: list):
+        self.parts = [p for p in parts if len(p)]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            start, stop, step = k.indices(len(self))
+            if step != 1:
+                raise ValueError("Rows: slices with a step are not supported")
+            out = []
+            for p in self.parts:
+                if stop > 0 and start < len(p):
+                    out.append(p[max(0, start):min(len(p), stop)])
+                start, stop = start - len(p), stop - len(p)
+            return Rows(out)
+        if k < 0:
+            k += len(self)
+        for p in self.parts:
+            if k < len(p):
+                return p[k]
+            k -= len(p)
+        raise IndexError(k)
+
+    def __iter__(self):
+        for p in self.parts:
+            yield from p
+
+    def __add__(self, other) -> Rows:
+        return Rows(self.parts + [other])
+
+    def __radd__(self, other) -> Rows:
+        return Rows([other] + self.parts)
 
 
 def _numbered(rows) -> Iterator[tuple[int, dict]]:

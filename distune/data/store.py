@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import json
 import os
 import pickle
@@ -28,6 +29,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from distune.data.sources import Rows
+from distune.mapped import Maps
 
 FORMAT = 1
 INT_LIST, INT, OBJECT = "ints", "int", "object"
@@ -94,7 +98,7 @@ class SplitWriter:
                 if nullable:
                     self.files[f"{name}.nulls"].write(np.asarray([v is None for v in values], np.uint8).tobytes())
                 lists = [v or [] for v in values]
-                flat = np.fromiter((x for v in lists for x in v), np.int64, sum(map(len, lists)))
+                flat = np.fromiter(itertools.chain.from_iterable(lists), np.int64, sum(map(len, lists)))
                 if flat.size and (flat.min() < -2**31 or flat.max() >= 2**31):
                     raise ValueError(f"{name}: a value does not fit int32")
                 self.files[f"{name}.values"].write(flat.astype(np.int32).tobytes())
@@ -125,16 +129,47 @@ class StoredSamples(Sequence):
         self.cls = sample_type(info["sample"]) if info["sample"] else None
         self.columns = {k: tuple(v) for k, v in info["columns"].items()}
         self._maps: dict[str, np.ndarray] = {}
+        self._files = Maps()
         self.task = task  # data.tasks: the task these samples came from (set on each sample read)
         self._extras: Callable | None = None
+        self._read: list | None = None
 
     def _map(self, name: str, dtype) -> np.ndarray:
         m = self._maps.get(name)
         if m is None:
             path = self.folder / name
-            m = (np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype))
-            self._maps[name] = m
+            if self.n == 0 and not path.exists():  # an empty split has no column files
+                return np.zeros(1 if name.endswith(".offsets") else 0, dtype)
+            m = self._maps[name] = self._files.open(path, dtype)
         return m
+
+    def release(self) -> None:
+        """Let go of the pages read so far (distune.mapped), the attached extras' too (e.g. a teacher cache's)."""
+        self._files.release()
+        getattr(self._extras, "release", lambda: None)()
+
+    def __getstate__(self) -> dict:  # a copy in another process maps the files again
+        return {**self.__dict__, "_maps": {}, "_read": None, "_files": Maps()}
+
+    def _readers(self) -> list:
+        """(name, fn(i) -> value) per column, bound to its arrays once."""
+        readers = []
+        for name, (kind, nullable) in self.columns.items():
+            if kind == INT:
+                values = self._map(f"{name}.values", np.int64)
+                readers.append((name, lambda i, v=values: int(v[i])))
+                continue
+            off = self._map(f"{name}.offsets", np.int64)
+            if kind == INT_LIST:
+                values = self._map(f"{name}.values", np.int32)
+                nulls = self._map(f"{name}.nulls", np.uint8) if nullable else None
+                readers.append((name, lambda i, o=off, v=values, z=nulls: None if z is not None and z[i]
+                                else v[o[i]:o[i + 1]].tolist()))
+            else:
+                blob = self._map(f"{name}.bytes", np.uint8)
+                readers.append((name, lambda i, o=off, b=blob: pickle.loads(b[o[i]:o[i + 1]].tobytes())
+                                if o[i + 1] > o[i] else None))
+        return readers
 
     def __len__(self) -> int:
         return self.n
@@ -144,21 +179,17 @@ class StoredSamples(Sequence):
         off = self._map("input_ids.offsets", np.int64)
         return np.diff(off)
 
+    def ragged(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(values, offsets [n+1]) of a list-of-ints column (None entries are empty)."""
+        if self.n == 0:
+            return np.zeros(0, np.int32), np.zeros(1, np.int64)
+        if self.columns[name][0] != INT_LIST:
+            raise ValueError(f"{name}: not a list-of-ints column")
+        return self._map(f"{name}.values", np.int32), self._map(f"{name}.offsets", np.int64)
+
     @property
     def lines(self) -> np.ndarray:
         return self._map("line.values", np.int64)
-
-    def field(self, i: int, name: str):
-        kind, nullable = self.columns[name]
-        if kind == INT:
-            return int(self._map(f"{name}.values", np.int64)[i])
-        off = self._map(f"{name}.offsets", np.int64)
-        a, b = int(off[i]), int(off[i + 1])
-        if kind == INT_LIST:
-            if nullable and self._map(f"{name}.nulls", np.uint8)[i]:
-                return None
-            return self._map(f"{name}.values", np.int32)[a:b].tolist()
-        return pickle.loads(self._map(f"{name}.bytes", np.uint8)[a:b].tobytes()) if b > a else None
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -167,7 +198,9 @@ class StoredSamples(Sequence):
             i += self.n
         if not 0 <= i < self.n:
             raise IndexError(i)
-        sample = self.cls(**{name: self.field(i, name) for name in self.columns})
+        if self._read is None:
+            self._read = self._readers()
+        sample = self.cls(**{name: read(i) for name, read in self._read})
         if self.task is not None and hasattr(sample, "task"):
             sample.task = self.task
         if self._extras is not None:
@@ -177,8 +210,11 @@ class StoredSamples(Sequence):
     def __iter__(self) -> Iterator:
         return (self[i] for i in range(self.n))
 
-    def __add__(self, other) -> Chained:
-        return Chained([self, other])
+    def __add__(self, other) -> Rows:
+        return Rows([self, other])
+
+    def __radd__(self, other) -> Rows:
+        return Rows([other, self])
 
     def attach(self, fn: Callable | None) -> None:
         self._extras = fn
@@ -190,38 +226,6 @@ class StoredSamples(Sequence):
         off = self._map("packed.offsets", np.int64)
         values = self._map("packed.values", np.int64)
         return [values[off[j]:off[j + 1]].tolist() for j in range(len(off) - 1)]
-
-
-class Chained(Sequence):
-    """Sequences one after the other, read in place (`train + eval` over stored splits copies nothing)."""
-
-    def __init__(self, parts: list):
-        self.parts = parts
-
-    def __len__(self) -> int:
-        return sum(len(p) for p in self.parts)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        for p in self.parts:
-            if i < len(p):
-                return p[i]
-            i -= len(p)
-        raise IndexError(i)
-
-    def __iter__(self):
-        for p in self.parts:
-            yield from p
-
-    def __add__(self, other) -> Chained:
-        return Chained(self.parts + [other])
-
-    def __radd__(self, other) -> Chained:
-        return Chained([other] + self.parts)
-
-
-StoredSamples.__radd__ = lambda self, other: Chained([other, self])
 
 
 def write_groups(folder: Path, groups: list[list[int]]) -> None:

@@ -98,6 +98,10 @@ class DistillOptions(MethodConfig):
     top_k: int | None = Field(None, gt=0, description="Teacher top-k (None: dense, where the signal gives dense "
                                                       "logits (online); otherwise default 64).")
     cache_dir: str | None = Field(None, description="Where `distune cache-teacher` writes / training reads.")
+    cache_compress: bool = Field(False, description="`distune cache-teacher` writes zip-compressed .npz shards "
+                                 "(smaller to move; every rank then decompresses the whole cache into memory) "
+                                 "instead of raw memory-mapped ones, which each rank reads in place, only its "
+                                 "samples' rows. Training reads either.")
     divergence: str = Field("forward_kl", description="The KD divergence D(student || teacher): a name registered "
                             "in distune/distill/divergences.py, e.g. reverse_kl, jsd, tvd.")
     divergence_params: dict[str, float] = Field(default_factory=dict, description="e.g. {beta: 0.5} for jsd.")
@@ -229,7 +233,8 @@ class Distill(Method):
         return {"teacher": TeacherSpec(path=c.teacher.path, dtype=c.teacher.dtype,
                                        trust_remote_code=c.teacher.trust_remote_code, signal=c.signal,
                                        top_k=c.top_k, temperature=c.temperature, hidden_states=c.hidden.weight > 0,
-                                       cache_dir=c.cache_dir, remote=c.remote.model_dump(),
+                                       cache_dir=c.cache_dir, cache_compress=c.cache_compress,
+                                       remote=c.remote.model_dump(),
                                        prompt=c.teacher.prompt, system=c.teacher.system,
                                        positions=c.kd_positions, placement=c.teacher.placement)}
 

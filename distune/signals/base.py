@@ -30,6 +30,7 @@ class TeacherSpec:
     temperature: float = 1.0
     hidden_states: bool = False
     cache_dir: str | None = None
+    cache_compress: bool = False  # cache-teacher writes compressed npz shards instead of memory-mappable ones
     remote: dict = field(default_factory=dict)  # actors, cpus_per_actor, gpus_per_actor, prefetch
     prompt: str | None = None  # the teacher's own prompt template / system message (cross-architecture)
     system: str | None = None

@@ -8,9 +8,11 @@ third-party package declaring it in the `distune.tasks` entry-point group). Impo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from distune.registry import Registry
@@ -99,7 +101,7 @@ class Task:
     def summarise(self, train: list, eval_samples: list, data_cfg, labels: list[str] | None, dropped: list[int],
                   renderer) -> tuple[dict, list[str]]:
         """(statistics, warnings) of one source's splits: the common counts by default."""
-        truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in train + eval_samples)
+        truncated = truncated_count(train, eval_samples, data_cfg.max_length)
         stats = totals(train, eval_samples, truncated)
         if self.labelled:
             stats[self.labelled] = len(labels)
@@ -132,9 +134,33 @@ class Task:
 
 
 def totals(train_s: list, eval_s: list, truncated: int) -> dict:
-    lengths = [len(s.input_ids) for s in train_s]
+    n = lengths(train_s)
     return {"train_rows": len(train_s), "eval_rows": len(eval_s), "truncated": truncated,
-            "mean_tokens": sum(lengths) / max(1, len(lengths)), "max_tokens": max(lengths, default=0)}
+            "mean_tokens": float(n.sum()) / max(1, len(n)), "max_tokens": int(n.max()) if len(n) else 0}
+
+
+def lengths(samples) -> np.ndarray:
+    """Token counts of `samples`: a stored split's array (no sample is built), else counted."""
+    known = getattr(samples, "lengths", None)
+    if known is not None:
+        return np.asarray(known)
+    return np.asarray([len(s.input_ids) for s in samples], dtype=np.int64)
+
+
+def truncated_count(train: list, eval_samples: list, max_length: int) -> int:
+    return int((lengths(train) >= max_length).sum() + (lengths(eval_samples) >= max_length).sum())
+
+
+def ragged(samples, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets [n+1]) of a list-of-ints field over `samples`: a stored split's own arrays (no sample is
+    built), else concatenated here."""
+    stored = getattr(samples, "ragged", None)
+    if stored is not None:
+        return stored(name)
+    parts = [getattr(s, name) for s in samples]
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    return np.fromiter(itertools.chain.from_iterable(parts), np.int64, int(offsets[-1])), offsets
 
 
 def padded(samples: list, pad_id: int) -> dict[str, torch.Tensor]:

@@ -6,13 +6,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from distune.errors import DataError
 from distune.logits import Selected, head_at
-from distune.tasks.base import IGNORE, Batch, EvalOptions, LossOutput, Task, model_inputs, register_task, totals
+from distune.tasks.base import (IGNORE, Batch, EvalOptions, LossOutput, Task, model_inputs, ragged, register_task, totals,
+                                truncated_count)
 from distune.tasks.choices import choice_scores, token_logprobs
 
 
@@ -63,8 +65,10 @@ class CausalLM(Task):
         return s
 
     def summarise(self, train, eval_samples, data_cfg, labels, dropped, renderer) -> tuple[dict, list[str]]:
-        truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in train + eval_samples)
-        everything = sum(IGNORE not in s.labels for s in train)
+        truncated = truncated_count(train, eval_samples, data_cfg.max_length)
+        values, offsets = ragged(train, "labels")
+        untrained = np.concatenate([[0], np.cumsum(values == IGNORE)])
+        everything = int((untrained[offsets[1:]] == untrained[offsets[:-1]]).sum())  # no label is IGNORE
         stats = totals(train, eval_samples, truncated) | {"trained_token_fraction": trained_fraction(train)}
         warnings = []
         if everything:
@@ -143,7 +147,8 @@ class CausalLM(Task):
 
 
 def trained_fraction(train: list[Sample]) -> float:
-    return sum(sum(t != IGNORE for t in s.labels) for s in train) / max(1, sum(len(s.input_ids) for s in train))
+    values, _ = ragged(train, "labels")  # as long as the input ids
+    return float((values != IGNORE).sum()) / max(1, len(values))
 
 
 def _is_gold_row(s: Sample, gold_ids: list[int]) -> bool:

@@ -19,7 +19,7 @@ from distune.tasks.causal_lm import Sample, mark_trained
 from distune.errors import DataError
 import distune.tasks.spans as spans
 from distune.tasks.base import (IGNORE, Batch, EvalOptions, LossOutput, Task, encode_fast, forward, model_inputs, padded,
-                                register_task, totals)
+                                register_task, totals, truncated_count)
 from distune.tasks.token_classification import check_own_columns
 
 
@@ -59,7 +59,7 @@ class QuestionAnswering(Task):
     def summarise(self, train, eval_samples, data_cfg, labels, dropped, renderer) -> tuple[dict, list[str]]:
         """A row whose answer lies beyond data.max_length is dropped and counted (no stride: one sample per row,
         so a row's answer is trained and scored from one window)."""
-        truncated = sum(len(s.input_ids) >= data_cfg.max_length for s in train + eval_samples)
+        truncated = truncated_count(train, eval_samples, data_cfg.max_length)
         stats = totals(train, eval_samples, truncated) | {"answers_cut": len(dropped)}
         warnings = [f"{len(dropped)} rows dropped: data.max_length={data_cfg.max_length} cuts their answer out of "
                     f"the context (first: {renderer.source.at(dropped[0])})"] if dropped else []

@@ -6,6 +6,7 @@ import re
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 import distune.hardware as hardware
@@ -13,7 +14,7 @@ import tiny
 from ray_nodes import cli, free_port, start_node, stop_node, wait_for_ports
 
 
-
+@pytest.mark.slow  # 2 min, its own Ray cluster; `run --address` to a separate head stays in the default run (test_cluster_target)
 def test_submit_to_a_cluster_started_by_the_launch_script(tmp_path, tiny_model, tiny_data):
     """launch/ray-head.sh (loopback), then `distune submit` through its dashboard: the job runs
     `distune run --address auto` on the head, joining that cluster."""

@@ -25,6 +25,7 @@ from distune.config import load_config
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))  # the benches import their shared harness as a sibling module
 
+import data_store  # noqa: E402
 import distill_cost  # noqa: E402
 import distill_datasets  # noqa: E402
 import distill_quality  # noqa: E402
@@ -37,6 +38,7 @@ import perf  # noqa: E402
 import plan_tables  # noqa: E402
 import runtime_memory  # noqa: E402
 import sharded_load  # noqa: E402
+import teacher_cache  # noqa: E402
 
 STARTED = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 
@@ -132,6 +134,55 @@ def test_packing_both_paths_agree_and_the_report_is_written(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["same_rows"] is True and rows[-1]["samples"] == 2000 and 0 < rows[-1]["fill"] <= 1
     assert "| 300 |" in out.with_suffix(".md").read_text()
+
+
+def test_teacher_cache_both_layouts_read_through_attach_and_the_report_is_written(tmp_path):
+    out, caches = tmp_path / "teacher_cache.json", tmp_path / "caches"
+    assert teacher_cache.main(["--positions", "4000", "--npz-positions", "2000", "--trained", "40", "--dir",
+                               str(caches), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    layouts = result["layouts"]
+    assert (layouts["mmap"]["format"], layouts["npz"]["format"]) == (2, 1)
+    assert 256 <= layouts["mmap"]["bytes_per_token"] < 300  # 64 x (2 + 2) bytes a row, plus keys and offsets
+    for arm, ranks in result["arms"].items():  # the ranks read every sample once per pass, between them
+        assert sum(r["cold"]["positions"] for r in ranks) == layouts[teacher_cache.ARMS[arm]]["positions"], arm
+    assert not any(caches.iterdir())  # the synthetic caches are deleted
+    assert "| npz-list |" in out.with_suffix(".md").read_text()
+
+
+def test_data_store_configs_rows_and_report(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    rows = tmp_path / "rows.jsonl"
+    data_store.write_rows(rows, 20, AutoTokenizer.from_pretrained(tiny_model))
+    assert all({"prompt", "response"} == json.loads(line).keys() for line in rows.read_text().splitlines())
+    for store in (True, False):
+        cfg = load_config(data_store.config(str(tiny_model), rows, tmp_path, store, 4, 128))
+        assert cfg.data.store is store and cfg.train.micro_batch_size == 4
+    growth = {"VmRSS": 2**20, "RssAnon": 2**19, "RssFile": 2**19}
+    result = {"machine": "cpu", "cores": 2, "ranks": 2, "micro_batch": 4,
+              "today": {"rows": 100, "processes": [{"seconds": 1.0, "rss_growth": growth}] * 3,
+                        "tokenizer_calls_per_row": 6.0, "seconds_per_row_per_process": 0.01},
+              "store": {"rows": 1000, "prepare_s": 5.0, "rows_per_s_per_core": 100.0, "tokenizer_calls_per_row": 0.002,
+                        "store_bytes": 2**24, "bytes_per_token": 12.0, "mean_tokens": 200.0,
+                        "driver_rss_growth": growth,
+                        "ranks": [{"rank": r, "samples": 500, "samples_per_s": 900.0, "rss_growth": growth,
+                                   "rss_growth_pct_of_store": {"RssAnon": 3.1, "RssFile": 3.1}} for r in (0, 1)]}}
+    result["projection_10M_64"] = data_store.project(result, 10_000_000, 64)
+    text = data_store.report(result)
+    assert "| 0 | 500 | 900 | 0 MiB (3.1 % of the store)" in text and "Projected for 10,000,000 rows on 64" in text
+
+
+@pytest.mark.slow
+def test_data_store_both_paths_and_ray_data_on_toy_rows(tmp_path, tiny_model):
+    out = tmp_path / "data_store.json"
+    assert data_store.main(["--rows", "300", "--today-rows", "60", "--micro", "2", "--max-length", "128",
+                            "--read-batches", "4", "--ray-rows", "1100", "--model", str(tiny_model),
+                            "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["today"]["tokenizer_calls_per_row"] == 6.0  # two calls per row in each of 3 processes
+    assert result["store"]["tokenizer_calls_per_row"] <= 1.0 and result["ray_data"]["identical"] is True
+    assert [r["samples"] for r in result["store"]["ranks"]] == [8, 8]
 
 
 # ------------------------------------------------------------------------------------------------ perf

@@ -1,7 +1,7 @@
-"""Distillation without Ray: vocabulary alignment, the teacher cache (cached top-k == online top-k),
-teacher metrics against hand math, config errors, students from teacher layers, adapter-folder teachers,
-hidden-state projections and the GKD sampling helper. Ray runs of the same features live in
-tests/integration/test_distill_on_ray.py."""
+"""Distillation without Ray: vocabulary alignment, the teacher cache (cached top-k == online top-k; the
+memory-mapped and compressed layouts alike), teacher metrics against hand math, config errors, students from teacher
+layers, adapter-folder teachers, hidden-state projections and the GKD sampling helper. Ray runs of the same features
+live in tests/integration/test_distill_on_ray.py."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -66,18 +67,29 @@ def teacher_model(tiny_teacher):
     return load_model(str(tiny_teacher), "fp32").eval()
 
 
-@pytest.fixture(scope="module")
-def teacher_cache(tiny_teacher, teacher_model, data_cfg, tok, tmp_path_factory):
-    """A two-shard top-8 cache at T=2 of the first training samples, as `distune cache-teacher` writes it."""
-    out = tmp_path_factory.mktemp("cache") / "teacher-cache"
+def _build_cache(out, teacher_model, tiny_teacher, data_cfg, tok, compress: bool = False):
     samples = _train_samples(data_cfg, tok)[:CACHED]
     online = OnlineSignal(teacher_model, len(tok), TOP_K, TEMPERATURE)
-    shards = [cache.write_shard(samples, online, out, i, 2, 8, tok.pad_token_id, torch.device("cpu"))
-              for i in range(2)]
+    shards = [cache.write_shard(samples, online, out, i, 2, 8, tok.pad_token_id, torch.device("cpu"),
+                                compress=compress) for i in range(2)]
     spec = TeacherSpec(path=str(tiny_teacher), dtype="fp32", signal="cached", top_k=TOP_K,
-                       temperature=TEMPERATURE, cache_dir=str(out))
+                       temperature=TEMPERATURE, cache_dir=str(out), cache_compress=compress)
     meta = cache.write_meta(out, spec, len(tok), shards, data_cfg.path)
     return out, spec, meta
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(tiny_teacher, teacher_model, data_cfg, tok, tmp_path_factory):
+    """A two-shard top-8 cache at T=2 of the first training samples, as `distune cache-teacher` writes it
+    (the memory-mapped layout)."""
+    return _build_cache(tmp_path_factory.mktemp("cache") / "teacher-cache", teacher_model, tiny_teacher, data_cfg, tok)
+
+
+@pytest.fixture(scope="module")
+def npz_cache(tiny_teacher, teacher_model, data_cfg, tok, tmp_path_factory):
+    """The same cache in the compressed layout (`method.cache_compress: true`)."""
+    return _build_cache(tmp_path_factory.mktemp("cache") / "teacher-cache-npz", teacher_model, tiny_teacher,
+                        data_cfg, tok, compress=True)
 
 
 # ------------------------------------------------------------------------------ 1. vocabulary alignment
@@ -209,8 +221,9 @@ def test_cache_built_at_another_temperature_is_refused(teacher_cache, tok):
         cache.check_meta(meta, replace(spec, top_k=16), len(tok), cache_dir)
 
 
-def test_sample_missing_from_cache_names_its_line(teacher_cache, data_cfg, tok):
-    cache_dir, _, _ = teacher_cache
+@pytest.mark.parametrize("layout", ["mmap", "npz"])
+def test_sample_missing_from_cache_names_its_line(request, layout, data_cfg, tok):
+    cache_dir, _, _ = request.getfixturevalue("teacher_cache" if layout == "mmap" else "npz_cache")
     samples = _train_samples(data_cfg, tok)[:3]
     altered = samples[1]
     altered.input_ids = [altered.input_ids[0], (altered.input_ids[1] + 1) % len(tok), *altered.input_ids[2:]]
@@ -222,11 +235,81 @@ def test_sample_missing_from_cache_names_its_line(teacher_cache, data_cfg, tok):
         cache.attach([relabelled], cache_dir)
 
 
+def _store(samples, folder):
+    from distune.data.store import SplitWriter, StoredSamples
+
+    writer = SplitWriter(folder)
+    writer.add(samples)
+    return StoredSamples(folder, writer.close())
+
+
+@pytest.mark.parametrize("layout", ["mmap", "npz"])
+def test_a_stored_split_reads_its_cache_rows_at_read_time(request, layout, teacher_cache, data_cfg, tok, tmp_path):
+    """On a memory-mapped split each sample gets its rows when it is read, equal to what a list of samples gets;
+    a changed sample, or one past the end of the cache, fails when read (the first and last already at attach)."""
+    cache_dir, _, _ = request.getfixturevalue("teacher_cache" if layout == "mmap" else "npz_cache")
+    listed = _train_samples(data_cfg, tok)[:CACHED]
+    cache.attach(listed, teacher_cache[0])
+    store = _store(_train_samples(data_cfg, tok)[:CACHED], tmp_path / "train")
+    cache.attach(store, cache_dir)
+    for i in range(CACHED):
+        got, want = store[i].extras, listed[i].extras
+        assert got.keys() == want.keys() == {"teacher_topk_ids", "teacher_topk_logp"}
+        for key in got:
+            assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key]), (i, key)
+    assert (got["teacher_topk_ids"].dtype, got["teacher_topk_logp"].dtype) == (np.int64, np.float32)
+
+    samples = _train_samples(data_cfg, tok)[:CACHED]
+    changed = samples[5]
+    changed.labels = [-100 if i == len(changed.labels) - 1 else x for i, x in enumerate(changed.labels)]
+    store = _store(samples, tmp_path / "changed")
+    cache.attach(store, cache_dir)  # the first and last samples are in the cache
+    with pytest.raises(DataError, match=rf"^data line {changed.line}: this sample is not in the teacher cache"):
+        store[5]
+    longer = _train_samples(data_cfg, tok)[:CACHED + 1]  # one sample more than the cache holds
+    with pytest.raises(DataError, match=rf"^data line {longer[-1].line}: this sample is not in the teacher cache"):
+        cache.attach(_store(longer, tmp_path / "longer"), cache_dir)
+
+
+def test_mmap_and_npz_caches_give_the_same_kd_loss(tiny_model, tiny_teacher, teacher_cache, npz_cache, data_cfg,
+                                                   tok):
+    (mm_dir, spec, mm_meta), (npz_dir, _, npz_meta) = teacher_cache, npz_cache
+    assert (mm_meta["format"], mm_meta["layout"], npz_meta["format"], npz_meta["layout"]) == (2, "mmap", 1, "npz")
+    assert {p.name for p in mm_dir.glob("shard-*")} == cache.shard_files(mm_meta) == {
+        f"shard-0000{i}-of-00002.{part}" for i in range(2) for part in ("ids", "logp", "offsets", "keys")}
+    assert {p.name for p in npz_dir.glob("shard-*")} == cache.shard_files(npz_meta) == {
+        "shard-00000-of-00002.npz", "shard-00001-of-00002.npz"}
+    assert npz_meta["positions"] == mm_meta["positions"] and npz_meta["samples"] == mm_meta["samples"] == CACHED
+    train = _train_samples(data_cfg, tok)[:CACHED]
+    keys = np.fromfile(mm_dir / "shard-00001-of-00002.keys", np.uint8).reshape(-1, 10)
+    assert [k.tobytes().hex() for k in keys] == [cache.sample_key(s) for s in train[1::2]]  # in split order
+    for meta, where in ((mm_meta, mm_dir), (npz_meta, npz_dir)):
+        cache.check_meta(meta, spec, len(tok), where)  # both formats are read
+    with pytest.raises(cache.CacheError, match=r"format=3 .*this run reads 1 \(npz\) or 2 \(mmap\)"):
+        cache.check_meta({**mm_meta, "format": 3}, spec, len(tok), mm_dir)
+    with pytest.raises(cache.CacheError, match=r"temperature=2\.0.*needs 1\.0"):
+        cache.check_meta(npz_meta, replace(spec, temperature=1.0), len(tok), npz_dir)
+
+    assert _method(tiny_teacher, signal="cached", cache_dir=str(npz_dir),
+                   cache_compress=True).frozen_models()["teacher"].cache_compress  # reaches cache-teacher's shards
+    student = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    method = _method(tiny_teacher, signal="cached", cache_dir=str(mm_dir), top_k=TOP_K, temperature=TEMPERATURE)
+    assert method.frozen_models()["teacher"].cache_compress is False
+    out = []
+    for where in (mm_dir, npz_dir):
+        samples = _train_samples(data_cfg, tok)[:8]
+        cache.attach(samples, where)
+        with torch.no_grad():
+            out.append(method.loss(student, collate(samples, tok.pad_token_id), {"teacher": CachedSignal()}))
+    assert torch.equal(out[0].loss, out[1].loss) and torch.equal(out[0].metrics["kd"], out[1].metrics["kd"])
+    assert out[0].metrics["kd"].item() > 0
+
+
 def test_cache_dir_without_meta_is_incomplete(teacher_cache, tmp_path, data_cfg, tok):
     cache_dir, _, _ = teacher_cache
     partial = tmp_path / "partial"
     partial.mkdir()
-    for shard in cache_dir.glob("shard-*.npz"):  # shards without meta.json: an interrupted build
+    for shard in cache_dir.glob("shard-*"):  # shards without meta.json: an interrupted build
         (partial / shard.name).write_bytes(shard.read_bytes())
     with pytest.raises(cache.CacheError, match="no complete teacher cache.*no meta.json"):
         cache.read_meta(partial)
@@ -242,7 +325,7 @@ def test_cache_is_small_and_complete(teacher_cache, data_cfg, tok):
     assert meta["positions"] == sum(int(trained_positions(collate([s], 0)["labels"]).sum()) for s in train)
     assert meta["bytes_per_token"] < 4 * len(tok) / 10
     assert meta["dense_fp32_bytes_per_token"] == 4 * len(tok)
-    assert not list(cache_dir.glob(".tmp-*"))  # shard writes are atomic
+    assert not list(cache_dir.glob(".*"))  # shard writes are atomic: no temporary file is left
 
 
 def test_kd_on_every_position_cached_equals_online(tiny_model, tiny_teacher, teacher_model, data_cfg, tok,

@@ -135,6 +135,8 @@ def test_the_store_is_reused_until_a_template_the_data_or_the_tokenizer_changes(
     first = prepare(cfg, dec_tok, in_process)
     built = (first / "meta.json").stat().st_mtime_ns
     assert prepare(cfg, dec_tok, in_process) == first and (first / "meta.json").stat().st_mtime_ns == built
+    dec_tok(["a b c"], truncation=True, max_length=2)  # leaves truncation state in the tokenizer: not a new store
+    assert store_path(cfg, dec_tok) == first
     other = _cfg(tiny_model, data, tmp_path, prompt="Review: {text}")
     assert store_path(other, dec_tok) != first
     assert open_splits(prepare(other, dec_tok, in_process)).train[0].input_ids != open_splits(first).train[0].input_ids
@@ -177,3 +179,93 @@ def test_prepare_command_builds_then_reuses_the_store(tiny_model, tiny_data, tmp
     assert "(complete; --force rebuilds it)" in capsys.readouterr().out
     assert main(["prepare", str(path), "--local", 'data.prompt="Say {missing}"']) == 2
     assert "data.prompt uses column 'missing'" in capsys.readouterr().err
+
+
+def test_validate_on_a_sample_reads_every_row_renders_a_few_and_estimates(tiny_model, tmp_path):
+    from distune.validate import validate
+
+    rows = [json.dumps(r) for r in tiny.sentiment_rows(3000)]
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    cfg = _cfg(tiny_model, path, tmp_path, eval_size=None)
+    sampled = validate(cfg, sample=300)
+    assert sampled["sampled_rows"] == 300 and not list((tmp_path / "stores").glob("*")), "no store built"
+    assert any("checked a sample of 300 rows" in w for w in sampled["warnings"])
+    full = validate(cfg)  # builds the store; from then on validate reads its exact figures
+    assert (sampled["train_rows"], sampled["eval_rows"]) == (full["train_rows"], full["eval_rows"]) == (2700, 300)
+    assert sampled["total_steps"] == full["total_steps"]
+    assert validate(cfg, sample=300).get("sampled_rows") is None
+    rows[2900] = '{"text": "cut'
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"big.jsonl line 2901: not valid JSON"):
+        validate(_cfg(tiny_model, path, tmp_path, eval_size=None), sample=300)
+
+
+def test_parquet_and_datasets_folders_are_read_as_arrow_and_render_as_jsonl_does(tiny_model, tmp_path, dec_tok):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distune.data.dataset import sampled_rows
+    from distune.data.sources import TableRows
+
+    rows = tiny.sentiment_rows(60)
+    jsonl = tiny.write_jsonl(tmp_path / "d.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "folder"))
+    held = tiny.sentiment_rows(10, seed=3)
+    pq.write_table(pa.Table.from_pylist(held), tmp_path / "held.parquet")
+    tiny.write_jsonl(tmp_path / "held.jsonl", held)
+
+    def samples(path, **data):
+        cfg = _cfg(tiny_model, path, tmp_path, **data)
+        splits = load_splits(cfg.data, dec_tok, 0)
+        return [(s.input_ids, s.labels, s.line) for s in list(splits.train) + list(splits.eval)]
+
+    want = samples(jsonl)
+    for arrow in (tmp_path / "d.parquet", tmp_path / "folder"):
+        assert isinstance(sampled_rows(_cfg(tiny_model, arrow, tmp_path).data, 0)[1], TableRows)  # no dict per row
+        assert samples(arrow) == want
+    with_eval = samples(jsonl, eval_size=None, eval_path=str(tmp_path / "held.jsonl"))
+    assert samples(tmp_path / "d.parquet", eval_size=None, eval_path=str(tmp_path / "held.parquet")) == with_eval
+    assert min(line for _, _, line in with_eval) == -10  # the eval file's rows, numbered negatively
+
+
+def test_a_killed_prepare_leaves_nothing_the_next_one_keeps(tiny_model, tiny_data, tmp_path, dec_tok):
+    import socket
+    import subprocess
+
+    cfg = _cfg(tiny_model, tiny_data, tmp_path)
+    path = store_path(cfg, dec_tok)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    abandoned = path.parent / f".{path.name}.{socket.gethostname()}-{gone.pid}-0000"
+    (abandoned / "train").mkdir(parents=True)
+    prepare(cfg, dec_tok, in_process)
+    assert not abandoned.exists() and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_split_lets_go_of_the_pages_it_read(tmp_path):
+    """The loader releases what it read (madvise DONTNEED): the store's pages leave the rank's resident set."""
+    from distune.data import Sample
+    from distune.data.store import SplitWriter
+
+    writer = SplitWriter(tmp_path / "train")
+    writer.add([Sample(list(range(i, i + 2048)), [-100] * 2048, i + 1) for i in range(256)])  # 2 MiB of ids
+    view = StoredSamples(tmp_path / "train", writer.close())
+
+    def resident() -> int:  # kB of input_ids.values mapped in this process
+        lines = open("/proc/self/smaps").read().split("\n")
+        at = [i for i, line in enumerate(lines) if line.endswith("input_ids.values")]
+        return sum(int(lines[j].split()[1]) for i in at for j in range(i, i + 20) if lines[j].startswith("Rss:"))
+
+    assert sum(len(s.input_ids) for s in view) == 256 * 2048
+    assert resident() >= 2048  # every page was read
+    view.release()
+    assert resident() == 0 and view[255].input_ids[-1] == 255 + 2047  # and still readable
+
+
+def test_an_empty_eval_split_is_stored_and_read(tiny_model, tiny_data, tmp_path, dec_tok):
+    cfg = _cfg(tiny_model, tiny_data, tmp_path, eval_size=0)
+    stored, _ = _same_splits(cfg, dec_tok)
+    assert len(stored.eval) == 0 and len(stored.eval.lengths) == 0 and list(stored.eval) == []
