@@ -176,7 +176,7 @@ def test_data_store_configs_rows_and_report(tmp_path, tiny_model):
 @pytest.mark.slow
 def test_data_store_both_paths_and_ray_data_on_toy_rows(tmp_path, tiny_model):
     out = tmp_path / "data_store.json"
-    assert data_store.main(["--rows", "300", "--today-rows", "60", "--micro", "2", "--max-length", "128",
+    assert data_store.main(["--rows", "300", "--today-rows", "60", "--micro", "2", "--max-length", "8192",
                             "--read-batches", "4", "--ray-rows", "1100", "--model", str(tiny_model),
                             "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
