@@ -40,7 +40,8 @@ def ray_data_runner(workers: int | None = None, least: int = SMALL) -> Callable:
         ctx.enable_progress_bars = False  # the prepare step draws its own bar over rows
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(_RenderChunks, fn_constructor_kwargs={"job": pickle.dumps(job)}, batch_size=1,
-                            concurrency=(1, min(n, len(items))), num_cpus=1)
+                            concurrency=(1, min(n, len(items))), num_cpus=1,
+                            max_restarts=0)  # its argument (the tokenizer) is in the object store; a failed prepare is rerun whole
         for row in ds.iter_rows():
             yield pickle.loads(bytes(row["result"]))
     return run
