@@ -27,6 +27,11 @@ def command(args) -> int:
     from distune.data.store import complete, read_meta
     from distune.models import load_tokenizer, resolve_model_source
 
+    from distune.pipeline import is_pipeline
+
+    if is_pipeline(args.config):
+        raise ConfigError(f"{args.config} is a pipeline (it has stages:): `distune run` builds each stage's store as "
+                          "the stage starts (a stage may read an earlier one's output); give one stage's config")
     cfg = load_config(args.config, args.overrides, resolve=not args.address)
     if not cfg.data.store:
         raise ConfigError("data.store: false: this config reads its data in memory; there is no store to prepare")
@@ -38,7 +43,8 @@ def command(args) -> int:
         print(f"store: {path} (complete; --force rebuilds it)")
         return 0
     if args.local:
-        runner, where = process_pool(args.workers), f"{args.workers or os.cpu_count()} local processes"
+        # least=0: asked for by name, the step runs as asked whatever the data's size
+        runner, where = process_pool(args.workers, least=0), f"{args.workers or os.cpu_count()} local processes"
     else:
         import ray
 
@@ -46,7 +52,7 @@ def command(args) -> int:
         from distune.cluster.session import start_ray
 
         start_ray(args.address, num_cpus=None if args.address else os.cpu_count())
-        runner = ray_data_runner(args.workers)
+        runner = ray_data_runner(args.workers, least=0)
         where = f"Ray Data over {args.workers or int(ray.cluster_resources().get('CPU', 1))} CPUs"
     if not args.no_progress:
         runner = with_progress(runner)

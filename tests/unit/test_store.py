@@ -172,13 +172,17 @@ def test_prepare_command_builds_then_reuses_the_store(tiny_model, tiny_data, tmp
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(tiny.base_config(tiny_model, tiny_data, tmp_path / "runs",
                                                     data={"store_dir": str(tmp_path / "stores")})))
-    assert main(["prepare", str(path), "--local", "--no-progress"]) == 0
+    assert main(["prepare", str(path), "--local", "--workers", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "88 training / 8 eval samples" in out and "tokenizer calls" in out
     assert main(["prepare", str(path), "--local"]) == 0
     assert "(complete; --force rebuilds it)" in capsys.readouterr().out
-    assert main(["prepare", str(path), "--local", 'data.prompt="Say {missing}"']) == 2
+    assert main(["prepare", str(path), "--local", "--workers", "1", 'data.prompt="Say {missing}"']) == 2
     assert "data.prompt uses column 'missing'" in capsys.readouterr().err
+    pipeline = tmp_path / "pipe.yaml"
+    pipeline.write_text(yaml.safe_dump({"stages": {"one": {"base": str(path)}}}))
+    assert main(["prepare", str(pipeline), "--local"]) == 2
+    assert "is a pipeline (it has stages:)" in capsys.readouterr().err
 
 
 def test_validate_on_a_sample_reads_every_row_renders_a_few_and_estimates(tiny_model, tmp_path):
