@@ -20,14 +20,11 @@ class Feed:
     batches: ShardedBatches
     steps: int  # optimizer steps it trains
     eval: list[Sample]  # its held-out samples
-    source: list[Sample]  # its training samples, unpacked
-    groups: list[list[int]] | None  # packed rows (indices into source), or None
 
     @property
     def prefix(self) -> str:
         """Its metrics' prefix: "" or "<name>/"."""
         return f"{self.name}/" if self.name else ""
-
 
 
 def build_feeds(cfg, splits: Splits, streams: list | None, grad_accum: int, rank: int, world: int,
@@ -51,7 +48,7 @@ def build_feeds(cfg, splits: Splits, streams: list | None, grad_accum: int, rank
                 lengths_of(part.train).tolist(), cfg.data.max_length)
         batches = ShardedBatches(part.train if groups is None else Packed(part.train, groups), cfg.train.micro_batch_size,
                                  rank, world, cfg.run.seed, pad_id, cfg.data.group_by_length and groups is None)
-        feeds.append(Feed(name, batches, steps or 0, part.eval, part.train, groups))
+        feeds.append(Feed(name, batches, steps or 0, part.eval))
     steps_per_epoch = max(1, max(f.batches.per_epoch for f in feeds) // grad_accum)
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     for f in feeds:

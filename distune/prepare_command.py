@@ -46,14 +46,12 @@ def command(args) -> int:
         # least=0: asked for by name, the step runs as asked whatever the data's size
         runner, where = process_pool(args.workers, least=0), f"{args.workers or os.cpu_count()} local processes"
     else:
-        import ray
-
-        from distune.cluster.prepare import ray_data_runner
+        from distune.cluster.prepare import cluster_cpus, ray_data_runner
         from distune.cluster.session import start_ray
 
         start_ray(args.address, num_cpus=None if args.address else os.cpu_count())
         runner = ray_data_runner(args.workers, least=0)
-        where = f"Ray Data over {args.workers or int(ray.cluster_resources().get('CPU', 1))} CPUs"
+        where = f"Ray Data over {args.workers or cluster_cpus()} CPUs"
     if not args.no_progress:
         runner = with_progress(runner)
     print(f"tokenizing {cfg.data.path or 'data.tasks'} with {where} ...", flush=True)

@@ -20,7 +20,7 @@ from distune.config import ConfigError, RunConfig, resolve_for_hardware
 from distune.data import load_splits
 from distune.data.dataset import sampled_splits
 from distune.data.loader import lengths_of
-from distune.data.prepare import splits_for, store_path
+from distune.data.prepare import open_splits, splits_for, store_path
 from distune.data.store import complete
 from distune.feeds import build_feeds
 from distune.hardware import Facts, cpu_has_native_bf16, uses_gpu
@@ -125,14 +125,15 @@ def validate(cfg: RunConfig, local_cluster: bool = True, check_cache: bool = Tru
 
 
 def _splits(cfg: RunConfig, tokenizer, runner, local_cluster: bool, sample: int | None):
-    if cfg.data.store and complete(store_path(cfg, tokenizer)):
-        return splits_for(cfg, tokenizer)  # exact, and read in an instant
+    path = store_path(cfg, tokenizer) if cfg.data.store else None
+    if path is not None and complete(path):
+        return open_splits(path)  # exact, and read in an instant
     if sample and not cfg.data.tasks:
         splits = sampled_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task, sample)
         if splits is not None:
             return splits
     if local_cluster or runner is not None:
-        return splits_for(cfg, tokenizer, runner)  # data.store: built here once, read by every rank
+        return splits_for(cfg, tokenizer, runner, path=path)  # data.store: built here once, read by every rank
     # A submit: the cluster's head builds the store where its workers can read it.
     return load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
 

@@ -193,7 +193,7 @@ def _splits(cfg: RunConfig, tokenizer):
         return load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
     import torch.distributed as dist
 
-    from distune.data.prepare import prepare, splits_for, store_path
+    from distune.data.prepare import open_splits, prepare, store_path
     from distune.data.rendering import process_pool
     from distune.data.store import complete
 
@@ -207,7 +207,7 @@ def _splits(cfg: RunConfig, tokenizer):
         dist.barrier()
     if not complete(path):  # a launcher that sets no LOCAL_RANK: every rank that misses it builds it
         prepare(cfg, tokenizer, process_pool(1), path)
-    return splits_for(cfg, tokenizer, build=False)
+    return open_splits(path)
 
 
 def _build_context(ds_config: dict, task, train_samples: list, served: dict | None) -> BuildContext:

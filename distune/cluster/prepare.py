@@ -20,11 +20,17 @@ class _RenderChunks:
         return {"result": [pickle.dumps(self.job.render_chunk(pickle.loads(bytes(c)))) for c in batch["chunk"]]}
 
 
+def cluster_cpus() -> int:
+    """The connected Ray cluster's CPUs."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def ray_data_runner(workers: int | None = None, least: int = SMALL) -> Callable:
     """A chunk runner (distune.data.rendering) on the connected Ray cluster: `workers` actors of one CPU each
     (default: every CPU of the cluster). Fewer than `least` chunks render in this process."""
     def run(job, chunks: Iterable[list]) -> Iterator:
-        import ray
         import ray.data
 
         small, chunks = small_data(chunks, least)
@@ -34,7 +40,7 @@ def ray_data_runner(workers: int | None = None, least: int = SMALL) -> Callable:
         items = [{"chunk": pickle.dumps(c)} for c in chunks]
         if not items:
             return
-        n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        n = workers or cluster_cpus()
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the store is written in the rows' order
         ctx.enable_progress_bars = False  # the prepare step draws its own bar over rows

@@ -185,12 +185,12 @@ def _open(tree: dict, root: Path, task: str | None) -> Splits:
                   {name: _open(part, root, name) for name, part in tree["tasks"].items()})
 
 
-def splits_for(cfg, tokenizer, runner=None, build: bool = True) -> Splits:
-    """The training and eval splits every reader uses: from the store (built here when missing and `build`), or
-    with data.store off, rendered in memory by load_splits."""
+def splits_for(cfg, tokenizer, runner=None, build: bool = True, path: Path | None = None) -> Splits:
+    """The training and eval splits every reader uses: from the store at `path` (default: the config's; built here
+    when missing and `build`), or with data.store off, rendered in memory by load_splits."""
     if not cfg.data.store:
         return load_splits(cfg.data, tokenizer, cfg.run.seed, cfg.eval.choices, cfg.model.task)
-    path = store_path(cfg, tokenizer)
+    path = path or store_path(cfg, tokenizer)
     if not complete(path):
         if not build:
             raise FileNotFoundError(f"no tokenized store at {path}")

@@ -118,15 +118,8 @@ class RenderJob:
         return self._renderer
 
     def render_one(self, line: int, row: dict, canonical: bool) -> tuple[str, object]:
-        try:
-            sample = self._task_render(line, row, canonical)
-        except DataError as e:
-            return ERROR, str(e)
-        return (DROPPED, None) if sample is None else (SAMPLE, sample)
-
-    def _task_render(self, line: int, row: dict, canonical: bool):
         renderer = self.renderer
-        return self._task.render(renderer, line, row, canonical, self.labels)
+        return outcome(self._task, renderer, line, row, canonical, self.labels)
 
     def render_chunk(self, chunk: list[tuple[int, dict, bool]]) -> tuple[list[tuple[bool, str, object]], int]:
         """[(line, row, canonical)] -> ([(canonical, kind, sample or message)], tokenizer calls)."""
@@ -149,6 +142,15 @@ class RenderJob:
         return out, tok.calls - before
 
 
+def outcome(task, renderer: Renderer, line: int, row: dict, canonical: bool, labels) -> tuple[str, object]:
+    """(kind, sample or message) of rendering one row."""
+    try:
+        sample = task.render(renderer, line, row, canonical, labels)
+    except DataError as e:
+        return ERROR, str(e)
+    return (DROPPED, None) if sample is None else (SAMPLE, sample)
+
+
 def render_rows(job: RenderJob, rows: list, n_eval: int | None, runner: Callable | None = None) -> Iterator:
     """(canonical guess, kind, value) per row, in order. Without a runner: row by row with the tokenizer as it
     is (the in-memory path); with one: in chunks through the runner."""
@@ -159,11 +161,7 @@ def render_rows(job: RenderJob, rows: list, n_eval: int | None, runner: Callable
         task = get_task(job.task)
         for pos, (line, row) in enumerate(rows):
             canonical = line < 0 if n_eval is None else pos < n_eval
-            try:
-                sample = task.render(renderer, line, row, canonical, job.labels)
-                yield canonical, (DROPPED if sample is None else SAMPLE), sample
-            except DataError as e:
-                yield canonical, ERROR, str(e)
+            yield canonical, *outcome(task, renderer, line, row, canonical, job.labels)
         return
     job.calls = 0
 

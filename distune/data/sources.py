@@ -81,18 +81,6 @@ def read_rows(path: Path, encoding: str = "utf-8", errors: str = "strict", split
                         f"set data.encoding or data.encoding_errors: replace") from None
 
 
-def read_hub(name: str, split: str) -> Iterator[tuple[int, dict]]:
-    """`hf:owner/name[:config]`: a dataset from the Hugging Face hub (needs a network, or the datasets cache)."""
-    import datasets
-
-    repo, _, config = name[len(HUB_PREFIX):].partition(":")
-    try:
-        ds = datasets.load_dataset(repo, config or None, split=split)
-    except Exception as e:  # datasets raises many types (connection, missing split, ...): one message
-        raise DataError(f"data.path: cannot load {name!r} split {split!r}: {str(e).splitlines()[0]}") from None
-    yield from _numbered(ds)
-
-
 def read_table(path: Path, split: str = "train"):
     """A parquet file or datasets folder as one Arrow table (memory-mapped where the format allows: a datasets
     folder's Arrow files, parquet's pages read once into Arrow buffers); None for line-based files."""
@@ -110,7 +98,8 @@ def read_table(path: Path, split: str = "train"):
 
 
 def hub_table(name: str, split: str):
-    """`hf:owner/name[:config]` as an Arrow table (see read_hub)."""
+    """`hf:owner/name[:config]`: a dataset from the Hugging Face hub (needs a network, or the datasets cache), as
+    an Arrow table."""
     import datasets
 
     repo, _, config = name[len(HUB_PREFIX):].partition(":")
